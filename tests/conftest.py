@@ -1,0 +1,57 @@
+"""Shared fixtures. Real-image tests use ../shared/data (read-only) and skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def shared_dir(name: str) -> Path:
+    """A folder of the real shared data, or skip the test with a clear message."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real-image data not available: {path} is absent (set KFER_SHARED_DATA to its folder)")
+    return path
+
+
+@pytest.fixture
+def make_params(tmp_path):
+    """Write a params.yaml into tmp_path (repo defaults + overrides) and load it; paths resolve under tmp_path."""
+    from kfer.config import _deep_merge, load_params
+
+    def _make(overrides: dict | None = None, root: Path | None = None):
+        root = root or tmp_path
+        raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        raw = _deep_merge(raw, overrides or {})
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        return load_params(root / "params.yaml")
+
+    return _make
+
+
+@pytest.fixture
+def copy_repo_files():
+    """Copy the named repository files/folders into a destination folder (for DVC end-to-end tests)."""
+
+    def _copy(dest: Path, names: list[str]) -> None:
+        for name in names:
+            src = REPO / name
+            if src.is_dir():
+                shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / name)
+
+    return _copy
