@@ -1,0 +1,304 @@
+"""Tests for kfer.split: group-disjoint, stratified, deterministic splits and the DVC stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kfer.config import load_params
+from kfer.split import assign_splits, run_split, split_warnings
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+R = {"train": 0.7, "val": 0.15, "test": 0.15}
+CLASSES = ["joy", "embarrassment", "anger", "anxiety", "hurt", "sadness", "neutral"]
+
+
+# --- strategies ---------------------------------------------------------------------------------------
+@st.composite
+def datasets(draw, max_groups: int = 25):
+    """(labels, groups): random persons with random numbers of images and random labels."""
+    names = draw(st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=max_groups, unique=True))
+    labels, groups = [], []
+    for g in names:
+        items = draw(st.lists(st.sampled_from(["joy", "hurt", "anger", "sadness"]), min_size=1, max_size=12))
+        labels += items
+        groups += [g] * len(items)
+    return labels, groups
+
+
+@st.composite
+def ratio_dicts(draw):
+    """Three ratios summing to 1, some possibly exactly 0."""
+    raw = [draw(st.one_of(st.just(0.0), st.floats(0.01, 1.0))) for _ in range(3)]
+    if sum(raw) == 0:
+        raw[0] = 1.0
+    total = sum(raw)
+    return dict(zip(["train", "val", "test"], [x / total for x in raw], strict=True))
+
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _group_splits(groups, splits) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for g, s in zip(groups, splits, strict=True):
+        out.setdefault(g, set()).add(s)
+    return out
+
+
+def _max_dev(labels, splits, ratios):
+    """Largest |share - ratio| over splits overall, and over (split, label)."""
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    overall = max(abs(float(np.mean(splits == s)) - r) for s, r in ratios.items())
+    per_class = max(
+        abs(float(np.mean(splits[labels == lab] == s)) - r)
+        for s, r in ratios.items()
+        for lab in np.unique(labels)
+    )
+    return overall, per_class
+
+
+# --- assign_splits: properties ------------------------------------------------------------------------
+@FAST
+@given(datasets(), ratio_dicts(), st.integers(0, 2**32 - 1))
+def test_groups_never_cross_splits_and_zero_ratio_is_empty(data, ratios, seed):
+    labels, groups = data
+    splits = assign_splits(labels, groups, ratios, seed)
+    assert len(splits) == len(labels)
+    assert set(splits) <= {s for s, r in ratios.items() if r > 0}
+    assert all(len(s) == 1 for s in _group_splits(groups, splits).values())
+    n_groups, active = len(set(groups)), [s for s, r in ratios.items() if r > 0]
+    if n_groups >= len(active):  # every non-zero split gets someone when possible
+        assert set(splits) == set(active)
+
+
+@FAST
+@given(datasets(), ratio_dicts(), st.integers(0, 2**32 - 1), st.data())
+def test_deterministic_and_row_order_invariant(data, ratios, seed, draw):
+    labels, groups = data
+    first = assign_splits(labels, groups, ratios, seed)
+    assert assign_splits(list(labels), list(groups), dict(ratios), seed) == first
+    perm = draw.draw(st.permutations(range(len(labels))))
+    permuted = assign_splits([labels[i] for i in perm], [groups[i] for i in perm], ratios, seed)
+    assert permuted == [first[i] for i in perm]
+
+
+@FAST
+@given(datasets(), st.integers(0, 2**32 - 1))
+def test_single_nonzero_split_takes_everything(data, seed):
+    labels, groups = data
+    assert set(assign_splits(labels, groups, {"train": 0.0, "val": 1.0, "test": 0.0}, seed)) == {"val"}
+
+
+# --- assign_splits: quality on realistic data ---------------------------------------------------------
+def _persons(n_persons, sizes):
+    labels, groups = [], []
+    for p in range(n_persons):
+        for lab in CLASSES:
+            k = sizes(p, lab)
+            labels += [lab] * k
+            groups += [f"person{p:03d}"] * k
+    return labels, groups
+
+
+def test_realistic_uniform_case_close_to_ratios():
+    labels, groups = _persons(30, lambda p, lab: 5)  # 30 persons x 7 labels x 5 images
+    for seed in range(5):
+        splits = assign_splits(labels, groups, R, seed)
+        overall, per_class = _max_dev(labels, splits, R)
+        # 21/4.5/4.5 persons are targets; half a person is 1/60 of the data
+        assert overall <= 1 / 60 + 1e-9 and per_class <= 1 / 60 + 1e-9
+        assert Counter(splits)["train"] == 21 * 35
+
+
+def test_realistic_uneven_case_close_to_ratios():
+    worst = (0.0, 0.0)
+    for seed in range(10):
+        rng = np.random.default_rng(1000 + seed)
+        table = rng.integers(2, 9, size=(30, len(CLASSES)))  # 2..8 images per person and label
+        labels, groups = _persons(30, lambda p, lab: int(table[p, CLASSES.index(lab)]))
+        splits = assign_splits(labels, groups, R, seed)
+        overall, per_class = _max_dev(labels, splits, R)
+        worst = (max(worst[0], overall), max(worst[1], per_class))
+    assert worst[0] < 0.02, worst
+    assert worst[1] < 0.04, worst
+
+
+def test_many_groups_balance_tightly():
+    rng = np.random.default_rng(7)
+    labels = list(rng.choice(CLASSES, 6000))
+    groups = [f"g{i}" for i in rng.integers(0, 400, 6000)]
+    overall, per_class = _max_dev(labels, assign_splits(labels, groups, R, 3), R)
+    assert overall < 0.005 and per_class < 0.01
+
+
+def test_seed_changes_assignment():
+    labels, groups = _persons(30, lambda p, lab: 5)
+    results = {tuple(assign_splits(labels, groups, R, s)) for s in range(4)}
+    assert len(results) > 1
+
+
+def test_fewer_groups_than_splits_fill_in_order(caplog):
+    with caplog.at_level(logging.WARNING, logger="kfer.split"):
+        splits = assign_splits(["joy"] * 3 + ["hurt"] * 2, ["a", "a", "a", "b", "b"], R, 0)
+    assert dict(zip(["a", "b"], [splits[0], splits[3]], strict=True)) == {"a": "train", "b": "val"}
+    assert "only 2 group(s)" in caplog.text
+    assert assign_splits(["joy"], ["x"], {"train": 0.0, "val": 0.5, "test": 0.5}, 1) == ["val"]
+
+
+def test_empty_and_invalid_inputs():
+    assert assign_splits([], [], R, 0) == []
+    with pytest.raises(ValueError, match="length"):
+        assign_splits(["joy"], [], R, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        assign_splits(["joy"], ["a"], {"train": 1.2, "val": -0.2}, 0)
+    with pytest.raises(ValueError, match="> 0"):
+        assign_splits(["joy"], ["a"], {"train": 0.0, "val": 0.0}, 0)
+
+
+# --- split_warnings -----------------------------------------------------------------------------------
+def test_split_warnings_flags_class_with_too_few_persons():
+    labels = ["joy", "joy", "joy", "hurt", "hurt", "hurt"]
+    groups = ["a", "b", "c", "a", "b", "b"]
+    splits = ["train", "val", "val", "train", "val", "val"]
+    msgs = split_warnings(labels, groups, splits, 2)
+    assert msgs == [
+        "class 'hurt' has 1 person(s) in train (< 2)",
+        "class 'hurt' has 1 person(s) in val (< 2)",
+        "class 'joy' has 1 person(s) in train (< 2)",
+    ]
+    assert split_warnings(labels, groups, splits, 0) == []
+    assert split_warnings(labels, groups, splits, 1) == []
+    # with ratios: ratio-0 splits are skipped, an empty non-zero split is reported
+    msgs = split_warnings(labels, groups, splits, 1, ratios={"train": 0.5, "val": 0.0, "test": 0.5})
+    assert msgs == ["class 'hurt' has 0 person(s) in test (< 1)", "class 'joy' has 0 person(s) in test (< 1)"]
+    # with classes: a class with no image at all is reported too
+    msgs = split_warnings(labels, groups, splits, 1, ratios={"train": 1.0}, classes=["sadness", "joy"])
+    assert msgs == ["class 'sadness' has 0 person(s) in train (< 1)"]
+
+
+# --- run_split ----------------------------------------------------------------------------------------
+def _project(tmp_path: Path, rows: list[dict] | None):
+    shutil.copy(REPO_PARAMS, tmp_path / "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
+    if rows is not None:
+        manifest = params.path(params.paths.cropped) / "manifest.csv"
+        manifest.parent.mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(manifest, index=False)
+    return params
+
+
+def _rows(rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for p in range(12):
+        for lab in CLASSES:
+            for i in range(int(rng.integers(1, 4))):
+                path = f"data/cropped/{lab}/p{p:02d}_{i}.png"
+                group = f"NA{p}" if p else "NA"  # "NA" must stay a string, not a missing value
+                rows.append({"path": path, "label": lab, "group": group, "status": "ok", "source": f"raw/{p}{i}"})
+    for j in range(5):  # never split: not cropped
+        rows.append({"path": "", "label": CLASSES[j], "group": f"bad{j}", "status": "no_face", "source": "x"})
+    rng.shuffle(rows)
+    return rows
+
+
+def test_run_split_end_to_end(tmp_path, caplog):
+    rows = _rows(np.random.default_rng(0))
+    params = _project(tmp_path, rows)
+    with caplog.at_level(logging.INFO, logger="kfer.split"):
+        report = run_split(params)
+
+    out_csv = tmp_path / "data" / "splits.csv"
+    df = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert list(df.columns) == ["path", "label", "group", "split"]
+    assert len(df) == len(ok) and df["path"].tolist() == sorted(r["path"] for r in ok)
+    assert not df["group"].str.startswith("bad").any()
+    assert "NA" in set(df["group"])
+    assert df.groupby("group")["split"].nunique().max() == 1
+    assert set(df["split"]) == {"train", "val", "test"}
+
+    on_disk = json.loads((tmp_path / "metrics" / "split.json").read_text(encoding="utf-8"))
+    assert on_disk == report
+    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "warnings"]
+    assert report["seed"] == 42 and report["ratios"] == R
+    assert report["counts"] == {s: int((df.split == s).sum()) for s in R}
+    assert sum(report["counts"].values()) == len(ok)
+    for s in R:
+        assert report["per_class"][s] == {c: int(((df.split == s) & (df.label == c)).sum()) for c in CLASSES}
+        assert report["groups"][s] == df.loc[df.split == s, "group"].nunique()
+    assert sum(report["groups"].values()) == 12
+    assert report["warnings"] == split_warnings(
+        df.label.tolist(), df.group.tolist(), df.split.tolist(), 2, ratios=R, classes=CLASSES
+    )
+    for w in report["warnings"]:
+        assert w in caplog.text
+    assert "split: " in caplog.text and "12 persons" in caplog.text
+
+    # rerun: identical bytes; row order of the manifest does not matter
+    first = out_csv.read_bytes()
+    rows.reverse()
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "cropped" / "manifest.csv", index=False)
+    run_split(params)
+    assert out_csv.read_bytes() == first
+    assert not [p for p in out_csv.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_run_split_warns_about_thin_classes(tmp_path, caplog):
+    rows = [
+        {"path": f"{lab}/{p}_{i}.png", "label": lab, "group": f"p{p}", "status": "ok"}
+        for p in range(20)
+        for lab in CLASSES
+        for i in range(3)
+        if lab != "hurt" or p == 0  # only one person shows hurt
+    ]
+    params = _project(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="kfer.split"):
+        report = run_split(params)
+    hurt = [w for w in report["warnings"] if "'hurt'" in w]
+    home = next(s for s in R if report["per_class"][s]["hurt"])  # the one split holding person p0
+    assert hurt == [f"class 'hurt' has {int(s == home)} person(s) in {s} (< 2)" for s in R]
+    assert not [w for w in report["warnings"] if "'hurt'" not in w]
+    assert all(w in caplog.text for w in hurt)
+
+
+def test_run_split_rows_without_group_are_their_own_person(tmp_path):
+    rows = [
+        {"path": f"{lab}/{p}_{i}.png", "label": lab, "group": "" if p >= 6 else f"p{p}", "status": "ok"}
+        for p in range(12)
+        for lab in CLASSES
+        for i in range(2)
+    ]
+    params = _project(tmp_path, rows)
+    report = run_split(params)
+    assert report["warnings"][0].startswith("84 image(s) have no group")
+    df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert (df["group"] == "").sum() == 84  # written as in the manifest
+    assert df[df.group != ""].groupby("group")["split"].nunique().max() == 1
+    assert sum(report["groups"].values()) == 6 + 84
+
+
+def test_run_split_missing_manifest(tmp_path):
+    params = _project(tmp_path, None)
+    with pytest.raises(FileNotFoundError, match=r"manifest\.csv.*kfer crop"):
+        run_split(params)
+    assert not (tmp_path / "data" / "splits.csv").exists()
+
+
+def test_run_split_bad_manifest(tmp_path):
+    params = _project(tmp_path, [{"path": "a.png", "label": "joy", "status": "ok"}])
+    with pytest.raises(ValueError, match="group"):
+        run_split(params)
+    manifest = tmp_path / "data" / "cropped" / "manifest.csv"
+    manifest.write_text("path,label,group,status\na.png,joy,a,no_face\n")
+    with pytest.raises(ValueError, match="no rows with status 'ok'"):
+        run_split(params)
