@@ -34,6 +34,14 @@ class PathsCfg(_Strict):
     split_report: Path
     augmented: Path
     augment_report: Path
+    model: Path
+    train_run: Path
+    train_metrics: Path
+    history: Path
+    eval_metrics: Path
+    eval_dir: Path
+    mlflow_db: Path
+    mlflow_artifacts: Path
 
 
 class GroupCfg(_Strict):
@@ -110,6 +118,43 @@ class AugmentCfg(_Strict):
         return v
 
 
+class ModelCfg(_Strict):
+    kernel_initializer: Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal"] = "he_normal"
+    head_units: int = Field(512, ge=0)
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    blocks: tuple[int, ...] = (3, 4, 6, 3)
+    base_width: int = Field(64, ge=1)
+    bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
+
+    @field_validator("blocks")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError(f"model.blocks must be positive block counts, got {list(v)}")
+        return v
+
+
+class TrainCfg(_Strict):
+    experiment: str = "kfer"
+    registered_model: str = "kfer-resnet50"
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    monitor: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
+    early_stopping_patience: int = Field(5, ge=0)
+    lr_schedule: Literal["plateau", "cosine", "none"] = "plateau"
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    lr_patience: int = Field(2, ge=0)
+    class_weights: bool = True
+    shuffle_buffer: int = Field(4096, ge=1)
+    mixed_precision: bool = False
+    xla: bool = False
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if self.monitor.endswith("loss") else "max"
+
+
 class Params(_Strict):
     seed: int = 42
     classes: list[ClassSpec]
@@ -118,6 +163,8 @@ class Params(_Strict):
     crop: CropCfg = CropCfg()
     split: SplitCfg = SplitCfg()
     augment: AugmentCfg = AugmentCfg()
+    model: ModelCfg = ModelCfg()
+    train: TrainCfg = TrainCfg()
 
     _root: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -1,0 +1,174 @@
+"""Where the MLflow store is, how runs are named and ended, and the lineage tags every run carries.
+
+Default store: a SQLite database and an artifact folder at the repository root (``paths.mlflow_db``,
+``paths.mlflow_artifacts``), resolved to absolute paths so that runs started from ``dvc exp run --temp``, the
+queue or another working directory land in the same store. ``MLFLOW_TRACKING_URI`` overrides it (a shared
+tracking server). No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from .config import Params  # noqa: E402
+
+MODEL_URI_TAG = "kfer.model_uri"  # the photo model (pyfunc) logged by the run
+KERAS_URI_TAG = "kfer.keras_model_uri"
+
+
+class Terminated(BaseException):
+    """SIGTERM received (e.g. `dvc exp` queue cancel, a scheduler): the run ends KILLED."""
+
+
+def tracking_uri(params: Params) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str(params.path(params.paths.mlflow_db).resolve())
+
+
+def artifact_location(params: Params) -> str | None:
+    """Artifact root for new experiments in the default store; a tracking server decides its own."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return params.path(params.paths.mlflow_artifacts).resolve().as_uri()
+
+
+def setup(params: Params, experiment: str | None = None) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri, art = tracking_uri(params), artifact_location(params)
+    mlflow.set_tracking_uri(uri)
+    if user_uri is None:  # MLflow 3 exports the URI it is given; keep the variable meaning "the user's override"
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    name = experiment or params.train.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=art)
+        except MlflowException:  # another process created it first
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """params.yaml flattened to dotted keys (``model.head_units``); lists and the label map as JSON text."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and not prefix.endswith("label_map"):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple, dict)):
+            out[prefix] = json.dumps(node, ensure_ascii=False)
+        else:
+            out[prefix] = str(node)
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def lineage_tags(params: Params) -> dict[str, str]:
+    """git commit + dirty flag, the raw data hash from data.dvc and the data stage outputs' hashes from dvc.lock."""
+    root = params.root
+    tags: dict[str, str] = {}
+    commit = _git(root, "rev-parse", "HEAD")
+    tags["git.commit"] = commit or "unknown"
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+
+    for dvc_file in sorted(root.glob("*.dvc")):
+        with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
+            out = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["outs"][0]
+            tags[f"dvc.{dvc_file.name}"] = str(out.get("md5"))
+    lock = root / "dvc.lock"
+    if lock.exists():
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
+            stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+            for stage, info in stages.items():
+                for out in info.get("outs", []) or []:
+                    tags[f"dvc.{stage}.{out['path']}"] = str(out.get("md5"))
+    return tags
+
+
+@contextlib.contextmanager
+def tracked_run(
+    params: Params,
+    run_name: str | None = None,
+    *,
+    run_id: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    log_params: bool = True,
+    experiment: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume, with ``run_id``) a run that always ends in a final state.
+
+    FINISHED on success, FAILED on an exception, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
+    """
+    setup(params, experiment)
+    previous = None
+    if not nested:  # SIGTERM handling belongs to the outermost run
+        try:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread
+            previous = None
+    run = mlflow.start_run(run_id=run_id, run_name=run_name if run_id is None else None, nested=nested)
+    try:
+        if run_id is None:
+            mlflow.set_tags({**lineage_tags(params), **(tags or {})})
+            if log_params:
+                _log_params(flat_params(params))
+        elif tags:
+            mlflow.set_tags(tags)
+        yield run
+    except (KeyboardInterrupt, Terminated):
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated(f"signal {signum}")
+
+
+def _log_params(flat: dict[str, str]) -> None:
+    items = list(flat.items())
+    for i in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
+        mlflow.log_params(dict(items[i : i + 90]))

@@ -1,0 +1,317 @@
+"""The ``train`` stage: fit the custom ResNet50 on the augmented train set, select by a validation metric,
+track everything in MLflow.
+
+Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies) and ``paths.splits`` (val rows,
+cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
+``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
+into), ``paths.train_metrics`` and ``paths.history`` (per-epoch, for ``dvc plots``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import files, tracking
+from .config import Params
+
+log = logging.getLogger(__name__)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found: run `{hint}` first")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{what} {path} lacks columns {sorted(missing)}")
+    return df
+
+
+def train_table(params: Params) -> pd.DataFrame:
+    return _read_csv(params.path(params.paths.augmented) / "manifest.csv", "augmented manifest", "kfer augment")
+
+
+def split_table(params: Params, split: str) -> pd.DataFrame:
+    df = _read_csv(params.path(params.paths.splits), "splits file", "kfer split")
+    return df[df["split"] == split].reset_index(drop=True)
+
+
+def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
+    index = {name: i for i, name in enumerate(params.class_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in params classes {params.class_names}")
+    return labels.map(index).to_numpy(dtype=np.int32)
+
+
+def make_dataset(
+    params: Params,
+    table: pd.DataFrame,
+    training: bool,
+    augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    seed: int | None = None,
+):
+    """tf.data over PNG files: (shuffle) → parallel decode → (augment) → batch → prefetch.
+
+    Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)). ``augment(image_uint8, key_uint64)`` is an optional
+    numpy function applied per image (on-the-fly augmentation for tuning).
+    """
+    import tensorflow as tf
+
+    size, n_classes = params.crop.image_size, len(params.classes)
+    channels = 1 if params.crop.grayscale else 3
+    paths = [str(params.path(p)) for p in table["path"]]
+    labels = label_indices(params, table["label"])
+    seed = params.seed if seed is None else seed
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(len(paths), dtype=np.int64)))
+    if training:
+        ds = ds.shuffle(min(params.train.shuffle_buffer, max(len(paths), 1)), seed=seed,
+                        reshuffle_each_iteration=True)
+
+    def decode(path, label, idx):
+        img = tf.io.decode_png(tf.io.read_file(path), channels=channels)
+        img = tf.ensure_shape(img, (size, size, channels))
+        return img, label, idx
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if augment is not None:
+        def aug(img, label, idx):
+            out = tf.numpy_function(augment, [img, idx], tf.uint8, stateful=False)
+            return tf.ensure_shape(out, (size, size, channels)), label, idx
+
+        ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(params.train.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(params: Params, table: pd.DataFrame) -> dict[int, float]:
+    """Inverse-frequency weights (n / (k · count)) over the classes present in the train set."""
+    idx = label_indices(params, table["label"])
+    counts = np.bincount(idx, minlength=len(params.classes))
+    present = counts > 0
+    n, k = counts.sum(), present.sum()
+    return {i: float(n / (k * c)) if c else 1.0 for i, c in enumerate(counts)}
+
+
+# --- model compile & callbacks -----------------------------------------------------------------------------
+
+def strategy_and_policy(params: Params):
+    """The distribution strategy and whether to jit-compile.
+
+    TF_CONFIG set: MultiWorkerMirroredStrategy across machines. Else MirroredStrategy over all visible GPUs
+    (mixed precision and XLA when enabled in params). Else (CPU) the default strategy, float32, no XLA.
+    """
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus and params.train.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy(), bool(gpus and params.train.xla)
+    if gpus:
+        return tf.distribute.MirroredStrategy(), bool(params.train.xla)
+    keras.mixed_precision.set_global_policy("float32")
+    return tf.distribute.get_strategy(), False
+
+
+def compile_model(model, params: Params, jit: bool = False):
+    import keras
+
+    from .model import MacroF1
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.train.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), MacroF1()],
+        jit_compile=jit,
+    )
+    return model
+
+
+def callbacks(params: Params, checkpoint: Path, extra: list | None = None) -> list:
+    import keras
+
+    cfg = params.train
+    mode = cfg.monitor_mode
+    cbs: list = []
+    if cfg.lr_schedule == "plateau":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=cfg.lr_factor,
+                                                     patience=cfg.lr_patience, verbose=0))
+    elif cfg.lr_schedule == "cosine":
+        lr0, n = cfg.learning_rate, cfg.epochs
+        cbs.append(keras.callbacks.LearningRateScheduler(
+            lambda epoch: float(lr0 * 0.5 * (1 + np.cos(np.pi * epoch / max(n, 1))))))
+    cbs.append(_LogLearningRate())
+    if cfg.early_stopping_patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
+                                                 patience=cfg.early_stopping_patience, verbose=0))
+    cbs.append(keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,
+                                               save_best_only=True, verbose=0))
+    return cbs + (extra or [])
+
+
+def _LogLearningRate():  # noqa: N802 - a callback factory
+    import keras
+
+    class LogLR(keras.callbacks.Callback):
+        """Put the learning rate of the epoch into the logs (history, CSV, MLflow)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    return LogLR()
+
+
+def strip_for_serving(model):
+    """A copy with the same weights and no compile state: loadable anywhere with plain Keras."""
+    import keras
+
+    clean = keras.Model.from_config(model.get_config())  # clone_model would copy the compile state too
+    clean.set_weights(model.get_weights())
+    return clean
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def fit(
+    params: Params,
+    train_ds,
+    val_ds,
+    class_weight: dict | None,
+    workdir: Path,
+    extra_callbacks: list | None = None,
+    verbose: int = 2,
+):
+    """Build, compile and fit; returns (best model, history DataFrame, seconds). Used by train and tune."""
+    import keras
+    import tensorflow as tf
+
+    from .model import build_from_params
+
+    keras.utils.set_random_seed(params.seed)
+    tf.config.experimental.enable_op_determinism()
+    strategy, jit = strategy_and_policy(params)
+    with strategy.scope():
+        model = compile_model(build_from_params(params), params, jit)
+    ckpt = workdir / "best.keras"
+    t0 = time.perf_counter()
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=params.train.epochs, class_weight=class_weight,
+                     callbacks=callbacks(params, ckpt, extra_callbacks), verbose=verbose)
+    seconds = time.perf_counter() - t0
+    history = pd.DataFrame(hist.history)
+    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    if ckpt.exists():
+        best = keras.models.load_model(ckpt, compile=False)
+        best = compile_model(best, params)
+    else:  # monitor never produced a value (e.g. empty validation set)
+        best = model
+    return best, history, seconds
+
+
+def run_train(params: Params, run_name: str | None = None) -> dict:
+    import mlflow
+
+    from . import plots, serving
+
+    cfg = params.train
+    train_df = train_table(params)
+    val_df = split_table(params, "val")
+    if train_df.empty:
+        raise ValueError("the train set is empty: check the crop and split reports")
+    if val_df.empty:
+        raise ValueError("the val split is empty: check split ratios (split.val) and the split report")
+    log.info("train: %d train images (augmented), %d val images, %d classes", len(train_df), len(val_df),
+             len(params.classes))
+
+    with tracking.tracked_run(params, run_name or "train", tags={"kfer.stage": "train"}) as run, \
+            tempfile.TemporaryDirectory(prefix="kfer-train-") as tmp:
+        tmp = Path(tmp)
+        log_datasets(params, {"train": (train_df, params.paths.augmented, "training"),
+                              "val": (val_df, params.paths.splits, "validation")})
+        weights = class_weights(params, train_df) if cfg.class_weights else None
+        train_ds = make_dataset(params, train_df, training=True)
+        val_ds = make_dataset(params, val_df, training=False)
+        mlflow_cb = mlflow.keras.MlflowCallback()
+        model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb])
+
+        scores = model.evaluate(val_ds, verbose=0, return_dict=True)
+        best_epoch = int(history[cfg.monitor].idxmax() if cfg.monitor_mode == "max"
+                         else history[cfg.monitor].idxmin()) + 1
+        metrics = {
+            "best_val_loss": float(scores["loss"]),
+            "best_val_accuracy": float(scores["accuracy"]),
+            "best_val_macro_f1": float(scores["macro_f1"]),
+            "best_epoch": best_epoch,
+            "epochs_run": int(len(history)),
+            "train_seconds": round(seconds, 2),
+            "train_images_per_s": round(len(train_df) * len(history) / seconds, 2) if seconds else 0.0,
+            "train_images": int(len(train_df)),
+            "val_images": int(len(val_df)),
+        }
+        mlflow.log_metrics(metrics)
+
+        history_png = tmp / "training_curves.png"
+        plots.plot_history(history, history_png)
+        mlflow.log_artifact(str(history_png))
+        labels_json = tmp / "labels.json"
+        labels_json.write_text(json.dumps([c.model_dump() for c in params.classes], ensure_ascii=False, indent=1),
+                               encoding="utf-8")
+        mlflow.log_artifact(str(labels_json))
+
+        clean = strip_for_serving(model)
+        example = _example_face(params, val_df)
+        uris = serving.log_models(clean, params, example_face=example)
+        mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"],
+                         tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
+
+        # DVC outputs, each written atomically
+        model_path = params.path(params.paths.model)
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_model = model_path.parent / f".{model_path.name}{files.TMP_MARK}{os.getpid()}.keras"
+        clean.save(tmp_model)
+        os.replace(tmp_model, model_path)
+        with files.atomic_file(params.path(params.paths.history)) as fh:
+            history.to_csv(fh, index=False)
+        files.write_json(params.path(params.paths.train_metrics), metrics)
+        files.write_json(params.path(params.paths.train_run), {
+            "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, **uris})
+
+    log.info(
+        "train: %s %s — best %s %.4f at epoch %d/%d (val acc %.4f), %.0f s, run %s",
+        params.model.kernel_initializer, list(params.model.blocks), cfg.monitor,
+        metrics[f"best_{cfg.monitor}"], best_epoch, metrics["epochs_run"], metrics["best_val_accuracy"],
+        seconds, run.info.run_id,
+    )
+    return {**metrics, "run_id": run.info.run_id}
+
+
+def log_datasets(params: Params, tables: dict) -> None:
+    """``mlflow.log_input`` for each (table, source path, context); the digest identifies the exact rows."""
+    import warnings
+
+    import mlflow
+
+    for name, (df, source, context) in tables.items():
+        with warnings.catch_warnings():  # MLflow 3.17 registers the local source twice and warns about it
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(df, source=str(params.path(source).resolve()), name=name)
+        mlflow.log_input(ds, context=context)
+
+
+def _example_face(params: Params, table: pd.DataFrame) -> np.ndarray:
+    img = files.read_image_gray(params.path(table["path"].iloc[0]))
+    return img[None, :, :, None].astype(np.float32)

@@ -1,0 +1,140 @@
+"""Training with a tiny ResNet variant on the demo data, tracked in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from kfer import tracking
+from kfer.augment import run_augment
+from kfer.crop import run_crop
+from kfer.demo import generate_demo
+from kfer.model import build_resnet
+from kfer.split import run_split
+from kfer.train import class_weights, run_train, train_table
+
+TINY = {
+    "crop": {"image_size": 32, "workers": 1},
+    "augment": {"copies": 1, "workers": 1},
+    "model": {"blocks": [1, 1], "base_width": 4, "head_units": 8},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
+}
+
+
+@pytest.fixture
+def tiny_project(tmp_path, make_params, monkeypatch):
+    """Demo data → crop → split → augment at 32 px in tmp_path; MLflow store under tmp_path."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = make_params(TINY)
+    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
+                  n_persons=5, per_class=2, seed=1)
+    run_crop(params)
+    run_split(params)
+    run_augment(params)
+    return params
+
+
+def _trainable(model) -> int:
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def test_resnet50_matches_keras_applications_parameter_count():
+    ours = build_resnet(64, 7, head_units=0)
+    ref = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 1), classes=7)
+    assert ours.count_params() == ref.count_params() == 23_595_783
+    assert _trainable(ours) == _trainable(ref)
+    with_head = build_resnet(64, 7, head_units=512)
+    assert with_head.count_params() - ours.count_params() == 2048 * 512 + 512 + (512 - 2048) * 7
+    assert ours.get_layer("conv1_conv").kernel_initializer.__class__.__name__ == "HeNormal"
+    glorot = build_resnet(32, 7, kernel_initializer="glorot_uniform", blocks=(1,), base_width=4)
+    assert glorot.get_layer("conv1_conv").kernel_initializer.__class__.__name__ == "GlorotUniform"
+
+
+def test_class_weights_inverse_frequency(tiny_project):
+    w = class_weights(tiny_project, train_table(tiny_project))
+    assert len(w) == 7 and all(v > 0 for v in w.values())
+    assert abs(sum(w.values()) / 7 - 1.0) < 0.3  # balanced demo data: close to 1 each
+
+
+def test_two_epoch_run_is_fully_tracked(tiny_project):
+    params = tiny_project
+    result = run_train(params)
+
+    for key in ("model", "train_run", "train_metrics", "history"):
+        assert params.path(getattr(params.paths, key)).exists(), key
+    run_info = json.loads(params.path(params.paths.train_run).read_text())
+    assert run_info["run_id"] == result["run_id"]
+    assert tracking.tracking_uri(params).endswith(str(params.root / "mlflow.db"))
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.kernel_initializer"] == "he_normal" and p["model.head_units"] == "8"
+    assert p["train.epochs"] == "2" and p["crop.image_size"] == "32" and p["seed"] == "42"
+    for m in ("best_val_macro_f1", "best_val_accuracy", "best_val_loss", "epochs_run", "train_images_per_s"):
+        assert m in run.data.metrics, m
+    for m in ("loss", "val_loss", "accuracy", "val_macro_f1", "learning_rate"):
+        assert len(client.get_metric_history(run.info.run_id, m)) == 2, m  # per epoch
+    tags = run.data.tags
+    assert {"git.commit", "git.dirty", tracking.MODEL_URI_TAG, tracking.KERAS_URI_TAG} <= set(tags)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"training_curves.png", "labels.json"} <= artifacts
+    inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert inputs == {"train", "val"}
+
+    # the Keras-format model and the photo pyfunc are both loadable
+    km = mlflow.keras.load_model(tags[tracking.KERAS_URI_TAG])
+    assert km.output_shape == (None, 7)
+    saved = keras.models.load_model(params.path(params.paths.model))
+    assert saved.count_params() == km.count_params()
+    assert getattr(saved, "optimizer", None) is None  # weights only: no optimizer state (3x the size) in the served model
+    history = params.path(params.paths.history).read_text().splitlines()
+    assert history[0].startswith("epoch,") and len(history) == 3
+
+
+def test_crashing_run_ends_failed(tiny_project):
+    params = tiny_project
+    bad = params.path(train_table(params)["path"].iloc[0])
+    bad.write_bytes(b"not a png")  # decoding fails inside fit
+    with pytest.raises(Exception):  # noqa: B017 - TensorFlow raises its own error types
+        run_train(params, run_name="crash")
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    runs = client.search_runs([tracking.setup(params)], "attributes.run_name = 'crash'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not params.path(params.paths.train_run).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_run_killed(tiny_project):
+    params = tiny_project
+    (params.root / "params.yaml").write_text(
+        (params.root / "params.yaml").read_text().replace("epochs: 2", "epochs: 200"), encoding="utf-8")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "train", "--run-name", "long"], cwd=params.root,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    deadline, run = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        with_runs = (params.root / "mlflow.db").exists() and client.search_experiments()
+        if with_runs:
+            runs = client.search_runs([e.experiment_id for e in with_runs], "attributes.run_name = 'long'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run = runs[0]
+                break
+        time.sleep(0.5)
+    assert run is not None, proc.stderr.read() if proc.poll() is not None else "no epoch logged in time"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
