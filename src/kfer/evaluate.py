@@ -1,0 +1,289 @@
+"""The ``evaluate`` stage: score the trained model on the held-out TEST split, once, and report.
+
+This is the only code that reads the test rows of ``paths.splits``; training and tuning never see them.
+
+Outputs
+-------
+``paths.eval_metrics`` (JSON, DVC metrics)::
+
+    {"test_accuracy": float, "test_macro_f1": float, "test_images": int,
+     "per_class": {<class>: {"precision", "recall", "f1", "support"}}}
+
+``paths.eval_dir`` (built atomically, replaced whole):
+
+* ``confusion_matrix.png``: row-normalized confusion matrix, labels "joy 기쁨";
+* ``misclassified.png``: the (up to) 32 most confident mistakes, captioned "true → pred p=0.83";
+* ``per_class.csv``: class, ko, precision, recall, f1, support;
+* ``predictions.csv``: path, actual, predicted, confidence, one row per test image in split-file order
+  (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual).
+
+Metric definitions (scikit-learn): accuracy over all test images; macro-F1 is the unweighted mean of the
+per-class F1 over the classes that HAVE test images, the same definition as the train stage's ``macro_f1``
+(a class absent from the test split is left out and warned about, not counted as 0); undefined precision or
+recall (no predictions / no images of a class) are 0. ``per_class`` lists every class, support 0 included.
+
+If ``paths.train_run`` exists, the MLflow training run it names is resumed and receives the flat metrics
+(``test_accuracy``, ``test_macro_f1``, ``test_images``, ``test_{precision,recall,f1}_<class>``) and the eval
+files as artifacts under ``eval/``; otherwise the files are still written and a warning says nothing was logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kfer.config import Params
+from kfer.files import atomic_dir, read_image_gray, write_json
+
+log = logging.getLogger(__name__)
+
+TEST_SPLIT = "test"
+MAX_MISCLASSIFIED = 32
+PREDICTION_COLUMNS = ["path", "actual", "predicted", "confidence"]
+PER_CLASS_COLUMNS = ["class", "ko", "precision", "recall", "f1", "support"]
+EVAL_FILES = ("confusion_matrix.png", "misclassified.png", "per_class.csv", "predictions.csv")
+ARTIFACT_DIR = "eval"
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def load_test_split(params: Params) -> pd.DataFrame:
+    """The test rows of ``paths.splits`` (columns path, label, ...), in file order; nothing else is read."""
+    splits_path = params.path(params.paths.splits)
+    if not splits_path.exists():
+        raise FileNotFoundError(f"{splits_path} not found: run `kfer split` (dvc repro split) first")
+    df = pd.read_csv(splits_path, dtype=str, keep_default_na=False)
+    missing = {"path", "label", "split"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{splits_path} lacks columns {sorted(missing)} (has {list(df.columns)})")
+    test = df[df["split"] == TEST_SPLIT].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(
+            f"the test split in {splits_path} is empty ({len(df)} rows, none with split == 'test'): nothing to "
+            "evaluate; give split.test a non-zero ratio in params.yaml and rerun `kfer split`"
+        )
+    unknown = sorted(set(test["label"]) - set(params.class_names))
+    if unknown:
+        raise ValueError(f"test rows of {splits_path} have labels that are not classes in params.yaml: {unknown}")
+    return test
+
+
+def _model_path(params: Params) -> Path:
+    model_path = params.path(params.paths.model)
+    if not model_path.exists():
+        raise FileNotFoundError(f"model {model_path} not found: run `kfer train` (dvc repro train) first")
+    return model_path
+
+
+def load_model(params: Params):
+    """The trained Keras model (not compiled: evaluation needs no optimizer, loss or custom metrics)."""
+    model_path = _model_path(params)
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    n_classes = len(params.class_names)
+    out_shape = tuple(model.output_shape)
+    if out_shape[-1] != n_classes:
+        raise ValueError(
+            f"model {model_path} outputs {out_shape[-1]} classes but params.yaml lists {n_classes}: "
+            "retrain after changing `classes`"
+        )
+    in_shape = tuple(model.input_shape)
+    size = params.crop.image_size
+    if len(in_shape) != 4 or in_shape[-1] != 1 or any(d not in (None, size) for d in in_shape[1:3]):
+        raise ValueError(
+            f"model {model_path} expects input {in_shape}, evaluate feeds (N, {size}, {size}, 1) grayscale "
+            "(crop.image_size); retrain after changing crop settings"
+        )
+    return model
+
+
+def predict_images(model, paths: list[Path], batch_size: int, image_size: int) -> np.ndarray:
+    """Softmax probabilities (N, C) for grayscale PNGs of side ``image_size``, fed as raw 0..255 float32.
+
+    Batches have one fixed size (the last one is zero-padded), so the predict function is traced once.
+    """
+    n = len(paths)
+    b = max(1, min(batch_size, n))
+    out: list[np.ndarray] = []
+    for start in range(0, n, b):
+        chunk = paths[start : start + b]
+        x = np.zeros((b, image_size, image_size, 1), dtype=np.float32)
+        for i, p in enumerate(chunk):
+            img = read_image_gray(p)
+            if img.shape != (image_size, image_size):
+                raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]}, expected {image_size}x{image_size}")
+            x[i, ..., 0] = img
+        probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+        out.append(probs[: len(chunk)])
+    return np.concatenate(out, axis=0)
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes present in ``y_true``, per-class precision/recall/F1/support for
+    every class, confusion matrices.
+
+    Returns the JSON-able metrics plus ``"confusion"`` (counts, rows actual) and ``"confusion_normalized"``
+    (row-normalized; NaN rows for classes without test images) as arrays.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
+    present = [k for k in labels if support[k] > 0]  # as train's MacroF1: absent classes are not counted
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    rows = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cm_norm = np.where(rows > 0, cm / np.maximum(rows, 1), np.nan)
+    return {
+        "test_accuracy": float(accuracy_score(y_true, y_pred)),
+        "test_macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "test_images": int(len(y_true)),
+        "per_class": {
+            name: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion": cm,
+        "confusion_normalized": cm_norm,
+    }
+
+
+def _metric_key(name: str) -> str:
+    """MLflow metric names allow letters, digits, ``_-. /``; anything else becomes ``_``."""
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>..."""
+    flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
+    for name, m in metrics["per_class"].items():
+        for k in ("precision", "recall", "f1"):
+            flat[_metric_key(f"test_{k}_{name}")] = float(m[k])
+    return flat
+
+
+# --- outputs -----------------------------------------------------------------------------------------
+def _write_eval_dir(
+    params: Params, out: Path, test: pd.DataFrame, y_true: np.ndarray, probs: np.ndarray,
+    metrics: dict[str, Any],
+) -> None:
+    from kfer import plots
+
+    names = params.class_names
+    labels = [plots.class_label(c.name, c.ko) for c in params.classes]
+    y_pred = probs.argmax(axis=1)
+    conf = probs[np.arange(len(y_pred)), y_pred]
+
+    pd.DataFrame({
+        "path": test["path"],
+        "actual": [names[i] for i in y_true],
+        "predicted": [names[i] for i in y_pred],
+        "confidence": np.round(conf, 6),
+    }, columns=PREDICTION_COLUMNS).to_csv(out / "predictions.csv", index=False, lineterminator="\n")
+
+    pd.DataFrame(
+        [[c.name, c.ko or "", *(metrics["per_class"][c.name][k] for k in ("precision", "recall", "f1", "support"))]
+         for c in params.classes],
+        columns=PER_CLASS_COLUMNS,
+    ).to_csv(out / "per_class.csv", index=False, lineterminator="\n", float_format="%.6f")
+
+    plots.plot_confusion(
+        metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
+        title=(f"Test set (n={metrics['test_images']}): accuracy {metrics['test_accuracy']:.3f}, "
+               f"macro-F1 {metrics['test_macro_f1']:.3f}"),
+    )
+
+    wrong = np.flatnonzero(y_pred != y_true)
+    # most confident mistakes first; ties by file order (stable sort), so the selection is deterministic
+    worst = wrong[np.argsort(-conf[wrong], kind="stable")][:MAX_MISCLASSIFIED]
+    images = [read_image_gray(params.path(test["path"].iloc[i])) for i in worst]
+    captions = [f"{labels[y_true[i]]}\n→ {labels[y_pred[i]]}\np={conf[i]:.2f}" for i in worst]
+    plots.image_grid(
+        images, captions, out / "misclassified.png", cols=8,
+        title=(f"Most confident misclassifications{' 오분류' if plots.has_hangul_font() else ''}: "
+               f"{len(worst)} of {len(wrong)} "
+               "(actual → predicted)") if len(wrong) else None,
+        empty_text=f"no misclassified test images ({len(y_true)} of {len(y_true)} correct)",
+    )
+
+
+def _log_to_mlflow(params: Params, metrics: dict[str, Any], eval_dir: Path, metrics_path: Path) -> str | None:
+    """Resume the training run named in ``paths.train_run`` and log the test metrics and eval files."""
+    run_file = params.path(params.paths.train_run)
+    if not run_file.exists():
+        log.warning("%s not found: test metrics are NOT logged to MLflow (files are written)", run_file)
+        return None
+    try:
+        run_id = str(json.loads(run_file.read_text(encoding="utf-8"))["run_id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{run_file} is not a JSON object with a run_id: {exc}") from exc
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from kfer import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    client = mlflow.MlflowClient()
+    try:
+        info = client.get_run(run_id).info
+    except MlflowException as exc:
+        raise RuntimeError(
+            f"MLflow run {run_id} (from {run_file}) not found in the tracking store "
+            f"{tracking.tracking_uri(params)}: was MLFLOW_TRACKING_URI different during training?"
+        ) from exc
+    if info.status != "FINISHED":
+        log.warning("MLflow run %s is %s; logging the test metrics into it anyway", run_id, info.status)
+    # resuming needs the run's own experiment active (it may differ from train.experiment, e.g. a tuning trial)
+    experiment = client.get_experiment(info.experiment_id).name
+    with tracking.tracked_run(params, run_id=run_id, experiment=experiment):
+        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_artifacts(str(eval_dir), artifact_path=ARTIFACT_DIR)
+        mlflow.log_artifact(str(metrics_path), artifact_path=ARTIFACT_DIR)
+    return run_id
+
+
+# --- stage -------------------------------------------------------------------------------------------
+def run_evaluate(params: Params) -> dict[str, Any]:
+    """Evaluate ``paths.model`` on the test split; write the metrics JSON and eval folder; log to MLflow.
+
+    Returns the metrics written to ``paths.eval_metrics``.
+    """
+    _model_path(params)  # a missing model is the first thing to report, before any loading
+    test = load_test_split(params)
+    model = load_model(params)
+    names = params.class_names
+    y_true = test["label"].map({n: i for i, n in enumerate(names)}).to_numpy(dtype=np.int64)
+    probs = predict_images(model, [params.path(p) for p in test["path"]], params.train.batch_size,
+                           params.crop.image_size)
+    y_pred = probs.argmax(axis=1)
+
+    full = compute_metrics(y_true, y_pred, names)
+    metrics = {k: full[k] for k in ("test_accuracy", "test_macro_f1", "test_images", "per_class")}
+    absent = [n for n, m in metrics["per_class"].items() if m["support"] == 0]
+    if absent:
+        log.warning("classes without test images (left out of test_macro_f1): %s", absent)
+
+    eval_dir = params.path(params.paths.eval_dir)
+    with atomic_dir(eval_dir) as tmp:
+        _write_eval_dir(params, tmp, test, y_true, probs, full)
+    metrics_path = params.path(params.paths.eval_metrics)
+    write_json(metrics_path, metrics)
+
+    run_id = _log_to_mlflow(params, metrics, eval_dir, metrics_path)
+    log.info(
+        "evaluate: %d test images, accuracy %.4f, macro-F1 %.4f -> %s, %s%s",
+        metrics["test_images"], metrics["test_accuracy"], metrics["test_macro_f1"],
+        params.rel(metrics_path), params.rel(eval_dir),
+        f" (MLflow run {run_id})" if run_id else " (not logged to MLflow)",
+    )
+    return metrics
