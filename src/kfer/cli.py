@@ -18,7 +18,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def _params(ctx: click.Context):
     from .config import load_params
 
-    return load_params(ctx.obj["params"])
+    return load_params(ctx.obj["params"], overrides=ctx.obj["overrides"])
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict:
+    """``("train.epochs=3", "model.head_units=0")`` -> nested dict with YAML-typed values."""
+    import yaml
+
+    out: dict = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,9 +43,11 @@ def _params(ctx: click.Context):
     "--params", "params_path", type=click.Path(dir_okay=False), default="params.yaml", show_default=True,
     help="params.yaml to read; paths in it are relative to its folder.",
 )
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a param for this run only, e.g. --set train.epochs=3 (MLproject uses this).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
-def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
+def main(ctx: click.Context, params_path: str, sets: tuple[str, ...], verbose: bool) -> None:
     """kfer: Korean facial-expression recognition, from raw photos to a registered model.
 
     Each sub-command is one pipeline stage; `dvc repro` runs them in order (see dvc.yaml).
@@ -37,7 +56,7 @@ def main(ctx: click.Context, params_path: str, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    ctx.obj = {"params": params_path}
+    ctx.obj = {"params": params_path, "overrides": _parse_sets(sets)}
 
 
 @main.command()
@@ -79,6 +98,78 @@ def augment(ctx: click.Context) -> None:
     from .augment import run_augment
 
     run_augment(_params(ctx))
+
+
+@main.command()
+@click.option("--run-name", default=None, help="MLflow run name (default: train).")
+@click.pass_context
+def train(ctx: click.Context, run_name: str | None) -> None:
+    """Train the custom ResNet50 on the augmented train set; select by a validation metric.
+
+    Every run is tracked in MLflow (params, per-epoch metrics, lineage tags, curves, the Keras model and the
+    photo-in/emotions-out pyfunc). Writes paths.model, paths.train_run, paths.train_metrics, paths.history.
+    """
+    from .train import run_train
+
+    run_train(_params(ctx), run_name=run_name)
+
+
+@main.command()
+@click.pass_context
+def evaluate(ctx: click.Context) -> None:
+    """Measure the trained model on the test split (used by nothing else).
+
+    Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and misclassified examples, written for
+    DVC (paths.eval_metrics, paths.eval_dir) and logged into the MLflow run of the training.
+    """
+    from .evaluate import run_evaluate
+
+    run_evaluate(_params(ctx))
+
+
+@main.command()
+@click.option("--run-id", default=None, help="Register this run instead of the best one (empty = best).")
+@click.option("--metric", default=None,
+              help="Validation metric that picks the best run (default: best_<train.monitor>; never a test metric).")
+@click.pass_context
+def register(ctx: click.Context, run_id: str | None, metric: str | None) -> None:
+    """Register the best run's photo model in the MLflow Model Registry and point alias `champion` at it.
+
+    The best run is chosen by a validation metric, never by test. Re-running for the same run reuses its version.
+    """
+    from .registry import RegistryError
+    from .registry import register as do_register
+
+    try:
+        mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{mv.name} version {mv.version} (run {mv.run_id}) is now @champion")
+
+
+@main.command()
+@click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_uri", default=None,
+              help="Model URI (default: models:/<train.registered_model>@champion).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--annotate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write <photo>.pred.jpg with boxes and labels into this folder.")
+@click.pass_context
+def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None, as_json: bool,
+            annotate_dir: Path | None) -> None:
+    """Find every face in PHOTO... and tell its expression (box, label, class probabilities).
+
+    Uses the same crop code as the pipeline and the registered champion model unless --model is given.
+    """
+    from .predict import format_results, predict_photos
+
+    try:
+        results = predict_photos(list(photos), model_uri, _params(ctx), annotate_dir=annotate_dir)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_results(results, as_json=as_json))
+    if any(r["error"] for r in results):
+        ctx.exit(1)
 
 
 @main.command("demo-data")
