@@ -128,6 +128,48 @@ def evaluate(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--trials", "n_trials", type=click.IntRange(min=1), default=None,
+              help="Budget: COMPLETE + PRUNED trials the study should hold (default tune.n_trials).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Start no trial after this many seconds (default tune.timeout_s).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes on the study (default tune.workers).")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (default tune.storage, else sqlite:///<paths.optuna_db>); "
+                   "postgresql://user:pw@host/db to share a study between machines.")
+@click.option("--study-name", default=None, help="Study name (default tune.study_name, else kfer-<data/params hash>).")
+@click.option("--apply", "apply_best", is_flag=True,
+              help="Do not tune: write paths.tune_best into params.yaml (comments kept), then `dvc repro`.")
+@click.pass_context
+def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, workers: int | None,
+         storage: str | None, study_name: str | None, apply_best: bool) -> None:
+    """Search init scheme, head size, augmentation strength and learning rate with Optuna.
+
+    Trials train on the train split with on-the-fly augmentation at their strength and are scored on val
+    (test is never read); bad ones are pruned per epoch. The study lives in an Optuna storage and resumes
+    when re-run; every trial is an MLflow child run of this invocation's run. Writes paths.tune_best and
+    paths.tune_summary; `kfer register --run-id <best_run_id>` registers the best trial's model.
+    """
+    from .tune import TuneError, run_tune
+    from .tune import apply_best as do_apply
+
+    params = _params(ctx)
+    try:
+        if apply_best:
+            changed = do_apply(params, ctx.obj["params"])
+            for key, (old, new) in changed.items():
+                click.echo(f"{key}: {old} -> {new}")
+            click.echo(f"{ctx.obj['params']}: {len(changed)} value(s) changed" if changed else "already applied")
+            return
+        summary = run_tune(params, n_trials=n_trials, timeout=timeout, workers=workers, storage=storage,
+                           study_name=study_name)
+    except TuneError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"best {summary['metric']} {summary['best_value']:.4f} (trial {summary['best_trial']}, "
+               f"MLflow run {summary['best_run_id']}): {summary['best_params']}")
+
+
+@main.command()
 @click.option("--run-id", default=None, help="Register this run instead of the best one (empty = best).")
 @click.option("--metric", default=None,
               help="Validation metric that picks the best run (default: best_<train.monitor>; never a test metric).")

@@ -42,6 +42,9 @@ class PathsCfg(_Strict):
     eval_dir: Path
     mlflow_db: Path
     mlflow_artifacts: Path
+    optuna_db: Path = Path("optuna.db")
+    tune_best: Path = Path("tune/best_params.yaml")
+    tune_summary: Path = Path("tune/summary.json")
 
 
 class GroupCfg(_Strict):
@@ -155,6 +158,62 @@ class TrainCfg(_Strict):
         return "min" if self.monitor.endswith("loss") else "max"
 
 
+Initializer = Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal"]
+
+
+class SearchSpaceCfg(_Strict):
+    """What ``kfer tune`` searches. A range with equal ends fixes that value."""
+
+    kernel_initializer: list[Initializer] = ["he_normal", "glorot_uniform", "he_uniform", "lecun_normal"]
+    head_units: list[int] = [0, 128, 256, 512, 1024]
+    strength: tuple[float, float] = (0.0, 1.5)
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)  # log-uniform
+
+    @model_validator(mode="after")
+    def _valid(self) -> SearchSpaceCfg:
+        if not self.kernel_initializer or not self.head_units:
+            raise ValueError("tune.space.kernel_initializer and tune.space.head_units need at least one choice")
+        if any(u < 0 for u in self.head_units):
+            raise ValueError(f"tune.space.head_units must be >= 0, got {self.head_units}")
+        lo, hi = self.strength
+        if not 0 <= lo <= hi:
+            raise ValueError(f"tune.space.strength must be [lo, hi] with 0 <= lo <= hi, got {[lo, hi]}")
+        lo, hi = self.learning_rate
+        if not 0 < lo <= hi:
+            raise ValueError(f"tune.space.learning_rate must be [lo, hi] with 0 < lo <= hi, got {[lo, hi]}")
+        return self
+
+
+class SamplerCfg(_Strict):
+    seed: int | None = None           # None: params seed
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class PrunerCfg(_Strict):
+    n_startup_trials: int = Field(5, ge=0)   # complete trials before pruning starts
+    n_warmup_steps: int = Field(2, ge=0)     # epochs of a trial before it can be pruned
+
+
+class TuneCfg(_Strict):
+    n_trials: int = Field(20, ge=1)          # budget: COMPLETE + PRUNED trials in the study
+    timeout_s: float | None = Field(None, gt=0)
+    workers: int = Field(1, ge=1)
+    storage: str | None = None               # None: sqlite:///<paths.optuna_db>
+    study_name: str | None = None            # None: kfer-<fingerprint of data and fixed params>
+    experiment: str = "kfer-tune"
+    metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
+    space: SearchSpaceCfg = SearchSpaceCfg()
+    sampler: SamplerCfg = SamplerCfg()
+    pruner: PrunerCfg = PrunerCfg()
+    heartbeat_interval: int = Field(60, ge=1)
+    grace_period: int = Field(180, ge=1)
+    retry_stale: int = Field(1, ge=0)
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.metric.endswith("loss") else "maximize"
+
+
 class Params(_Strict):
     seed: int = 42
     classes: list[ClassSpec]
@@ -165,6 +224,7 @@ class Params(_Strict):
     augment: AugmentCfg = AugmentCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
+    tune: TuneCfg = TuneCfg()
 
     _root: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -1,0 +1,329 @@
+"""Optuna tuning with a tiny ResNet on the demo data: real SQLite Optuna storage, real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from kfer import files, tracking, tune
+from kfer.augment import run_augment
+from kfer.config import _deep_merge, load_params
+from kfer.crop import run_crop
+from kfer.demo import generate_demo
+from kfer.split import run_split
+
+from .conftest import REPO
+
+TINY = {
+    "crop": {"image_size": 32, "workers": 1},
+    "augment": {"copies": 1, "workers": 1},
+    "model": {"blocks": [1, 1], "base_width": 4, "head_units": 8},
+    "train": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 0},
+    "tune": {
+        "n_trials": 3,
+        "space": {"head_units": [0, 8], "learning_rate": [1.0e-3, 100.0]},
+        "sampler": {"n_startup_trials": 2},
+        "heartbeat_interval": 1,
+        "grace_period": 2,
+    },
+}
+# a trial at this learning rate diverges at once: its val macro-F1 stays at the one-class floor
+GOOD = {"kernel_initializer": "he_normal", "head_units": 8, "strength": 0.5, "learning_rate": 1e-2}
+BAD = {**GOOD, "learning_rate": 100.0}
+
+
+def _write_params(root: Path, overrides: dict | None = None):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw = _deep_merge(_deep_merge(raw, TINY), overrides or {})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return load_params(root / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory):
+    """Demo data → crop → split → augment at 32 px, once for the module."""
+    root = tmp_path_factory.mktemp("tune-base")
+    params = _write_params(root)
+    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
+                  n_persons=5, per_class=2, seed=1)
+    run_crop(params)
+    run_split(params)
+    run_augment(params)
+    return root
+
+
+@pytest.fixture
+def project(base_project, tmp_path, monkeypatch):
+    """A copy of the base project in tmp_path (own Optuna and MLflow stores); call it with param overrides."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "proj"
+    shutil.copytree(base_project / "data", root / "data")
+
+    def make(overrides: dict | None = None):
+        return _write_params(root, overrides)
+
+    return make
+
+
+def _load(params):
+    study = optuna.load_study(study_name=tune.open_study(params).study_name, storage=tune.storage_url(params))
+    return study, study.get_trials(deepcopy=False)
+
+
+def _runs(params):
+    client = mlflow.MlflowClient(tracking.tracking_uri(params))
+    exp = client.get_experiment_by_name(params.tune.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kfer.stage") == "tune"]
+    children = [r for r in runs if r.data.tags.get("kfer.stage") == "tune-trial"]
+    return client, parents, children
+
+
+def test_storage_url_study_name_and_fingerprint(project):
+    params = project()
+    url = tune.storage_url(params)
+    assert url == "sqlite:///" + str((params.root / "optuna.db").resolve()) and url.startswith("sqlite:////")
+    assert tune.storage_url(params, "postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
+    assert "secret" not in tune.redact("postgresql://u:secret@db/optuna")
+
+    study = tune.open_study(params)
+    assert study.study_name == f"kfer-{tune.fingerprint(params)}"
+    assert tune.open_study(params).study_name == study.study_name  # loaded again, not a new one
+    # budget, workers and storage settings do not change the study; data or fixed params do
+    assert tune.fingerprint(project({"tune": {"n_trials": 50, "workers": 2, "timeout_s": 10}})) == \
+        tune.fingerprint(params)
+    assert tune.fingerprint(project({"train": {"batch_size": 8}})) != tune.fingerprint(params)
+
+    named = tune.open_study(params, study_name="shared")
+    named.enqueue_trial(GOOD)
+    with pytest.raises(tune.TuneError, match="other data or fixed params"):
+        tune.open_study(project({"train": {"batch_size": 8}}), study_name="shared")
+
+
+def test_on_the_fly_augmentation_is_the_augment_stage(project):
+    """Trials see exactly the images `kfer augment` writes for the same strength (same function, same draws)."""
+    from kfer.train import make_dataset
+
+    params = project()
+    table = tune.trial_table(params)
+    splits = pd.read_csv(params.path(params.paths.splits), dtype=str, keep_default_na=False)
+    assert set(table["path"]) == set(splits.loc[splits["split"] == "train", "path"])
+    assert len(table) == (params.augment.copies + 1) * len(set(table["path"]))
+
+    ds = make_dataset(params, table, training=False,
+                      augment=tune.OnTheFlyAugment(params, table, params.augment.strength))
+    got = np.concatenate([x.numpy() for x, _ in ds]).astype(np.uint8)[..., 0]
+    manifest = pd.read_csv(params.path(params.paths.augmented) / "manifest.csv", dtype=str, keep_default_na=False)
+    stage = {(r.source, int(r.copy)): r.path for r in manifest.itertuples()}
+    for i, row in enumerate(table.itertuples()):
+        expected = files.read_image_gray(params.path(stage[(row.path, row.copy)]))
+        np.testing.assert_array_equal(got[i], expected, err_msg=f"{row.path} copy {row.copy}")
+    assert any(not np.array_equal(got[i], got[i - 1]) for i in range(1, len(got), 2))  # copies differ
+
+    zero = tune.OnTheFlyAugment(params, table, 0.0)
+    img = files.read_image_gray(params.path(table["path"][1]))[..., None]
+    np.testing.assert_array_equal(zero(img, np.int64(1)), img)
+
+
+def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
+    params = project({"tune": {"pruner": {"n_startup_trials": 2, "n_warmup_steps": 0}}})
+    splits = pd.read_csv(params.path(params.paths.splits), dtype=str, keep_default_na=False)
+    for p in splits.loc[splits["split"] == "test", "path"]:
+        params.path(p).write_bytes(b"not a png")  # the test split must never be read
+    study = tune.open_study(params)
+    for values in (GOOD, {**GOOD, "kernel_initializer": "glorot_uniform"}, BAD):
+        study.enqueue_trial(values)
+
+    summary = tune.run_tune(params)
+
+    study, trials = _load(params)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert len(trials[2].intermediate_values) < params.train.epochs  # stopped early
+    assert summary["n_complete"] == 2 and summary["n_pruned"] == 1 and summary["budget"] == 3
+    best = study.best_trial
+    assert summary["best_trial"] == best.number and summary["best_value"] == best.value
+    assert yaml.safe_load(params.path(params.paths.tune_best).read_text()) == {
+        "model": {"kernel_initializer": best.params["kernel_initializer"], "head_units": best.params["head_units"]},
+        "augment": {"strength": best.params["strength"]},
+        "train": {"learning_rate": best.params["learning_rate"]},
+    }
+    assert yaml.safe_load(params.path(params.paths.tune_summary).read_text()) == summary
+
+    client, parents, children = _runs(params)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags[tune.STUDY_TAG] == study.study_name
+    assert parent.data.metrics["best_val_macro_f1"] == pytest.approx(best.value)
+    assert parent.data.params["best.model.kernel_initializer"] == best.params["kernel_initializer"]
+    assert parent.data.tags[tune.BEST_RUN_TAG] == best.user_attrs[tune.RUN_ID_ATTR] == summary["best_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    for plot in ("optimization_history", "param_importances", "parallel_coordinate", "slice"):
+        assert f"optuna/{plot}.png" in artifacts, artifacts
+    assert "optuna/trials.csv" in artifacts
+
+    assert len(children) == 3
+    by_number = {int(r.data.tags[tune.TRIAL_TAG]): r for r in children}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.info.run_id == t.user_attrs[tune.RUN_ID_ATTR]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags[tune.STUDY_TAG] == study.study_name
+        assert run.data.tags[tune.STATE_TAG] == t.state.name
+        assert run.data.params["model.kernel_initializer"] == t.params["kernel_initializer"]
+        assert float(run.data.params["train.learning_rate"]) == t.params["learning_rate"]
+        assert float(run.data.params["augment.strength"]) == t.params["strength"]
+        history = client.get_metric_history(run.info.run_id, "val_macro_f1")
+        assert [m.step for m in history] == sorted(t.intermediate_values)  # one point per epoch, as reported
+    assert "pruned_epoch" in by_number[2].data.metrics and tracking.MODEL_URI_TAG not in by_number[2].data.tags
+
+    # the best trial logged its model, so it can be registered
+    from kfer.registry import register
+
+    mv = register(params, run_id=summary["best_run_id"])
+    assert mv.run_id == summary["best_run_id"]
+
+    # re-running a finished study adds nothing and writes the same best params
+    again = tune.run_tune(params)
+    assert len(_load(params)[1]) == 3 and again["best_params"] == summary["best_params"]
+
+
+def test_apply_best_keeps_comments(tmp_path):
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+    params = load_params(tmp_path / "params.yaml")
+    best = params.path(params.paths.tune_best)
+    best.parent.mkdir(parents=True)
+    best.write_text("# header\n" + yaml.safe_dump(tune.nested_values(
+        {"kernel_initializer": "glorot_uniform", "head_units": 256, "strength": 0.625,
+         "learning_rate": 0.00123})), encoding="utf-8")
+
+    changed = tune.apply_best(params, tmp_path / "params.yaml")
+    assert set(changed) == {"model.kernel_initializer", "model.head_units", "augment.strength",
+                            "train.learning_rate"}
+    new = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    old_lines, new_lines = text.splitlines(), new.splitlines()
+    assert len(old_lines) == len(new_lines)
+    diff = [(a, b) for a, b in zip(old_lines, new_lines, strict=True) if a != b]
+    assert len(diff) == 4, diff
+    assert all(a.split("#")[1:] == b.split("#")[1:] for a, b in diff)  # end-of-line comments kept
+    p = load_params(tmp_path / "params.yaml")
+    assert (p.model.kernel_initializer, p.model.head_units, p.augment.strength, p.train.learning_rate) == \
+        ("glorot_uniform", 256, 0.625, 0.00123)
+    assert tune.apply_best(p, tmp_path / "params.yaml") == {}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
+    params = project({"tune": {"n_trials": 2, "retry_stale": 1}})
+    name = tune.open_study(params).study_name
+    url = tune.storage_url(params)
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "tune"], cwd=params.root, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            running = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))
+            if running and tune.RUN_ID_ATTR in running[0].user_attrs:  # mid-trial, its MLflow run started
+                proc.send_signal(signal.SIGKILL)
+                killed = running[0]
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert killed is not None, err.decode(errors="replace")[-3000:]
+    assert optuna.load_study(study_name=name, storage=url).trials[killed.number].state == TrialState.RUNNING
+
+    summary = tune.run_tune(params)  # the same study: the stale trial ends FAIL and the budget is completed
+
+    _, trials = _load(params)
+    states = [t.state for t in trials]
+    assert trials[killed.number].state == TrialState.FAIL and states.count(TrialState.FAIL) == 1
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 2 == summary["budget"]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params  # re-queued with the same params
+
+    client, parents, children = _runs(params)
+    dead = client.get_run(killed.user_attrs[tune.RUN_ID_ATTR])
+    assert dead.info.status == "FAILED" and dead.data.tags[tune.STATE_TAG] == "FAIL"
+    finished = [p for p in parents if p.info.status == "FINISHED"]
+    assert len(parents) == 2 and len(finished) == 1  # the killed invocation's parent cannot be closed by anyone
+    again = client.get_run(retried[0].user_attrs[tune.RUN_ID_ATTR])
+    assert again.data.tags["optuna.retry_of"] == str(killed.number)
+    assert again.data.tags["mlflow.parentRunId"] == finished[0].info.run_id
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_study(project):
+    params = project({"train": {"epochs": 2}, "tune": {"n_trials": 4}})
+    summary = tune.run_tune(params, workers=2)
+
+    _, trials = _load(params)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))  # distinct
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)  # none lost or left running
+    assert 4 <= len(trials) <= 5  # two workers may both start the last trial in the same instant
+    assert summary["n_complete"] + summary["n_pruned"] == len(trials)
+    workers = {t.user_attrs[tune.WORKER_ATTR] for t in trials}
+    assert len(workers) == 2 and str(os.getpid()) not in {w.split(":")[1] for w in workers}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # no replayed random points
+
+    _, parents, children = _runs(params)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags[tune.TRIAL_TAG]) for r in children) == numbers
+    assert {r.info.run_id for r in children} == {t.user_attrs[tune.RUN_ID_ATTR] for t in trials}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert params.path(params.paths.tune_best).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_init_comparison_benchmark_runs_on_tiny_settings(tmp_path, monkeypatch, capsys):
+    """benchmarks/init_comparison.py end to end on 6 TFEID performers, a tiny model and one epoch."""
+    import importlib.util
+
+    from .conftest import shared_dir
+
+    data = shared_dir("tfeid_chen2013")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = importlib.util.spec_from_file_location("init_comparison", REPO / "benchmarks" / "init_comparison.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    best = tmp_path / "best_params.yaml"
+    best.write_text(yaml.safe_dump({"model": {"kernel_initializer": "lecun_normal", "head_units": 0},
+                                    "augment": {"strength": 0.5}}), encoding="utf-8")
+    out = tmp_path / "table.md"
+    code = bench.main(["--data", str(data), "--persons", "6", "--image-size", "32", "--epochs", "1",
+                       "--seeds", "1,2", "--blocks", "1,1", "--width", "4", "--head-units", "8", "--copies", "1",
+                       "--best-params", str(best), "--out", str(out), "--keep-dir", str(tmp_path / "proj")])
+    assert code == 0
+    text = out.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| config")]
+    assert [r.split(" | ")[1] for r in rows] == ["he_normal", "glorot_uniform", "lecun_normal"]
+    assert all(" ± " in r for r in rows) and "paired difference he_normal − glorot_uniform" in text
+    splits = pd.read_csv(tmp_path / "proj" / "data" / "splits.csv", dtype=str)
+    assert (splits.groupby("group")["split"].nunique() == 1).all()  # person-disjoint
+    assert "disgust" not in set(splits["label"])
+    assert "| config |" in capsys.readouterr().out
