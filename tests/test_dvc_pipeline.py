@@ -28,6 +28,7 @@ SMALL = {  # a small variant so that the whole pipeline runs in about a minute o
     "model.head_units": 8,
     "train.epochs": 2,
     "train.batch_size": 32,
+    "tune.n_trials": 2,
 }
 
 
@@ -77,7 +78,7 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     for key, value in SMALL.items():
         _set_param(repo, key, value)
     out = _run(repo, "dvc", "repro")
-    assert _ran(out) == {"crop", "split", "augment", "train", "evaluate"}, out
+    assert _ran(out) == {"crop", "split", "augment", "train", "evaluate", "tune"}, out
     crop = json.loads((repo / "metrics" / "crop.json").read_text())
     assert crop["ok"] > 0 and crop["box_source"] == {"annotation": crop["ok"]}
     with open(repo / "data" / "splits.csv", encoding="utf-8") as fh:
@@ -90,7 +91,8 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     n_train = sum(r["split"] == "train" for r in rows)
     assert aug["originals"] == n_train and aug["augmented"] == n_train * SMALL["augment.copies"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"crop", "split", "augment", "train", "evaluate"}
+    assert set(lock["stages"]) == {"crop", "split", "augment", "train", "evaluate", "tune"}
+    assert (repo / "tune" / "best_params.yaml").exists()
 
     # the training run is in the repo's MLflow store, tagged with the data versions of dvc.lock and data.dvc,
     # and evaluate logged the test metrics into the same run
