@@ -266,19 +266,7 @@ def _augment_one(task: tuple[str, str, str, str]) -> tuple[str | None, list[tupl
 
 
 def _read_splits(params: Params) -> pd.DataFrame:
-    path = params.path(params.paths.splits)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the split stage first (`dvc repro split`)")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable CSV ({exc}): re-run the split stage (`dvc repro split`)") from exc
-    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"{path} lacks column(s) {missing} (has {list(df.columns)}): re-run the split stage (`dvc repro split`)"
-        )
-    return df
+    return files.read_table(params.path(params.paths.splits), SPLIT_COLUMNS, "splits file", "kfer split")
 
 
 def _output_stems(rows: pd.DataFrame) -> list[str]:

@@ -85,6 +85,26 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
+def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint: str):
+    """A stage's CSV contract (manifest, splits) as strings, with clear errors naming the stage to run.
+
+    ``hint`` is the command that makes the file, e.g. "kfer crop".
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found: run `{hint}` first")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not a readable CSV ({exc}): re-run `{hint}`") from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} {path} lacks column(s) {missing} (has {list(df.columns)}): re-run `{hint}`")
+    return df
+
+
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write an image as PNG (deterministic bytes for the same pixels); works with non-ASCII paths."""
     ok, buf = cv2.imencode(".png", img)

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from kfer.config import Params
-from kfer.files import atomic_file, write_json
+from kfer.files import atomic_file, read_table, write_json
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +222,7 @@ def split_warnings(
 # --- the DVC stage ------------------------------------------------------------------------------------
 def read_manifest(path: Path) -> pd.DataFrame:
     """The crop manifest's usable rows (status == "ok"), all columns as strings."""
-    if not path.exists():
-        raise FileNotFoundError(f"crop manifest {path} not found: run `kfer crop` first")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable CSV ({exc}): re-run `kfer crop`") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; it has {list(df.columns)}")
+    df = read_table(path, REQUIRED_COLUMNS, "crop manifest", "kfer crop")
     df = df[df["status"] == "ok"]
     if df.empty:
         raise ValueError(f"{path} has no rows with status 'ok': nothing to split")

@@ -28,22 +28,13 @@ log = logging.getLogger(__name__)
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-def _read_csv(path: Path, what: str, hint: str) -> pd.DataFrame:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} not found: run `{hint}` first")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"path", "label"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{what} {path} lacks columns {sorted(missing)}")
-    return df
-
-
 def train_table(params: Params) -> pd.DataFrame:
-    return _read_csv(params.path(params.paths.augmented) / "manifest.csv", "augmented manifest", "kfer augment")
+    return files.read_table(params.path(params.paths.augmented) / "manifest.csv", ("path", "label"),
+                            "augmented manifest", "kfer augment")
 
 
 def split_table(params: Params, split: str) -> pd.DataFrame:
-    df = _read_csv(params.path(params.paths.splits), "splits file", "kfer split")
+    df = files.read_table(params.path(params.paths.splits), ("path", "label", "split"), "splits file", "kfer split")
     return df[df["split"] == split].reset_index(drop=True)
 
 
