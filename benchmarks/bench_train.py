@@ -1,0 +1,495 @@
+#!/usr/bin/env python
+"""Training throughput: our ResNet50 vs ``keras.applications.ResNet50``, and the tf.data input pipeline vs memory.
+
+Two measurements, printed side by side in one run (all in this process, same TensorFlow session):
+
+(a) **model** — training images/s of ``kfer.model.build_resnet(S, 7, head_units=0,
+    kernel_initializer="glorot_uniform")`` (default depth [3, 4, 6, 3] and width 64, i.e. the same backbone as
+    Keras') against ``keras.applications.ResNet50(weights=None, input_shape=(S, S, 1), classes=7)``. Both get
+    the same random batch (float32 in 0..255; ours rescales it inside the model with one ``Rescaling`` layer,
+    Keras' does not), the same optimizer (Adam 1e-3), loss (categorical cross-entropy), batch size and number
+    of steps, fed from memory (``Dataset.from_tensors(batch).repeat()``, tf.data autotune off so that no
+    iterator-teardown stall is added, see below). Printed both for whole ``fit`` calls and for the median step.
+    Target: ours / keras >= 0.95.
+
+(b) **input pipeline** — N grayscale PNGs (S×S, smooth random "faces", written to a temporary folder) and a
+    table (path, label). A model built from a ``params.yaml`` written to that folder (the repository's, with
+    overrides; loaded with ``kfer.config.load_params``) is trained for the same number of epochs fed by
+    ``kfer.train.make_dataset(params, table, training=True)`` (shuffle → parallel file read + PNG decode →
+    cast/one-hot → batch → prefetch) and by ``Dataset.from_tensor_slices`` of the pre-decoded arrays
+    (``cache() → shuffle(N) → batch → prefetch``, autotune off): same images, same batch size, same shuffling,
+    the only difference is reading and decoding the files. A third contender, ``pipeline-noAT``, is
+    ``make_dataset`` with ``tf.data.Options().autotune.enabled = False``: with autotune on, TF 2.21 stalls when
+    an iterator is deleted (until the autotune thread's next wake-up; wake-ups are 10 ms · 2^k after the
+    iterator's creation), and Keras deletes the train iterator at every epoch. Run for a small model (the point
+    is the pipeline: a fast model exposes it) and for the default model of params.yaml.
+    Target: pipeline / memory >= 0.9. Also printed: the pipelines alone (one pass without a model), images/s.
+
+Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
+``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
+segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
+printed: more than a few CPU-s means another job competed with the measurement.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_train.py [--size 64] [--batch 32] [--steps 12] [--rounds 3]
+        [--parts a,b] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
+        [--small-blocks 1,1,1,1] [--small-width 16] [--no-op-determinism] [--threads INTRA,INTER]
+
+``kfer.train.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
+to measure without it: it cannot be switched off again within a process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+N_CLASSES = 7
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- CPU accounting -------------------------------------------------------------------------------------------
+def _busy_cpu_s() -> float:
+    """System-wide busy CPU seconds since boot (user+nice+system+irq+softirq+steal)."""
+    with open("/proc/stat") as fh:
+        f = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return r.ru_utime + r.ru_stime
+
+
+class Segment:
+    """Times a block: wall seconds, this process' CPU seconds and other processes' CPU seconds."""
+
+    def __enter__(self):
+        self.b0, self.o0, self.t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.own = _own_cpu_s() - self.o0
+        self.other = max(0.0, (_busy_cpu_s() - self.b0) - self.own)
+        return False
+
+
+def wait_idle(max_wait: float, max_other_cores: float = 0.25, window: float = 5.0) -> None:
+    """Wait (up to max_wait s) until other processes use < max_other_cores cores over `window` s."""
+    if max_wait <= 0:
+        return
+    t_end = time.monotonic() + max_wait
+    while True:
+        with Segment() as s:
+            time.sleep(window)
+        busy = s.other / s.wall
+        if busy < max_other_cores:
+            print(f"machine idle enough (other processes {busy:.2f} cores)", flush=True)
+            return
+        if time.monotonic() > t_end:
+            print(f"WARNING: machine still busy after {max_wait:.0f} s (other processes {busy:.2f} cores); "
+                  "measuring anyway", flush=True)
+            return
+        time.sleep(1.0)
+
+
+# --- machine info ---------------------------------------------------------------------------------------------
+def machine_info(tf, keras, args) -> None:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    print("== machine ==")
+    print(f"nproc (usable cores): {len(os.sched_getaffinity(0))}   os.cpu_count: {os.cpu_count()}   CPU: {cpu}")
+    print(f"python {platform.python_version()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
+          f"numpy {np.__version__}")
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    print(f"TF threads: intra_op {intra or 'default (0 = all cores)'}, inter_op {inter or 'default (0 = all cores)'}; "
+          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: oneDNN on for x86)')}; "
+          f"GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    print(f"op determinism: {'on (as kfer.train.fit)' if args.op_determinism else 'off'}")
+    print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("   WARNING: machine busy, timings unreliable" if load[0] > 0.5 else ""))
+    print()
+
+
+# --- timing helpers -------------------------------------------------------------------------------------------
+def _step_clock(keras):
+    class StepClock(keras.callbacks.Callback):
+        """perf_counter at the start of fit and at the end of every train batch."""
+
+        def __init__(self):
+            super().__init__()
+            self.t: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            self.t = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.t.append(time.perf_counter())
+
+    return StepClock()
+
+
+def no_autotune(tf, ds):
+    """The dataset with tf.data's autotuning thread off (AUTOTUNE parallelism and buffer sizes get static values).
+
+    Why: with autotune on, deleting an iterator waits for the autotune thread's next wake-up, and those wake-ups
+    come at exponentially growing intervals since the iterator was created (10 ms, 20 ms, 40 ms, ...). Keras makes
+    a new iterator every epoch of a finite dataset (and drops it at the end of every fit call), so the stall can
+    be as long as the epoch itself. See benchmarks/README.md.
+    """
+    opts = tf.data.Options()
+    opts.autotune.enabled = False
+    return ds.with_options(opts)
+
+
+def _fit_timed(model, ds, images: int, batch: int, **fit_kw) -> dict:
+    """One model.fit call. ``ips``: images / wall time of the whole call; ``step_ips``: batch / median step time
+    (steps measured batch end to batch end, the first one from the start of fit), which ignores stalls outside
+    the steps (fit set-up, epoch ends, iterator creation)."""
+    import keras
+
+    clock = _step_clock(keras)
+    with Segment() as s:
+        model.fit(ds, verbose=0, shuffle=False, callbacks=[clock], **fit_kw)
+    t_end = time.perf_counter()
+    steps = np.diff(clock.t)
+    med = float(np.median(steps)) if len(steps) else float("nan")
+    return {"wall": s.wall, "ips": images / s.wall, "own": s.own, "other": s.other,
+            "step_s": med, "step_ips": batch / med, "n_steps": len(steps), "in_steps": float(steps.sum()),
+            "before": clock.t[0] - s.t0, "after": t_end - clock.t[-1]}
+
+
+RETRY = {"max_other": float("inf"), "tries": 1, "wait": 0.0}  # set from the command line
+
+
+def interleaved(contenders: dict, rounds: int, label: str) -> dict[str, list[dict]]:
+    """Run each contender once per round, alternating the order each round; print one line per segment.
+
+    A segment during which other processes used more than ``--max-other`` CPU-s is discarded and re-run (after
+    waiting up to ``--wait-idle`` s for a quiet machine), up to ``--tries`` times; the last try is kept.
+    """
+    names = list(contenders)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            for attempt in range(1, RETRY["tries"] + 1):
+                res = contenders[n]()
+                if res["other"] <= RETRY["max_other"] or attempt == RETRY["tries"]:
+                    break
+                print(f"  [{label}] round {r + 1} {n:>10}: discarded ({res['wall']:.2f} s, other processes used "
+                      f"{res['other']:.1f} CPU-s), retry {attempt + 1}/{RETRY['tries']}", flush=True)
+                wait_idle(RETRY["wait"])
+            results[n].append(res)
+            flag = "   <-- other processes busy" if res["other"] > max(2.0, 0.1 * res["wall"]) else ""
+            steps = (f"  median step {res['step_s']:.3f} s = {res['step_ips']:7.1f} img/s, "
+                     f"outside steps {res['before']:.2f} s before + {res['after']:.2f} s after" if "step_s" in res else "")
+            print(f"  [{label}] round {r + 1} {n:>10}: {res['wall']:7.2f} s  {res['ips']:8.1f} img/s{steps}  "
+                  f"own CPU {res['own']:6.1f} s  other CPU {res['other']:5.1f} s{flag}", flush=True)
+    return results
+
+
+def _median(rs: list[dict], key: str = "ips") -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def _spread(rs: list[dict], key: str = "ips") -> str:
+    v = [r[key] for r in rs]
+    return f"{min(v):.1f}–{max(v):.1f}"
+
+
+# --- (a) our ResNet50 vs keras.applications.ResNet50 -----------------------------------------------------------
+def part_a(args, tf, keras) -> dict:
+    from kfer.model import build_resnet
+
+    S, B, steps = args.size, args.batch, args.steps
+    print("== (a) model: ours vs keras.applications.ResNet50 ==")
+    print(f"settings: input {S}x{S}x1 float32 uniform 0..255 (random, seed {args.seed}), {N_CLASSES} classes, "
+          f"batch {B}, Adam(1e-3), CategoricalCrossentropy, metrics {'accuracy' if args.metrics else 'none'}, "
+          f"{args.warmup} warm-up step(s) per model (untimed), then {args.rounds} alternating rounds of "
+          f"{steps} steps each = {steps * B} images per round; one model.fit call per round, fed from memory "
+          "(Dataset.from_tensors(batch).repeat(), tf.data autotune off)")
+    rng = np.random.default_rng(args.seed)
+    x = rng.uniform(0.0, 255.0, (B, S, S, 1)).astype(np.float32)
+    y = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, B)]
+    # autotune off: part (a) compares models, so the feed must not add iterator-teardown stalls (see no_autotune)
+    ds = no_autotune(tf, tf.data.Dataset.from_tensors((x, y)).repeat())
+
+    keras.utils.set_random_seed(args.seed)
+    models = {
+        "ours": build_resnet(S, N_CLASSES, head_units=0, kernel_initializer="glorot_uniform"),
+        "keras": keras.applications.ResNet50(weights=None, input_shape=(S, S, 1), classes=N_CLASSES),
+    }
+    for name, m in models.items():
+        m.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(),
+                  metrics=["accuracy"] if args.metrics else None)
+        print(f"  {name:>5}: {m.name}, {len(m.layers)} layers, {m.count_params():,} parameters")
+    for name, m in models.items():
+        with Segment() as s:
+            m.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0, shuffle=False)
+        print(f"  warm-up {name}: {args.warmup} step(s) in {s.wall:.1f} s (tracing included)", flush=True)
+
+    contenders = {n: (lambda m=m: _fit_timed(m, ds, steps * B, B, steps_per_epoch=steps, epochs=1))
+                  for n, m in models.items()}
+    res = interleaved(contenders, args.rounds, "a")
+    ours, ker = _median(res["ours"]), _median(res["keras"])
+    ours_s, ker_s = _median(res["ours"], "step_ips"), _median(res["keras"], "step_ips")
+    ratio, ratio_s = ours / ker, ours_s / ker_s
+    out = {"ours": ours, "keras": ker, "ratio": ratio, "ours_step": ours_s, "keras_step": ker_s,
+           "ratio_step": ratio_s, "res": res}
+    print(f"  median, whole fit call: ours {ours:.1f} img/s (range {_spread(res['ours'])}), keras {ker:.1f} img/s "
+          f"(range {_spread(res['keras'])}); ours/keras = {ratio:.3f} "
+          f"(target >= 0.95: {'MET' if ratio >= 0.95 else 'NOT met'})")
+    print(f"  median, per step:       ours {ours_s:.1f} img/s (range {_spread(res['ours'], 'step_ips')}), keras "
+          f"{ker_s:.1f} img/s (range {_spread(res['keras'], 'step_ips')}); ours/keras = {ratio_s:.3f} "
+          f"(target >= 0.95: {'MET' if ratio_s >= 0.95 else 'NOT met'})")
+    print()
+    del models
+    keras.backend.clear_session()
+    return out
+
+
+# --- (b) tf.data pipeline vs memory ----------------------------------------------------------------------------
+def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random grayscale images (PNG sizes close to real face crops) and labels."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    imgs = np.empty((n, size, size), np.uint8)
+    for i in range(n):
+        low = rng.uniform(0, 255, (8, 8)).astype(np.float32)
+        img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
+        img += rng.normal(0, 4.0, (size, size)).astype(np.float32)
+        imgs[i] = np.clip(img, 0, 255).astype(np.uint8)
+    labels = rng.integers(0, N_CLASSES, n)
+    return imgs, labels
+
+
+def write_project(root: Path, args, model_over: dict, n_images: int) -> tuple:
+    """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels)."""
+    import pandas as pd
+
+    from kfer import files
+    from kfer.config import _deep_merge, load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    # every path in params.yaml is relative to the folder holding it, so they all point into root
+    raw = _deep_merge(raw, {
+        "seed": args.seed,
+        "crop": {"image_size": args.size},
+        "train": {"batch_size": args.batch, "epochs": 1},
+        "model": model_over,
+    })
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    params = load_params(root / "params.yaml")
+
+    imgs, labels = _fake_faces(n_images, args.size, args.seed)
+    names = params.class_names
+    rows = []
+    img_dir = params.path(params.paths.augmented) / "train"
+    for i, (img, lab) in enumerate(zip(imgs, labels, strict=True)):
+        p = img_dir / names[lab] / f"img{i:05d}.png"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            files.write_png(p, img)
+        rows.append({"path": params.rel(p), "label": names[lab]})
+    table = pd.DataFrame(rows)
+    return params, table, imgs, labels
+
+
+def part_b(args, tf, keras, root: Path, variant: str) -> dict:
+    from kfer.model import build_from_params
+    from kfer.train import class_weights, compile_model, make_dataset
+
+    if variant == "small":
+        model_over = {"blocks": args.small_blocks, "base_width": args.small_width}
+        epochs, n_images = args.epochs_small, args.n_images
+    else:
+        model_over = {}
+        epochs, n_images = args.epochs_default, args.n_images_default
+    params, table, imgs, labels = write_project(root, args, model_over, n_images)
+    m = params.model
+    n, B = len(table), params.train.batch_size
+    steps = -(-n // B)
+    png_bytes = [params.path(p).stat().st_size for p in table["path"]]
+    print(f"== (b) input pipeline vs memory — {variant} model ==")
+    print(f"settings: {n} PNGs {params.crop.image_size}x{params.crop.image_size} gray (mean {np.mean(png_bytes):.0f} "
+          f"bytes) in {root}; params {root / 'params.yaml'}; model blocks {list(m.blocks)} width {m.base_width} "
+          f"head {m.head_units} init {m.kernel_initializer}; batch {B} ({steps} steps/epoch), "
+          f"shuffle_buffer {params.train.shuffle_buffer}, class weights {'on' if args.class_weights else 'off'}, "
+          f"kfer compile_model (Adam {params.train.learning_rate}, CE, accuracy, MacroF1); "
+          f"{epochs} epoch(s) = {epochs * n} images per timed fit (model.fit(ds, epochs={epochs}) as run_train), "
+          f"{args.rounds} alternating rounds")
+    print("  contenders: pipeline = kfer.train.make_dataset(params, table, training=True) as is; "
+          "pipeline-noAT = the same with tf.data autotune off (Options.autotune.enabled=False); "
+          "memory = from_tensor_slices(decoded arrays).cache().shuffle(N).batch().prefetch(AUTOTUNE), autotune off")
+
+    ds_pipe = make_dataset(params, table, training=True)
+    ds_fix = no_autotune(tf, make_dataset(params, table, training=True))
+    x = imgs[..., None].astype(np.float32)
+    y = np.eye(N_CLASSES, dtype=np.float32)[labels]
+    ds_mem = no_autotune(tf, tf.data.Dataset.from_tensor_slices((x, y)).cache()
+                         .shuffle(min(params.train.shuffle_buffer, n), seed=params.seed, reshuffle_each_iteration=True)
+                         .batch(B).prefetch(tf.data.AUTOTUNE))
+    assert ds_pipe.element_spec[0].shape.as_list()[1:] == list(ds_mem.element_spec[0].shape)[1:]
+    feeds = {"pipeline": ds_pipe, "pipeline-noAT": ds_fix, "memory": ds_mem}
+
+    # the pipeline alone (no model): how fast can it deliver images?
+    def iterate(ds):
+        with Segment() as s:
+            k = sum(int(xb.shape[0]) for xb, _ in ds)
+        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
+
+    for ds in feeds.values():
+        iterate(ds)  # warm (file cache, tracing)
+    alone = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds,
+                        f"b/{variant} no model, 1 pass")
+
+    cw = class_weights(params, table) if args.class_weights else None
+    keras.utils.set_random_seed(params.seed)
+    model = compile_model(build_from_params(params), params)
+    print(f"  model {model.name}: {model.count_params():,} parameters")
+    for name, ds in feeds.items():
+        with Segment() as s:
+            model.fit(ds, steps_per_epoch=min(args.warmup, steps), epochs=1, class_weight=cw, verbose=0,
+                      shuffle=False)
+        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
+
+    contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
+                  for k, ds in feeds.items()}
+    res = interleaved(contenders, args.rounds, f"b/{variant} train")
+    med = {k: _median(v) for k, v in res.items()}
+    ratio, ratio_fix = med["pipeline"] / med["memory"], med["pipeline-noAT"] / med["memory"]
+    print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
+    print("  training median img/s (whole fit): " + ", ".join(
+        f"{k} {med[k]:.1f} (range {_spread(res[k])})" for k in feeds))
+    print(f"  pipeline/memory = {ratio:.3f} (target >= 0.9: {'MET' if ratio >= 0.9 else 'NOT met'}); "
+          f"pipeline-noAT/memory = {ratio_fix:.3f} ({'MET' if ratio_fix >= 0.9 else 'NOT met'})")
+    print()
+    del model
+    keras.backend.clear_session()
+    return {"pipeline": med["pipeline"], "fix": med["pipeline-noAT"], "memory": med["memory"], "ratio": ratio,
+            "ratio_fix": ratio_fix, "alone": alone, "res": res, "epochs": epochs}
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="a,b", help="a, b or a,b (default)")
+    ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
+    ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per contender (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds, median reported (default 3)")
+    ap.add_argument("--metrics", action="store_true", help="(a) compile both with an accuracy metric too")
+    ap.add_argument("--n-images", type=int, default=1024, help="(b) number of PNGs, small model (default 1024)")
+    ap.add_argument("--b-models", default="small,default", help="(b) small, default or small,default")
+    ap.add_argument("--epochs-small", type=int, default=3, help="(b) epochs per timed fit, small model")
+    ap.add_argument("--n-images-default", type=int, default=256, help="(b) number of PNGs, default model (256)")
+    ap.add_argument("--epochs-default", type=int, default=2, help="(b) epochs per timed fit, default model")
+    ap.add_argument("--small-blocks", type=_ints, default=[1, 1, 1, 1], help="(b) small model blocks (1,1,1,1)")
+    ap.add_argument("--small-width", type=int, default=16, help="(b) small model base width (16)")
+    ap.add_argument("--no-class-weights", dest="class_weights", action="store_false",
+                    help="(b) fit without class_weight (run_train passes it by default)")
+    ap.add_argument("--no-op-determinism", dest="op_determinism", action="store_false")
+    ap.add_argument("--threads", default=None, help="INTRA,INTER TensorFlow thread pools (default: TF's)")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="wait up to this many seconds for other processes to go quiet before measuring")
+    ap.add_argument("--max-other", type=float, default=3.0,
+                    help="discard and re-run a timed segment during which other processes used more CPU-s (3)")
+    ap.add_argument("--tries", type=int, default=3, help="attempts per timed segment (default 3)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b)")
+    args = ap.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",")}
+
+    import tensorflow as tf
+
+    if args.threads:
+        intra, inter = _ints(args.threads)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    if args.op_determinism:
+        tf.config.experimental.enable_op_determinism()
+    machine_info(tf, keras, args)
+    RETRY.update(max_other=args.max_other, tries=max(1, args.tries), wait=max(args.wait_idle, 60.0))
+    wait_idle(args.wait_idle)
+
+    t0 = time.perf_counter()
+    a = part_a(args, tf, keras) if "a" in parts else None
+    b: dict[str, dict] = {}
+    if "b" in parts:
+        tmp = Path(tempfile.mkdtemp(prefix="kfer-bench-train-"))
+        try:
+            for variant in [v.strip() for v in args.b_models.split(",") if v.strip()]:
+                b[variant] = part_b(args, tf, keras, tmp / variant, variant)
+        finally:
+            if args.keep:
+                print(f"kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    print("== summary (median images/s; higher is better) ==")
+    print(f"S={args.size} batch={args.batch} rounds={args.rounds} op_determinism={args.op_determinism} "
+          f"nproc={len(os.sched_getaffinity(0))} TF {tf.__version__}")
+    all_other = []
+    if a:
+        all_other += [r["other"] for rs in a["res"].values() for r in rs]
+        print(f"(a) train, ours ResNet50       {a['ours']:8.1f}   keras ResNet50   {a['keras']:8.1f}   "
+              f"ours/keras      {a['ratio']:.3f}  target >= 0.95 {'MET' if a['ratio'] >= 0.95 else 'NOT met'}"
+              "   (whole fit calls)")
+        print(f"(a) train, ours ResNet50       {a['ours_step']:8.1f}   keras ResNet50   {a['keras_step']:8.1f}   "
+              f"ours/keras      {a['ratio_step']:.3f}  target >= 0.95 "
+              f"{'MET' if a['ratio_step'] >= 0.95 else 'NOT met'}   (median step)")
+    for variant, r in b.items():
+        all_other += [x["other"] for rs in r["res"].values() for x in rs]
+        print(f"(b) train, {variant:>7} model: pipeline {r['pipeline']:8.1f}   memory {r['memory']:8.1f}   "
+              f"pipeline/memory {r['ratio']:.3f}  target >= 0.9  {'MET' if r['ratio'] >= 0.9 else 'NOT met'}")
+        print(f"(b) train, {variant:>7} model: pipeline-noAT {r['fix']:8.1f}   memory {r['memory']:8.1f}   "
+              f"pipeline-noAT/memory {r['ratio_fix']:.3f}  {'MET' if r['ratio_fix'] >= 0.9 else 'NOT met'}"
+              "   (autotune off: proposed fix)")
+    if all_other:
+        print(f"other processes' CPU during timed segments: max {max(all_other):.1f} CPU-s, "
+              f"total {sum(all_other):.1f} CPU-s"
+              + ("  (WARNING: contention, timings unreliable)" if max(all_other) > 2.0 else "  (quiet)"))
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Accuracy on real faces with a person-disjoint split: the whole pipeline on TFEID.
+
+Runs ``run_crop → run_split → run_augment → run_train → run_evaluate`` in a temporary project: a ``params.yaml``
+copied from the repository with overrides, every output (crops, splits, augmented images, model, MLflow store)
+inside the temporary folder (removed at the end unless ``--keep-dir DIR`` is given, which is then used as the
+project folder and kept).
+
+Data: TFEID (Chen & Yen 2007; 840 photos 256×256 of 20 Taiwanese performers in ``<label>/`` folders) at
+``../shared/data/tfeid_chen2013`` relative to the repository root (``--data`` or ``KFER_SHARED_DATA`` to change).
+The person is the first two digits of the file name (``data.group``: regex ``^(\\d{2})``), so no performer
+is in two splits; the script checks that on ``splits.csv`` and on the augmented train manifest.
+
+Labels go through the repository's default ``data.label_map``: happy→joy, angry→anger, sad→sadness,
+fear→anxiety, surprise→embarrassment, neutral→neutral. TFEID's ``disgust`` has no AI Hub class: its images are
+counted as ``unknown_label`` by the crop stage and excluded (the model still has 7 outputs; ``hurt`` has no
+TFEID images, so it is absent from every split and left out of macro-F1).
+
+Prints: settings, the crop report, split counts with the persons of each split, augment counts, the training
+history, the best validation macro-F1, TEST accuracy and macro-F1, per-class precision/recall/F1, the
+majority-class baseline, and wall time per stage.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/tfeid_accuracy.py [--image-size 64] [--epochs 15] [--model resnet50]
+        [--blocks 3,4,6,3 --width 64] [--seed 42] [--batch 32] [--lr 1e-3] [--patience 5] [--copies 2]
+        [--keep-dir DIR] [--data DIR]
+
+Exits 2 with a message when the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_NAME = "tfeid_chen2013"
+GROUP_PATTERN = r"^(\d{2})"
+
+# model presets: (blocks, base width)
+MODELS = {
+    "resnet50": ((3, 4, 6, 3), 64),   # the real thing (same backbone as keras.applications.ResNet50)
+    "resnet26": ((2, 2, 2, 2), 64),
+    "resnet50-half": ((3, 4, 6, 3), 32),
+    "resnet14-small": ((1, 1, 1, 1), 32),
+}
+
+
+def default_data() -> Path:
+    base = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return base / DATA_NAME
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help=f"TFEID folder (default ../shared/data/{DATA_NAME})")
+    ap.add_argument("--image-size", type=int, default=64, help="crop side S (default 64)")
+    ap.add_argument("--epochs", type=int, default=15, help="max epochs (default 15; early stopping on val macro-F1)")
+    ap.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet50", help="model preset (default resnet50)")
+    ap.add_argument("--blocks", type=_ints, default=None, help="override the preset's blocks, e.g. 3,4,6,3")
+    ap.add_argument("--width", type=int, default=None, help="override the preset's base width")
+    ap.add_argument("--head-units", type=int, default=None, help="model.head_units (default: params.yaml's)")
+    ap.add_argument("--init", default=None, help="model.kernel_initializer (default: params.yaml's)")
+    ap.add_argument("--bn-momentum", type=float, default=None, help="model.bn_momentum (default: params.yaml's)")
+    ap.add_argument("--batch", type=int, default=None, help="train.batch_size (default: params.yaml's)")
+    ap.add_argument("--lr", type=float, default=None, help="train.learning_rate (default: params.yaml's)")
+    ap.add_argument("--copies", type=int, default=None, help="augment.copies (default: params.yaml's)")
+    ap.add_argument("--seed", type=int, default=42, help="params seed: split, augmentation, init (default 42)")
+    ap.add_argument("--keep-dir", type=Path, default=None,
+                    help="use this folder as the project (created; must be empty or absent) and keep it")
+    return ap.parse_args(argv)
+
+
+def build_params(args, root: Path, data: Path):
+    from kfer.config import _deep_merge, load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    blocks, width = MODELS[args.model]
+    model = {"blocks": list(args.blocks or blocks), "base_width": args.width or width}
+    for key, val in (("head_units", args.head_units), ("kernel_initializer", args.init),
+                     ("bn_momentum", args.bn_momentum)):
+        if val is not None:
+            model[key] = val
+    train = {"epochs": args.epochs, "early_stopping_patience": args.patience, "experiment": "tfeid"}
+    if args.batch is not None:
+        train["batch_size"] = args.batch
+    if args.lr is not None:
+        train["learning_rate"] = args.lr
+    augment = {} if args.copies is None else {"copies": args.copies}
+    over = {
+        "seed": args.seed,
+        # raw is absolute; every other path stays relative to the folder holding params.yaml, i.e. root
+        "paths": {"raw": str(data.resolve())},
+        "data": {"layout": "folders", "group": {"source": "regex", "pattern": GROUP_PATTERN}},
+        "crop": {"image_size": args.image_size, "workers": 0},
+        "augment": augment,
+        "model": model,
+        "train": train,
+    }
+    raw = _deep_merge(raw, over)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return load_params(root / "params.yaml"), over
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    data = args.data or default_data()
+    if not data.is_dir():
+        print(f"TFEID data not found: {data} is absent. Put the TFEID folders there, pass --data DIR, or set "
+              f"KFER_SHARED_DATA to the folder that holds {DATA_NAME}.", file=sys.stderr)
+        return 2
+
+    if args.keep_dir is not None:
+        root = args.keep_dir.resolve()
+        if root.exists() and any(root.iterdir()):
+            print(f"--keep-dir {root} is not empty", file=sys.stderr)
+            return 2
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="kfer-tfeid-"))
+    # the MLflow store must be the temporary project's (paths.mlflow_db), not a shared server
+    if os.environ.pop("MLFLOW_TRACKING_URI", None):
+        print("note: MLFLOW_TRACKING_URI ignored; the MLflow store is inside the project folder")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return run(args, root, data)
+    finally:
+        if args.keep_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"\nproject kept in {root} (MLflow store: {root / 'mlflow.db'}, artifacts {root / 'mlartifacts'})")
+
+
+def run(args, root: Path, data: Path) -> int:
+    import pandas as pd
+
+    t_all = time.perf_counter()
+    params, over = build_params(args, root, data)
+    import tensorflow as tf
+
+    from kfer import tracking
+    from kfer.augment import run_augment
+    from kfer.crop import run_crop
+    from kfer.evaluate import run_evaluate
+    from kfer.split import run_split
+    from kfer.train import run_train
+
+    m, t = params.model, params.train
+    print("== settings ==")
+    print(f"project folder: {root}   data: {data}")
+    print(f"machine: nproc {len(os.sched_getaffinity(0))}, TensorFlow {tf.__version__}, "
+          f"GPUs {len(tf.config.list_physical_devices('GPU'))}, load average {os.getloadavg()[0]:.2f}")
+    print(f"overrides of the repository params.yaml: {json.dumps(over, ensure_ascii=False)}")
+    print(f"seed {params.seed}; crop {params.crop.image_size}px gray, detector {params.crop.detector} "
+          f"(threshold {params.crop.threshold}, margin {params.crop.margin}); split "
+          f"{params.split.train}/{params.split.val}/{params.split.test} by person (regex {GROUP_PATTERN!r} on the "
+          f"file name); augment copies {params.augment.copies} strength {params.augment.strength}")
+    print(f"model: blocks {list(m.blocks)} (ResNet{2 + 3 * sum(m.blocks)}), base width {m.base_width}, "
+          f"head {m.head_units}, init {m.kernel_initializer}, BN momentum {m.bn_momentum}")
+    print(f"train: max {t.epochs} epochs, batch {t.batch_size}, Adam lr {t.learning_rate}, monitor {t.monitor}, "
+          f"early stopping patience {t.early_stopping_patience}, LR schedule {t.lr_schedule} "
+          f"(factor {t.lr_factor}, patience {t.lr_patience}), class weights {t.class_weights}")
+    print(f"label map (TFEID → class): " + ", ".join(
+        f"{k}→{v}" for k, v in params.data.label_map.items() if k.isascii()) + "; disgust → none (unknown_label)")
+    print(f"MLflow store: {tracking.tracking_uri(params)}")
+    print(flush=True)
+    times: dict[str, float] = {}
+
+    # --- crop ----------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    crop = run_crop(params)
+    times["crop"] = time.perf_counter() - t0
+    print("\n== crop ==")
+    print(f"{crop['total']} files (layout {crop['layout']}), {crop['ok']} faces cropped ({crop['ok_fraction']:.1%}), "
+          f"skipped {crop['skipped'] or 'none'}; box source {crop['box_source']}; persons {crop['persons']}")
+    print(f"faces per class: {crop['per_class']}")
+    manifest = pd.read_csv(params.path(params.paths.cropped) / "manifest.csv", dtype=str, keep_default_na=False)
+    unk = manifest[manifest["status"] == "unknown_label"]
+    if len(unk):
+        by_src = unk["source_label"].value_counts().to_dict()
+        print(f"unknown_label (excluded, no class in params): {len(unk)} images, source labels {by_src}")
+    print(f"crop wall time {times['crop']:.1f} s", flush=True)
+
+    # --- split ---------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    split = run_split(params)
+    times["split"] = time.perf_counter() - t0
+    splits = pd.read_csv(params.path(params.paths.splits), dtype=str, keep_default_na=False)
+    print("\n== split (person-disjoint) ==")
+    assert (splits["group"] != "").all(), "some images have no person"
+    per_group = splits.groupby("group")["split"].nunique()
+    leaked = per_group[per_group > 1]
+    assert leaked.empty, f"persons in more than one split: {leaked.to_dict()}"
+    names = ["train", "val", "test"]
+    for s in names:
+        rows = splits[splits["split"] == s]
+        persons = sorted(rows["group"].unique())
+        print(f"{s:>5}: {len(rows):4d} images, {len(persons):2d} persons {persons}; per class "
+              f"{ {c: n for c, n in split['per_class'][s].items() if n} }")
+    print(f"check: {splits['group'].nunique()} persons, each in exactly one split (read from {params.paths.splits}): OK")
+    if split["warnings"]:
+        print("split warnings:\n  " + "\n  ".join(split["warnings"]))
+
+    # --- augment -------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    aug = run_augment(params)
+    times["augment"] = time.perf_counter() - t0
+    amani = pd.read_csv(params.path(params.paths.augmented) / "manifest.csv", dtype=str, keep_default_na=False)
+    train_groups = set(splits.loc[splits["split"] == "train", "group"])
+    assert set(amani["group"]) <= train_groups, "augmented images from persons outside the train split"
+    assert set(amani["source"]) <= set(splits.loc[splits["split"] == "train", "path"])
+    print("\n== augment ==")
+    print(f"{aug['train_images']} train images -> {aug['originals']} originals + {aug['augmented']} augmented "
+          f"(copies {aug['copies']}); per class {aug['per_class']}; skipped {aug['skipped'] or 'none'}; "
+          f"all from train persons: OK; {times['augment']:.1f} s", flush=True)
+
+    # --- train ---------------------------------------------------------------------------------------------
+    print("\n== train ==", flush=True)
+    t0 = time.perf_counter()
+    tr = run_train(params, run_name="tfeid")
+    times["train"] = time.perf_counter() - t0
+    hist = pd.read_csv(params.path(params.paths.history))
+    cols = [c for c in ("epoch", "loss", "accuracy", "macro_f1", "val_loss", "val_accuracy", "val_macro_f1",
+                        "learning_rate") if c in hist.columns]
+    print("\nhistory:")
+    print(hist[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"best val macro-F1 {tr['best_val_macro_f1']:.4f} (val accuracy {tr['best_val_accuracy']:.4f}, "
+          f"val loss {tr['best_val_loss']:.4f}) at epoch {tr['best_epoch']} of {tr['epochs_run']}; "
+          f"{tr['train_images']} train images/epoch, {tr['train_images_per_s']:.1f} img/s, "
+          f"fit {tr['train_seconds']:.0f} s, stage {times['train']:.0f} s; MLflow run {tr['run_id']}", flush=True)
+
+    # --- evaluate ------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    ev = run_evaluate(params)
+    times["evaluate"] = time.perf_counter() - t0
+    test = splits[splits["split"] == "test"]
+    train_rows = splits[splits["split"] == "train"]
+    majority = train_rows["label"].value_counts().idxmax()
+    baseline = float((test["label"] == majority).mean())
+    print("\n== TEST (persons never seen in training or validation) ==")
+    print(f"test images {ev['test_images']} from {test['group'].nunique()} persons {sorted(test['group'].unique())}")
+    print(f"TEST accuracy {ev['test_accuracy']:.4f}   TEST macro-F1 {ev['test_macro_f1']:.4f}   "
+          f"(majority-class baseline '{majority}': accuracy {baseline:.4f}; chance over "
+          f"{test['label'].nunique()} present classes ≈ {1 / test['label'].nunique():.3f})")
+    print(f"{'class':>14} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
+    for c, v in ev["per_class"].items():
+        print(f"{c:>14} {v['precision']:9.3f} {v['recall']:7.3f} {v['f1']:7.3f} {v['support']:7d}"
+              + ("   (no test images: not in macro-F1)" if v["support"] == 0 else ""))
+    pred = pd.read_csv(params.path(params.paths.eval_dir) / "predictions.csv", dtype=str, keep_default_na=False)
+    print("predicted class counts on test:", pred["predicted"].value_counts().to_dict())
+    print("confusion (rows actual, columns predicted):")
+    print(pd.crosstab(pred["actual"], pred["predicted"]).to_string())
+
+    total = time.perf_counter() - t_all
+    print("\n== wall time ==")
+    print("  ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"   total {total:.0f} s ({total / 60:.1f} min)")
+    print(f"\nRESULT: person-disjoint TFEID (6 classes, disgust excluded), {params.crop.image_size}px, "
+          f"ResNet{2 + 3 * sum(m.blocks)} width {m.base_width} from scratch, seed {params.seed}: "
+          f"TEST accuracy {ev['test_accuracy']:.3f}, macro-F1 {ev['test_macro_f1']:.3f} "
+          f"on {ev['test_images']} images of {test['group'].nunique()} unseen persons "
+          f"(val best macro-F1 {tr['best_val_macro_f1']:.3f}).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
