@@ -84,7 +84,11 @@ def make_dataset(
         ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(params.train.batch_size).prefetch(tf.data.AUTOTUNE)
+    # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
+    # every epoch; benchmarks/bench_train.py part b): static parallelism instead.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.batch(params.train.batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def class_weights(params: Params, table: pd.DataFrame) -> dict[int, float]:
