@@ -19,22 +19,25 @@ Two measurements, printed side by side in one run (all in this process, same Ten
     cast/one-hot → batch → prefetch) and by ``Dataset.from_tensor_slices`` of the pre-decoded arrays
     (``cache() → shuffle(N) → batch → prefetch``, autotune off): same images, same batch size, same shuffling,
     the only difference is reading and decoding the files. A third contender, ``pipeline-noAT``, is
-    ``make_dataset`` with ``tf.data.Options().autotune.enabled = False``: with autotune on, TF 2.21 stalls when
-    an iterator is deleted (until the autotune thread's next wake-up; wake-ups are 10 ms · 2^k after the
-    iterator's creation), and Keras deletes the train iterator at every epoch. Run for a small model (the point
+    ``make_dataset`` with ``tf.data.Options().autotune.enabled = False``: with autotune on, TF 2.21 sometimes
+    stalls when an iterator is deleted (until the autotune thread's next wake-up; wake-ups come (2^k - 1)·10 ms
+    after the iterator's creation), and Keras deletes the train iterator at every epoch. Run for a small model (the point
     is the pipeline: a fast model exposes it) and for the default model of params.yaml.
     Target: pipeline / memory >= 0.9. Also printed: the pipelines alone (one pass without a model), images/s.
 
 Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
 ``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
 segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
-printed: more than a few CPU-s means another job competed with the measurement.
+printed: more than a few CPU-s means another job competed with the measurement; such a segment is discarded
+and re-run (``--max-other``, default 3 CPU-s; ``--tries``, default 3; before a retry it waits up to
+``max(--wait-idle, 60)`` s for a quiet machine).
 
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_train.py [--size 64] [--batch 32] [--steps 12] [--rounds 3]
         [--parts a,b] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
         [--small-blocks 1,1,1,1] [--small-width 16] [--no-op-determinism] [--threads INTRA,INTER]
+        [--wait-idle S] [--max-other CPU_S] [--tries N]
 
 ``kfer.train.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
 to measure without it: it cannot be switched off again within a process).
@@ -158,8 +161,9 @@ def _step_clock(keras):
 def no_autotune(tf, ds):
     """The dataset with tf.data's autotuning thread off (AUTOTUNE parallelism and buffer sizes get static values).
 
-    Why: with autotune on, deleting an iterator waits for the autotune thread's next wake-up, and those wake-ups
-    come at exponentially growing intervals since the iterator was created (10 ms, 20 ms, 40 ms, ...). Keras makes
+    Why: with autotune on, deleting an iterator sometimes (intermittently) waits for the autotune thread's next
+    wake-up, and those come at exponentially growing intervals since the iterator was created (10 ms, 20 ms,
+    40 ms, ...). Keras makes
     a new iterator every epoch of a finite dataset (and drops it at the end of every fit call), so the stall can
     be as long as the epoch itself. See benchmarks/README.md.
     """
@@ -407,7 +411,7 @@ def _ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b", help="a, b or a,b (default)")
+    ap.add_argument("--parts", default="a,b", help="a, b or a,b (default; 'ab' works too)")
     ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
@@ -433,7 +437,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b)")
     args = ap.parse_args(argv)
-    parts = {p.strip() for p in args.parts.split(",")}
+    parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b", "ab", "a" or "b"
 
     import tensorflow as tf
 

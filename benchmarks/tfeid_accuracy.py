@@ -183,8 +183,9 @@ def run(args, root: Path, data: Path) -> int:
     print(f"train: max {t.epochs} epochs, batch {t.batch_size}, Adam lr {t.learning_rate}, monitor {t.monitor}, "
           f"early stopping patience {t.early_stopping_patience}, LR schedule {t.lr_schedule} "
           f"(factor {t.lr_factor}, patience {t.lr_patience}), class weights {t.class_weights}")
-    print(f"label map (TFEID → class): " + ", ".join(
-        f"{k}→{v}" for k, v in params.data.label_map.items() if k.isascii()) + "; disgust → none (unknown_label)")
+    folders = sorted(p.name for p in data.iterdir() if p.is_dir())
+    print("label map (TFEID folder → class): " + ", ".join(
+        f"{f}→{params.map_label(f) or 'none (unknown_label, excluded)'}" for f in folders))
     print(f"MLflow store: {tracking.tracking_uri(params)}")
     print(flush=True)
     times: dict[str, float] = {}
