@@ -25,18 +25,42 @@ def shared_dir(name: str) -> Path:
     return path
 
 
+def write_params(root: Path, *overrides: dict | None):
+    """Write ``root/params.yaml`` (the repository's, with each override merged in turn) and load it.
+
+    Every path in it resolves under ``root``.
+    """
+    from kfer.config import _deep_merge, load_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for over in overrides:
+        raw = _deep_merge(raw, over or {})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return load_params(root / "params.yaml")
+
+
+def prepare_demo(params, n_persons: int = 5, per_class: int = 2, seed: int = 1):
+    """Synthetic demo photos → crop → split → augment, into the folders ``params`` names; returns ``params``."""
+    from kfer.augment import run_augment
+    from kfer.crop import run_crop
+    from kfer.demo import generate_demo
+    from kfer.split import run_split
+
+    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
+                  n_persons=n_persons, per_class=per_class, seed=seed)
+    run_crop(params)
+    run_split(params)
+    run_augment(params)
+    return params
+
+
 @pytest.fixture
 def make_params(tmp_path):
     """Write a params.yaml into tmp_path (repo defaults + overrides) and load it; paths resolve under tmp_path."""
-    from kfer.config import _deep_merge, load_params
 
     def _make(overrides: dict | None = None, root: Path | None = None):
-        root = root or tmp_path
-        raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-        raw = _deep_merge(raw, overrides or {})
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-        return load_params(root / "params.yaml")
+        return write_params(root or tmp_path, overrides)
 
     return _make
 

@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 
 from kfer import tracking
-from kfer.augment import run_augment
-from kfer.crop import run_crop
-from kfer.demo import generate_demo
 from kfer.model import build_resnet
-from kfer.split import run_split
 from kfer.train import class_weights, run_train, train_table
+
+from .conftest import prepare_demo
 
 TINY = {
     "crop": {"image_size": 32, "workers": 1},
@@ -35,13 +33,7 @@ TINY = {
 def tiny_project(tmp_path, make_params, monkeypatch):
     """Demo data → crop → split → augment at 32 px in tmp_path; MLflow store under tmp_path."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = make_params(TINY)
-    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
-                  n_persons=5, per_class=2, seed=1)
-    run_crop(params)
-    run_split(params)
-    run_augment(params)
-    return params
+    return prepare_demo(make_params(TINY))
 
 
 def _trainable(model) -> int:
