@@ -19,13 +19,9 @@ import yaml
 from optuna.trial import TrialState
 
 from kfer import files, tracking, tune
-from kfer.augment import run_augment
-from kfer.config import _deep_merge, load_params
-from kfer.crop import run_crop
-from kfer.demo import generate_demo
-from kfer.split import run_split
+from kfer.config import load_params
 
-from .conftest import REPO
+from .conftest import REPO, prepare_demo, write_params
 
 TINY = {
     "crop": {"image_size": 32, "workers": 1},
@@ -45,24 +41,11 @@ GOOD = {"kernel_initializer": "he_normal", "head_units": 8, "strength": 0.5, "le
 BAD = {**GOOD, "learning_rate": 100.0}
 
 
-def _write_params(root: Path, overrides: dict | None = None):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    raw = _deep_merge(_deep_merge(raw, TINY), overrides or {})
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return load_params(root / "params.yaml")
-
-
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory):
     """Demo data → crop → split → augment at 32 px, once for the module."""
     root = tmp_path_factory.mktemp("tune-base")
-    params = _write_params(root)
-    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
-                  n_persons=5, per_class=2, seed=1)
-    run_crop(params)
-    run_split(params)
-    run_augment(params)
+    prepare_demo(write_params(root, TINY))
     return root
 
 
@@ -74,7 +57,7 @@ def project(base_project, tmp_path, monkeypatch):
     shutil.copytree(base_project / "data", root / "data")
 
     def make(overrides: dict | None = None):
-        return _write_params(root, overrides)
+        return write_params(root, TINY, overrides)
 
     return make
 
@@ -194,8 +177,9 @@ def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     # the best trial logged its model, so it can be registered
     from kfer.registry import register
 
-    mv = register(params, run_id=summary["best_run_id"])
+    mv = register(params, tuned=True)
     assert mv.run_id == summary["best_run_id"]
+    assert mv.tags["kfer.selected_by"] == f"best trial {best.number} of Optuna study {study.study_name} by val_macro_f1"
 
     # re-running a finished study adds nothing and writes the same best params
     again = tune.run_tune(params)

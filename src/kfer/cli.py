@@ -148,7 +148,7 @@ def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, worker
     Trials train on the train split with on-the-fly augmentation at their strength and are scored on val
     (test is never read); bad ones are pruned per epoch. The study lives in an Optuna storage and resumes
     when re-run; every trial is an MLflow child run of this invocation's run. Writes paths.tune_best and
-    paths.tune_summary; `kfer register --run-id <best_run_id>` registers the best trial's model.
+    paths.tune_summary; `kfer register --tuned` registers the best trial's model.
     """
     from .tune import TuneError, run_tune
     from .tune import apply_best as do_apply
@@ -171,19 +171,22 @@ def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, worker
 
 @main.command()
 @click.option("--run-id", default=None, help="Register this run instead of the best one (empty = best).")
+@click.option("--tuned", is_flag=True,
+              help="Register the best trial of the last `kfer tune` study (its run id in paths.tune_summary).")
 @click.option("--metric", default=None,
               help="Validation metric that picks the best run (default: best_<train.monitor>; never a test metric).")
 @click.pass_context
-def register(ctx: click.Context, run_id: str | None, metric: str | None) -> None:
+def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | None) -> None:
     """Register the best run's photo model in the MLflow Model Registry and point alias `champion` at it.
 
-    The best run is chosen by a validation metric, never by test. Re-running for the same run reuses its version.
+    The best run is chosen by a validation metric, never by test, among the `kfer train` runs; `--tuned` takes
+    the best trial of the last tuning study instead. Re-running for the same run reuses its version.
     """
     from .registry import RegistryError
     from .registry import register as do_register
 
     try:
-        mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None)
+        mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None, tuned=tuned)
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{mv.name} version {mv.version} (run {mv.run_id}) is now @champion")

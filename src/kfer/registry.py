@@ -120,17 +120,39 @@ def _create_version(client: MlflowClient, name: str, source: str, run_id: str, t
     return mlflow.register_model(source, name, tags=tags)
 
 
-def register(params: Params, run_id: str | None = None, metric: str | None = None) -> ModelVersion:
+def tuned_run(params: Params) -> tuple[str, str]:
+    """The MLflow run id of the last study's best trial (from ``paths.tune_summary``) and how it was chosen."""
+    import json
+
+    path = params.path(params.paths.tune_summary)
+    if not path.is_file():
+        raise RegistryError(f"{params.rel(path)} is absent: run `kfer tune` (or `dvc repro tune`) first")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if not summary.get("best_run_id"):
+        raise RegistryError(f"{params.rel(path)} names no best trial run (no trial of study "
+                            f"{summary.get('study_name')!r} completed with a logged model)")
+    return summary["best_run_id"], (f"best trial {summary.get('best_trial')} of Optuna study "
+                                    f"{summary.get('study_name')} by {summary.get('metric')}")
+
+
+def register(params: Params, run_id: str | None = None, metric: str | None = None,
+             tuned: bool = False) -> ModelVersion:
     """Register a run's photo model under ``train.registered_model`` and point the alias ``champion`` at it.
 
-    Without ``run_id`` the best eligible run is chosen (see :func:`best_run`). Idempotent: a run that already
-    has a version reuses it. Returns the (refreshed) model version.
+    Without ``run_id`` the best eligible run is chosen (see :func:`best_run`); with ``tuned`` the best trial of
+    the last ``kfer tune`` study (see :func:`tuned_run`). Idempotent: a run that already has a version reuses
+    it. Returns the (refreshed) model version.
     """
     import mlflow
 
+    if tuned and run_id:
+        raise RegistryError("give a run id or ask for the tuned best trial, not both")
     mlflow.set_tracking_uri(tracking.tracking_uri(params))  # the registry lives in the same store
     client = MlflowClient()
     name = params.train.registered_model
+    selected_by = "explicit run id"
+    if tuned:
+        run_id, selected_by = tuned_run(params)
     if run_id is None:
         run = best_run(params, metric, client)
         selected_by, _ = selection_metric(params, metric)
@@ -143,7 +165,6 @@ def register(params: Params, run_id: str | None = None, metric: str | None = Non
             raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: refusing to register it")
         if not run.data.tags.get(tracking.MODEL_URI_TAG):
             raise RegistryError(f"run {run_id} has no photo model (tag {tracking.MODEL_URI_TAG})")
-        selected_by = "explicit run id"
     source = run.data.tags[tracking.MODEL_URI_TAG]
     rid = run.info.run_id
     tags = version_tags(run, selected_by)
