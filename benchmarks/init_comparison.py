@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -47,19 +46,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_NAME = "tfeid_chen2013"
-GROUP_PATTERN = r"^(\d{2})"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tfeid_project import (DATA_NAME, GROUP_PATTERN, ints, run_in_project, tfeid_overrides,  # noqa: E402
+                           write_params)
+
 INITS = ("he_normal", "glorot_uniform")
-
-
-def default_data() -> Path:
-    base = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
-    return base / DATA_NAME
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def parse(argv):
@@ -70,9 +61,9 @@ def parse(argv):
     ap.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
     ap.add_argument("--patience", type=int, default=0, help="early-stopping patience, 0 = off (default 0: every "
                                                              "run trains the same number of epochs)")
-    ap.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="training seeds (default 1,2,3)")
+    ap.add_argument("--seeds", type=ints, default=[1, 2, 3], help="training seeds (default 1,2,3)")
     ap.add_argument("--split-seed", type=int, default=42, help="seed of the person-disjoint split (default 42)")
-    ap.add_argument("--blocks", type=_ints, default=None, help="model.blocks (default params.yaml's: ResNet50)")
+    ap.add_argument("--blocks", type=ints, default=None, help="model.blocks (default params.yaml's: ResNet50)")
     ap.add_argument("--width", type=int, default=None, help="model.base_width (default params.yaml's)")
     ap.add_argument("--head-units", type=int, default=None, help="model.head_units (default params.yaml's)")
     ap.add_argument("--lr", type=float, default=None, help="train.learning_rate (default params.yaml's)")
@@ -111,9 +102,6 @@ def _raw_folder(data: Path, root: Path, persons: int | None) -> Path:
 
 
 def build_params(args, root: Path, raw: Path):
-    from kfer.config import _deep_merge, load_params
-
-    base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     model = {k: v for k, v in (("blocks", args.blocks), ("base_width", args.width),
                                ("head_units", args.head_units)) if v is not None}
     train = {"epochs": args.epochs, "early_stopping_patience": args.patience, "monitor": args.metric,
@@ -123,20 +111,14 @@ def build_params(args, root: Path, raw: Path):
     if args.batch is not None:
         train["batch_size"] = args.batch
     over = {
-        "seed": args.split_seed,
-        "paths": {"raw": str(raw)},  # absolute; every other path stays under root
-        "data": {"layout": "folders", "group": {"source": "regex", "pattern": GROUP_PATTERN}},
-        "crop": {"image_size": args.image_size, "workers": 0},
+        **tfeid_overrides(raw, args.image_size, args.split_seed),
         "augment": {} if args.copies is None else {"copies": args.copies},
         "model": model,
         "train": train,
         "tune": {"metric": args.metric, "experiment": "init-comparison-tune",
                  "n_trials": max(args.tune_trials, 1), "timeout_s": args.tune_timeout},
     }
-    raw_params = _deep_merge(base, over)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw_params, allow_unicode=True, sort_keys=False),
-                                      encoding="utf-8")
-    return load_params(root / "params.yaml"), over
+    return write_params(root, over), over
 
 
 def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
@@ -223,35 +205,10 @@ def paired(a: list[dict], b: list[dict], metric: str) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    data = args.data or default_data()
-    if not data.is_dir():
-        print(f"TFEID data not found: {data} is absent. Pass --data DIR or set KFER_SHARED_DATA to the folder "
-              f"that holds {DATA_NAME}.", file=sys.stderr)
-        return 2
     if args.tune_trials and args.best_params:
         print("give --tune-trials or --best-params, not both", file=sys.stderr)
         return 2
-    if args.keep_dir is not None:
-        root = args.keep_dir.resolve()
-        if root.exists() and any(root.iterdir()):
-            print(f"--keep-dir {root} is not empty", file=sys.stderr)
-            return 2
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root = Path(tempfile.mkdtemp(prefix="kfer-initcmp-"))
-    if os.environ.pop("MLFLOW_TRACKING_URI", None):  # the tuning study's runs go to the project's own store
-        print("note: MLFLOW_TRACKING_URI ignored; the MLflow store is inside the project folder")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "absl", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return run(args, root, data)
-    finally:
-        if args.keep_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"\nproject kept in {root}")
+    return run_in_project(args.data, args.keep_dir, "kfer-initcmp-", lambda root, data: run(args, root, data))
 
 
 def run(args, root: Path, data: Path) -> int:

@@ -33,22 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import yaml  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_NAME = "tfeid_chen2013"
-GROUP_PATTERN = r"^(\d{2})"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tfeid_project import (DATA_NAME, GROUP_PATTERN, ints, run_in_project, tfeid_overrides,  # noqa: E402
+                           write_params)
 
 # model presets: (blocks, base width)
 MODELS = {
@@ -59,15 +54,6 @@ MODELS = {
 }
 
 
-def default_data() -> Path:
-    base = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
-    return base / DATA_NAME
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +62,7 @@ def parse(argv):
     ap.add_argument("--epochs", type=int, default=15, help="max epochs (default 15; early stopping on val macro-F1)")
     ap.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet50", help="model preset (default resnet50)")
-    ap.add_argument("--blocks", type=_ints, default=None, help="override the preset's blocks, e.g. 3,4,6,3")
+    ap.add_argument("--blocks", type=ints, default=None, help="override the preset's blocks, e.g. 3,4,6,3")
     ap.add_argument("--width", type=int, default=None, help="override the preset's base width")
     ap.add_argument("--head-units", type=int, default=None, help="model.head_units (default: params.yaml's)")
     ap.add_argument("--init", default=None, help="model.kernel_initializer (default: params.yaml's)")
@@ -91,9 +77,6 @@ def parse(argv):
 
 
 def build_params(args, root: Path, data: Path):
-    from kfer.config import _deep_merge, load_params
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     blocks, width = MODELS[args.model]
     model = {"blocks": list(args.blocks or blocks), "base_width": args.width or width}
     for key, val in (("head_units", args.head_units), ("kernel_initializer", args.init),
@@ -106,52 +89,14 @@ def build_params(args, root: Path, data: Path):
     if args.lr is not None:
         train["learning_rate"] = args.lr
     augment = {} if args.copies is None else {"copies": args.copies}
-    over = {
-        "seed": args.seed,
-        # raw is absolute; every other path stays relative to the folder holding params.yaml, i.e. root
-        "paths": {"raw": str(data.resolve())},
-        "data": {"layout": "folders", "group": {"source": "regex", "pattern": GROUP_PATTERN}},
-        "crop": {"image_size": args.image_size, "workers": 0},
-        "augment": augment,
-        "model": model,
-        "train": train,
-    }
-    raw = _deep_merge(raw, over)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return load_params(root / "params.yaml"), over
+    over = {**tfeid_overrides(data.resolve(), args.image_size, args.seed),
+            "augment": augment, "model": model, "train": train}
+    return write_params(root, over), over
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    data = args.data or default_data()
-    if not data.is_dir():
-        print(f"TFEID data not found: {data} is absent. Put the TFEID folders there, pass --data DIR, or set "
-              f"KFER_SHARED_DATA to the folder that holds {DATA_NAME}.", file=sys.stderr)
-        return 2
-
-    if args.keep_dir is not None:
-        root = args.keep_dir.resolve()
-        if root.exists() and any(root.iterdir()):
-            print(f"--keep-dir {root} is not empty", file=sys.stderr)
-            return 2
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root = Path(tempfile.mkdtemp(prefix="kfer-tfeid-"))
-    # the MLflow store must be the temporary project's (paths.mlflow_db), not a shared server
-    if os.environ.pop("MLFLOW_TRACKING_URI", None):
-        print("note: MLFLOW_TRACKING_URI ignored; the MLflow store is inside the project folder")
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "absl", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return run(args, root, data)
-    finally:
-        if args.keep_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"\nproject kept in {root} (MLflow store: {root / 'mlflow.db'}, artifacts {root / 'mlartifacts'})")
+    return run_in_project(args.data, args.keep_dir, "kfer-tfeid-", lambda root, data: run(args, root, data))
 
 
 def run(args, root: Path, data: Path) -> int:
