@@ -191,7 +191,7 @@ class SamplerCfg(_Strict):
 
 class PrunerCfg(_Strict):
     n_startup_trials: int = Field(5, ge=0)   # complete trials before pruning starts
-    n_warmup_steps: int = Field(2, ge=0)     # epochs of a trial before it can be pruned
+    n_warmup_steps: int = Field(4, ge=0)     # epochs of a trial before it can be pruned
 
 
 class TuneCfg(_Strict):

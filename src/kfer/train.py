@@ -204,7 +204,9 @@ def fit(
         model = compile_model(build_from_params(params), params, jit)
     ckpt = workdir / "best.keras"
     t0 = time.perf_counter()
+    # shuffle=False: the tf.data pipeline shuffles (seeded); Keras ignores the flag for datasets but warns
     hist = model.fit(train_ds, validation_data=val_ds, epochs=params.train.epochs, class_weight=class_weight,
+                     shuffle=False,
                      callbacks=callbacks(params, ckpt, extra_callbacks), verbose=verbose)
     seconds = time.perf_counter() - t0
     history = pd.DataFrame(hist.history)

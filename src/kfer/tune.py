@@ -326,9 +326,12 @@ def _reporter(trial, metric: str, epochs: int):
     import keras
     import mlflow
 
+    better = min if metric.endswith("loss") else max
+
     class TrialReporter(keras.callbacks.Callback):
         pruned_epoch: int | None = None
-        pruned_value: float | None = None
+        pruned_value: float | None = None  # the trial's best value so far: what the median pruner compares
+        best: float | None = None
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
@@ -336,10 +339,11 @@ def _reporter(trial, metric: str, epochs: int):
             if metric not in logs:
                 return
             value = float(logs[metric])
+            self.best = value if self.best is None or not math.isfinite(self.best) else better(self.best, value)
             trial.report(value, epoch)
             log.info("tune: trial %d epoch %d/%d %s %.4f", trial.number, epoch + 1, epochs, metric, value)
             if trial.should_prune():
-                self.pruned_epoch, self.pruned_value = epoch, value
+                self.pruned_epoch, self.pruned_value = epoch, self.best
                 self.model.stop_training = True
 
     return TrialReporter()
@@ -373,8 +377,8 @@ def _train_trial(trial, p: Params, ctx: _Context, workdir: Path) -> float:
                    "train_images": int(len(table)), "val_images": int(len(ctx.val_df))}
     if reporter.pruned_epoch is not None:
         mlflow.log_metrics({**run_metrics, "pruned_epoch": reporter.pruned_epoch + 1})
-        raise optuna.TrialPruned(f"epoch {reporter.pruned_epoch + 1}: {metric} {reporter.pruned_value:.4f} "
-                                 "is worse than the median of earlier trials")
+        raise optuna.TrialPruned(f"epoch {reporter.pruned_epoch + 1}: best {metric} so far "
+                                 f"{reporter.pruned_value:.4f} is worse than the median of finished trials")
     scores = model.evaluate(val_ds, verbose=0, return_dict=True)
     best = {"best_val_loss": float(scores["loss"]), "best_val_accuracy": float(scores["accuracy"]),
             "best_val_macro_f1": float(scores["macro_f1"])}
@@ -621,9 +625,9 @@ def _finish(params: Params, study, url: str, budget: int, seconds: float, parent
         raise TuneError(f"no trial of study {study.study_name} completed ({counts}): no best params to write")
     sets = " ".join(f"-S {k}={v}" for k, v in summary["best_params"].items())
     log.info("tune: best trial %d %s %.4f %s (MLflow run %s) -> %s\n  apply: kfer tune --apply   or: dvc exp run %s"
-             "\n  register its model: kfer register --run-id %s", summary["best_trial"], cfg.metric,
+             "\n  register its model: kfer register --tuned", summary["best_trial"], cfg.metric,
              summary["best_value"], summary["best_params"], summary["best_run_id"],
-             params.rel(params.path(params.paths.tune_best)), sets, summary["best_run_id"])
+             params.rel(params.path(params.paths.tune_best)), sets)
     return summary
 
 
