@@ -186,11 +186,11 @@ def table(rows: list[tuple[str, dict, list[dict]]], metric: str) -> str:
     return "\n".join(out)
 
 
-def paired(a: list[dict], b: list[dict], metric: str) -> str:
-    """he_normal − glorot_uniform per seed (same seed: same data order and augmentation, other init)."""
+def paired(a: list[dict], b: list[dict], metric: str, names: str = "he_normal − glorot_uniform") -> str:
+    """``a`` − ``b`` per seed (same seed: same data order and augmentation draws, other settings)."""
     d = [x[metric] - y[metric] for x, y in zip(a, b, strict=True)]
     m, s = _stats(d)
-    text = f"paired difference he_normal − glorot_uniform in {metric} over {len(d)} seeds: {m:+.3f}"
+    text = f"paired difference {names} in {metric} over {len(d)} seeds: {m:+.3f}"
     if len(d) > 1:
         text += f" ± {s:.3f} (sd); per seed {', '.join(f'{x:+.3f}' for x in d)}"
         try:
@@ -265,12 +265,14 @@ def run(args, root: Path, data: Path) -> int:
         tuned_values = _values(params.path(params.paths.tune_best), default)
         tuned_name = (f"tuned (trial {summary['best_trial']}, best of {summary['n_complete']} complete + "
                       f"{summary['n_pruned']} pruned trials, {time.perf_counter() - t0:.0f} s)")
-    if tuned_values is not None:
-        series(tuned_name, tuned_values)
+    tuned_runs = series(tuned_name, tuned_values) if tuned_values is not None else None
 
     md = table(rows, args.metric)
     lines = ["", "== result ==", "", f"Setup: {setup}.", "", md, "",
              paired(by_init["he_normal"], by_init["glorot_uniform"], args.metric)]
+    if tuned_runs is not None:  # the tuned params were chosen on val: compare them on test
+        if (default_runs := by_init.get(default["kernel_initializer"])) is not None:
+            lines.append(paired(tuned_runs, default_runs, "test_macro_f1", "tuned − default params"))
     total = time.perf_counter() - t_all
     lines.append(f"\nwall time {total:.0f} s ({total / 60:.1f} min)")
     text = "\n".join(lines)
