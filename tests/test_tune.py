@@ -307,6 +307,7 @@ def test_init_comparison_benchmark_runs_on_tiny_settings(tmp_path, monkeypatch, 
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| config")]
     assert [r.split(" | ")[1] for r in rows] == ["he_normal", "glorot_uniform", "lecun_normal"]
     assert all(" ± " in r for r in rows) and "paired difference he_normal − glorot_uniform" in text
+    assert "paired difference tuned − default params in test_macro_f1 over 2 seeds" in text
     splits = pd.read_csv(tmp_path / "proj" / "data" / "splits.csv", dtype=str)
     assert (splits.groupby("group")["split"].nunique() == 1).all()  # person-disjoint
     assert "disgust" not in set(splits["label"])
