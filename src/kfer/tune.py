@@ -30,7 +30,7 @@ postgresql://...`` on each.
 ``mlflow.parentRunId``, also from worker processes) with all params, per-epoch metrics, ``best_val_*``,
 tags ``kfer.trial_state`` (COMPLETE, PRUNED, FAIL), ``optuna.trial_number`` and ``optuna.study_name``. A
 trial that is the study's best when it completes also logs its models (as ``kfer train`` does), so
-``kfer register --run-id <best trial's run>`` works; the parent holds the study's best params and value, the
+``kfer register --tuned`` (the best trial's run id from ``paths.tune_summary``) works; the parent holds the study's best params and value, the
 trials table and Optuna's plots (PNG, matplotlib). Outputs for DVC: ``paths.tune_best`` (the best params in
 params.yaml's layout; ``kfer tune --apply`` writes them into params.yaml, comments kept) and
 ``paths.tune_summary``.
