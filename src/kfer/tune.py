@@ -30,10 +30,10 @@ postgresql://...`` on each.
 ``mlflow.parentRunId``, also from worker processes) with all params, per-epoch metrics, ``best_val_*``,
 tags ``kfer.trial_state`` (COMPLETE, PRUNED, FAIL), ``optuna.trial_number`` and ``optuna.study_name``. A
 trial that is the study's best when it completes also logs its models (as ``kfer train`` does), so
-``kfer register --tuned`` (the best trial's run id from ``paths.tune_summary``) works; the parent holds the study's best params and value, the
-trials table and Optuna's plots (PNG, matplotlib). Outputs for DVC: ``paths.tune_best`` (the best params in
-params.yaml's layout; ``kfer tune --apply`` writes them into params.yaml, comments kept) and
-``paths.tune_summary``.
+``kfer register --tuned`` (the best trial's run id from ``paths.tune_summary``) works; the parent holds the
+study's best params and value, the trials table and Optuna's plots (PNG, matplotlib). Outputs for DVC:
+``paths.tune_best`` (the best params in params.yaml's layout; ``kfer tune --apply`` writes them into
+params.yaml, comments kept) and ``paths.tune_summary``.
 """
 
 from __future__ import annotations
@@ -326,12 +326,8 @@ def _reporter(trial, metric: str, epochs: int):
     import keras
     import mlflow
 
-    better = min if metric.endswith("loss") else max
-
     class TrialReporter(keras.callbacks.Callback):
         pruned_epoch: int | None = None
-        pruned_value: float | None = None  # the trial's best value so far: what the median pruner compares
-        best: float | None = None
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
@@ -339,11 +335,10 @@ def _reporter(trial, metric: str, epochs: int):
             if metric not in logs:
                 return
             value = float(logs[metric])
-            self.best = value if self.best is None or not math.isfinite(self.best) else better(self.best, value)
             trial.report(value, epoch)
             log.info("tune: trial %d epoch %d/%d %s %.4f", trial.number, epoch + 1, epochs, metric, value)
             if trial.should_prune():
-                self.pruned_epoch, self.pruned_value = epoch, self.best
+                self.pruned_epoch = epoch
                 self.model.stop_training = True
 
     return TrialReporter()
@@ -375,18 +370,20 @@ def _train_trial(trial, p: Params, ctx: _Context, workdir: Path) -> float:
     model, history, seconds = fit(p, train_ds, val_ds, weights, workdir, [reporter], verbose=0)
     run_metrics = {"epochs_run": int(len(history)), "train_seconds": round(seconds, 2),
                    "train_images": int(len(table)), "val_images": int(len(ctx.val_df))}
+    col = history[metric]
+    lower_is_better = metric.endswith("loss")
     if reporter.pruned_epoch is not None:
         mlflow.log_metrics({**run_metrics, "pruned_epoch": reporter.pruned_epoch + 1})
+        best_so_far = col.min() if lower_is_better else col.max()  # what the median pruner compared
         raise optuna.TrialPruned(f"epoch {reporter.pruned_epoch + 1}: best {metric} so far "
-                                 f"{reporter.pruned_value:.4f} is worse than the median of finished trials")
+                                 f"{best_so_far:.4f} is worse than the median of finished trials")
     scores = model.evaluate(val_ds, verbose=0, return_dict=True)
     best = {"best_val_loss": float(scores["loss"]), "best_val_accuracy": float(scores["accuracy"]),
             "best_val_macro_f1": float(scores["macro_f1"])}
     value = best[f"best_{metric}"]
     if not math.isfinite(value):
         raise FloatingPointError(f"{metric} of trial {trial.number} is {value}")
-    col = history[metric]
-    run_metrics["best_epoch"] = int((col.idxmin() if metric.endswith("loss") else col.idxmax()) + 1)
+    run_metrics["best_epoch"] = int((col.idxmin() if lower_is_better else col.idxmax()) + 1)
     mlflow.log_metrics({**run_metrics, **best})
     if _is_best_so_far(trial.study, value):  # the study's best so far: keep its model, registrable
         uris = serving.log_models(strip_for_serving(model), p, example_face=_example_face(p, ctx.val_df))
