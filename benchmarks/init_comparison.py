@@ -47,8 +47,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tfeid_project import (DATA_NAME, GROUP_PATTERN, ints, run_in_project, tfeid_overrides,  # noqa: E402
-                           write_params)
+from tfeid_project import (GROUP_PATTERN, add_common_args, common_overrides, ints, run_in_project,  # noqa: E402
+                           tfeid_overrides, write_params)
 
 INITS = ("he_normal", "glorot_uniform")
 
@@ -56,19 +56,11 @@ INITS = ("he_normal", "glorot_uniform")
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=None, help=f"TFEID folder (default ../shared/data/{DATA_NAME})")
-    ap.add_argument("--image-size", type=int, default=48, help="crop side in pixels (default 48)")
-    ap.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
-    ap.add_argument("--patience", type=int, default=0, help="early-stopping patience, 0 = off (default 0: every "
-                                                             "run trains the same number of epochs)")
+    add_common_args(ap, image_size=48, epochs=12, patience=0,
+                    blocks_help="model.blocks (default params.yaml's: ResNet50)",
+                    width_help="model.base_width (default params.yaml's)")
     ap.add_argument("--seeds", type=ints, default=[1, 2, 3], help="training seeds (default 1,2,3)")
     ap.add_argument("--split-seed", type=int, default=42, help="seed of the person-disjoint split (default 42)")
-    ap.add_argument("--blocks", type=ints, default=None, help="model.blocks (default params.yaml's: ResNet50)")
-    ap.add_argument("--width", type=int, default=None, help="model.base_width (default params.yaml's)")
-    ap.add_argument("--head-units", type=int, default=None, help="model.head_units (default params.yaml's)")
-    ap.add_argument("--lr", type=float, default=None, help="train.learning_rate (default params.yaml's)")
-    ap.add_argument("--batch", type=int, default=None, help="train.batch_size (default params.yaml's)")
-    ap.add_argument("--copies", type=int, default=None, help="augment.copies (default params.yaml's)")
     ap.add_argument("--metric", default="val_macro_f1", choices=["val_macro_f1", "val_accuracy"],
                     help="validation metric reported and used to keep the best epoch (default val_macro_f1)")
     ap.add_argument("--tune-trials", type=int, default=0,
@@ -79,8 +71,6 @@ def parse(argv):
     ap.add_argument("--persons", type=int, default=None,
                     help="use only the first N performers (quick checks; default all 20)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
-    ap.add_argument("--keep-dir", type=Path, default=None,
-                    help="use this folder as the project (created; must be empty or absent) and keep it")
     return ap.parse_args(argv)
 
 
@@ -102,19 +92,11 @@ def _raw_folder(data: Path, root: Path, persons: int | None) -> Path:
 
 
 def build_params(args, root: Path, raw: Path):
-    model = {k: v for k, v in (("blocks", args.blocks), ("base_width", args.width),
-                               ("head_units", args.head_units)) if v is not None}
-    train = {"epochs": args.epochs, "early_stopping_patience": args.patience, "monitor": args.metric,
-             "experiment": "init-comparison"}
-    if args.lr is not None:
-        train["learning_rate"] = args.lr
-    if args.batch is not None:
-        train["batch_size"] = args.batch
+    common = common_overrides(args)
     over = {
         **tfeid_overrides(raw, args.image_size, args.split_seed),
-        "augment": {} if args.copies is None else {"copies": args.copies},
-        "model": model,
-        "train": train,
+        **common,
+        "train": {**common["train"], "monitor": args.metric, "experiment": "init-comparison"},
         "tune": {"metric": args.metric, "experiment": "init-comparison-tune",
                  "n_trials": max(args.tune_trials, 1), "timeout_s": args.tune_timeout},
     }

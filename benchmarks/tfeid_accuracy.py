@@ -42,8 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tfeid_project import (DATA_NAME, GROUP_PATTERN, ints, run_in_project, tfeid_overrides,  # noqa: E402
-                           write_params)
+from tfeid_project import (GROUP_PATTERN, add_common_args, common_overrides, run_in_project,  # noqa: E402
+                           tfeid_overrides, write_params)
 
 # model presets: (blocks, base width)
 MODELS = {
@@ -57,40 +57,25 @@ MODELS = {
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=None, help=f"TFEID folder (default ../shared/data/{DATA_NAME})")
-    ap.add_argument("--image-size", type=int, default=64, help="crop side S (default 64)")
-    ap.add_argument("--epochs", type=int, default=15, help="max epochs (default 15; early stopping on val macro-F1)")
-    ap.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
+    add_common_args(ap, image_size=64, epochs=15, patience=5,
+                    blocks_help="override the preset's blocks, e.g. 3,4,6,3",
+                    width_help="override the preset's base width")
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet50", help="model preset (default resnet50)")
-    ap.add_argument("--blocks", type=ints, default=None, help="override the preset's blocks, e.g. 3,4,6,3")
-    ap.add_argument("--width", type=int, default=None, help="override the preset's base width")
-    ap.add_argument("--head-units", type=int, default=None, help="model.head_units (default: params.yaml's)")
     ap.add_argument("--init", default=None, help="model.kernel_initializer (default: params.yaml's)")
     ap.add_argument("--bn-momentum", type=float, default=None, help="model.bn_momentum (default: params.yaml's)")
-    ap.add_argument("--batch", type=int, default=None, help="train.batch_size (default: params.yaml's)")
-    ap.add_argument("--lr", type=float, default=None, help="train.learning_rate (default: params.yaml's)")
-    ap.add_argument("--copies", type=int, default=None, help="augment.copies (default: params.yaml's)")
     ap.add_argument("--seed", type=int, default=42, help="params seed: split, augmentation, init (default 42)")
-    ap.add_argument("--keep-dir", type=Path, default=None,
-                    help="use this folder as the project (created; must be empty or absent) and keep it")
     return ap.parse_args(argv)
 
 
 def build_params(args, root: Path, data: Path):
+    common = common_overrides(args)
     blocks, width = MODELS[args.model]
-    model = {"blocks": list(args.blocks or blocks), "base_width": args.width or width}
-    for key, val in (("head_units", args.head_units), ("kernel_initializer", args.init),
-                     ("bn_momentum", args.bn_momentum)):
+    model = {"blocks": list(blocks), "base_width": width, **common["model"]}
+    for key, val in (("kernel_initializer", args.init), ("bn_momentum", args.bn_momentum)):
         if val is not None:
             model[key] = val
-    train = {"epochs": args.epochs, "early_stopping_patience": args.patience, "experiment": "tfeid"}
-    if args.batch is not None:
-        train["batch_size"] = args.batch
-    if args.lr is not None:
-        train["learning_rate"] = args.lr
-    augment = {} if args.copies is None else {"copies": args.copies}
-    over = {**tfeid_overrides(data.resolve(), args.image_size, args.seed),
-            "augment": augment, "model": model, "train": train}
+    over = {**tfeid_overrides(data.resolve(), args.image_size, args.seed), **common, "model": model,
+            "train": {**common["train"], "experiment": "tfeid"}}
     return write_params(root, over), over
 
 

@@ -7,6 +7,7 @@ project folder. The folder is removed at the end unless ``--keep-dir`` names it.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -32,6 +33,37 @@ def default_data() -> Path:
 def ints(text: str) -> list[int]:
     """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
     return [int(v) for v in text.split(",") if v.strip()]
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, image_size: int, epochs: int, patience: int,
+                    blocks_help: str, width_help: str) -> None:
+    """The flags both TFEID scripts take: data and project folder, crop size, epochs, and the params they
+    override when given (read back by :func:`common_overrides`)."""
+    ap.add_argument("--data", type=Path, default=None, help=f"TFEID folder (default ../shared/data/{DATA_NAME})")
+    ap.add_argument("--keep-dir", type=Path, default=None,
+                    help="use this folder as the project (created; must be empty or absent) and keep it")
+    ap.add_argument("--image-size", type=int, default=image_size, help=f"crop side in pixels (default {image_size})")
+    ap.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default {epochs})")
+    ap.add_argument("--patience", type=int, default=patience,
+                    help=f"early-stopping patience in epochs, 0 = off (default {patience})")
+    ap.add_argument("--blocks", type=ints, default=None, help=blocks_help)
+    ap.add_argument("--width", type=int, default=None, help=width_help)
+    for flag, kind, key in (("--head-units", int, "model.head_units"), ("--lr", float, "train.learning_rate"),
+                            ("--batch", int, "train.batch_size"), ("--copies", int, "augment.copies")):
+        ap.add_argument(flag, type=kind, default=None, help=f"{key} (default params.yaml's)")
+
+
+def common_overrides(args: argparse.Namespace) -> dict:
+    """``augment``/``model``/``train`` overrides from the flags of :func:`add_common_args` (unset ones left out)."""
+    def given(**kv):
+        return {k: v for k, v in kv.items() if v is not None}
+
+    return {
+        "augment": given(copies=args.copies),
+        "model": given(blocks=args.blocks, base_width=args.width, head_units=args.head_units),
+        "train": {"epochs": args.epochs, "early_stopping_patience": args.patience,
+                  **given(learning_rate=args.lr, batch_size=args.batch)},
+    }
 
 
 def tfeid_overrides(raw: Path, image_size: int, seed: int) -> dict:
