@@ -28,16 +28,24 @@ def params(make_params, monkeypatch):
     return make_params({"crop": {"image_size": S}, "train": {"batch_size": 4, "experiment": "kfer-test"}})
 
 
-def write_splits(params, rows: list[tuple[str, str, int | None]]) -> pd.DataFrame:
-    """rows: (label, split, pixel value or None). None writes no image: a path evaluate must never open."""
+def write_splits(params, rows: list[tuple[str, str, int | None]], sources: list[str] | None = None) -> pd.DataFrame:
+    """rows: (label, split, pixel value or None). None writes no image: a path evaluate must never open.
+
+    Without ``sources`` the file has no source column (as before data.sources); with them, row i's source is
+    ``sources[i]`` and its person ``<source>/p<i % 3>``.
+    """
     out = []
     for i, (label, split, value) in enumerate(rows):
         rel = f"data/cropped/{label}/{split}_{i:03d}.png"
         if value is not None:
             (params.root / rel).parent.mkdir(parents=True, exist_ok=True)
             write_png(params.root / rel, np.full((S, S), value, dtype=np.uint8))
-        out.append({"path": rel, "label": label, "group": f"p{i % 3}", "split": split})
-    df = pd.DataFrame(out, columns=["path", "label", "group", "split"])
+        row = {"path": rel, "label": label, "group": f"p{i % 3}", "split": split}
+        if sources is not None:
+            row.update(group=f"{sources[i]}/p{i % 3}", source=sources[i])
+        out.append(row)
+    columns = ["path", "label", "group", "split"] if sources is None else ["path", "label", "group", "source", "split"]
+    df = pd.DataFrame(out, columns=columns)
     target = params.path(params.paths.splits)
     target.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(target, index=False)
@@ -175,6 +183,78 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {f"eval/{f}" for f in (*EVAL_FILES, "eval.json")}
     assert len(client.search_runs([got.info.experiment_id])) == 1  # resumed, not a new run
+
+
+def test_per_source_metrics_files_and_mlflow(params, caplog):
+    """Test rows from two datasets: metrics per source (same definitions as overall) in the JSON, per_source.csv
+    and MLflow; a source column of "" only gives today's output."""
+    import mlflow
+
+    from kfer import tracking
+    from kfer.evaluate import EVAL_FILES, run_evaluate
+
+    names = params.class_names
+    rows = known_rows(names)
+    # the 11 test rows: 6 from "aihub" (classes 0-2), 5 from "fer+2013" (classes 3-5); train/val rows alike
+    sources = ["aihub"] * 6 + ["fer+2013"] * 5 + ["aihub", "fer+2013"] * ((len(rows) - 11) // 2) + ["aihub"]
+    write_splits(params, rows, sources[: len(rows)])
+    save_intensity_model(params)
+    with tracking.tracked_run(params, "train", log_params=False) as run:
+        pass
+    params.path(params.paths.train_run).parent.mkdir(parents=True, exist_ok=True)
+    params.path(params.paths.train_run).write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
+
+    with caplog.at_level(logging.INFO, logger="kfer.evaluate"):
+        result = run_evaluate(params)
+
+    # overall metrics unchanged by the sources
+    assert result["test_accuracy"] == pytest.approx(EXPECTED_ACCURACY)
+    assert result["test_macro_f1"] == pytest.approx(EXPECTED_MACRO_F1)
+    # aihub: true 0 0 1 1 2 2, pred 0 0 1 2 2 2; fer+2013: true 3 3 4 5 5, pred 4 4 4 5 5
+    expected = {
+        "aihub": {"accuracy": pytest.approx(5 / 6), "macro_f1": pytest.approx((1 + 2 / 3 + 0.8) / 3), "n": 6,
+                  "persons": 3},
+        "fer+2013": {"accuracy": pytest.approx(3 / 5), "macro_f1": pytest.approx((0 + 0.5 + 1) / 3), "n": 5,
+                     "persons": 3},
+    }
+    assert result["per_source"] == expected
+    written = json.loads(params.path(params.paths.eval_metrics).read_text(encoding="utf-8"))
+    assert written == result and list(written["per_source"]) == ["aihub", "fer+2013"]
+    assert "source fer+2013: 5 images, 3 persons" in caplog.text
+
+    eval_dir = params.path(params.paths.eval_dir)
+    assert sorted(p.name for p in eval_dir.iterdir()) == sorted([*EVAL_FILES, "per_source.csv"])
+    table = pd.read_csv(eval_dir / "per_source.csv", keep_default_na=False)
+    assert list(table.columns) == ["source", "n", "persons", "accuracy", "macro_f1"]
+    assert table["source"].tolist() == ["aihub", "fer+2013"] and table["n"].tolist() == [6, 5]
+    assert table["accuracy"].to_numpy() == pytest.approx([5 / 6, 3 / 5], abs=1e-6)
+
+    m = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(run.info.run_id).data.metrics
+    assert m["test_accuracy_aihub"] == pytest.approx(5 / 6)
+    assert m["test_macro_f1_fer_2013"] == pytest.approx(0.5)  # "+" is not allowed in MLflow names
+    assert m["test_accuracy_fer_2013"] == pytest.approx(3 / 5)
+    assert m["test_accuracy"] == pytest.approx(EXPECTED_ACCURACY)
+
+    # a source column without names (data.sources not configured): the output of before
+    write_splits(params, rows, [""] * len(rows))
+    params.path(params.paths.train_run).unlink()
+    result = run_evaluate(params)
+    assert "per_source" not in result
+    assert sorted(p.name for p in eval_dir.iterdir()) == sorted(EVAL_FILES)
+
+
+def test_source_metric_keys_stay_distinct():
+    from kfer.evaluate import flat_metrics
+
+    metrics = {"test_accuracy": 0.5, "test_macro_f1": 0.4, "test_images": 10, "per_class": {},
+               "per_source": {"한국": {"accuracy": 0.1, "macro_f1": 0.2, "n": 4, "persons": 1},
+                              "일본": {"accuracy": 0.3, "macro_f1": 0.4, "n": 6, "persons": 2},
+                              "AI Hub": {"accuracy": 0.6, "macro_f1": 0.7, "n": 6, "persons": 2}}}
+    flat = flat_metrics(metrics)
+    assert flat["test_accuracy_AI Hub"] == 0.6 and flat["test_macro_f1_AI Hub"] == 0.7
+    hangul = sorted(k for k in flat if k.startswith("test_accuracy___"))
+    assert len(hangul) == 2 and {flat[k] for k in hangul} == {0.1, 0.3}  # "__" + a hash of each name
+    assert len(flat) == 3 + 2 * 3
 
 
 def test_matches_sklearn_on_tiny_resnet_without_run_file(params, caplog):

@@ -220,7 +220,8 @@ def test_run_split_end_to_end(tmp_path, caplog):
     out_csv = tmp_path / "data" / "splits.csv"
     df = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
     ok = [r for r in rows if r["status"] == "ok"]
-    assert list(df.columns) == ["path", "label", "group", "split"]
+    assert list(df.columns) == ["path", "label", "group", "source", "split"]
+    assert (df["source"] == "").all()  # an old manifest (no `raw` column): its `source` is a raw path, not a name
     assert len(df) == len(ok) and df["path"].tolist() == sorted(r["path"] for r in ok)
     assert not df["group"].str.startswith("bad").any()
     assert "NA" in set(df["group"])
@@ -251,6 +252,47 @@ def test_run_split_end_to_end(tmp_path, caplog):
     run_split(params)
     assert out_csv.read_bytes() == first
     assert not [p for p in out_csv.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_run_split_carries_the_source(tmp_path):
+    """Two datasets in one manifest (crop with data.sources): splits.csv and the report carry the source name."""
+    rows = []
+    for src, n_persons, classes in (("aihub", 10, CLASSES), ("fer2013", 8, CLASSES[:4])):
+        for p in range(n_persons):
+            for lab in classes:
+                for i in range(2):
+                    rows.append({"path": f"data/cropped/{lab}/{src}_{p:02d}_{i}.png", "source": src, "label": lab,
+                                 "group": f"{src}/S{p:03d}", "status": "ok", "raw": f"data/raw/{src}/{p}_{i}.jpg"})
+    rows.append({"path": "", "source": "fer2013", "label": "joy", "group": "fer2013/S999", "status": "no_face",
+                 "raw": "data/raw/fer2013/bad.jpg"})
+    rows.append({"path": "data/cropped/joy/odd.png", "source": "", "label": "joy", "group": "x/S1", "status": "ok",
+                 "raw": "data/raw/odd.jpg"})  # a row without a source name keeps ""
+    np.random.default_rng(3).shuffle(rows)
+    params = _project(tmp_path, rows)
+    report = run_split(params)
+
+    df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["path", "label", "group", "source", "split"]
+    ok = {r["path"]: r for r in rows if r["status"] == "ok"}
+    assert sorted(df["path"]) == sorted(ok) and df["path"].is_monotonic_increasing
+    assert df["source"].tolist() == [ok[p]["source"] for p in df["path"]]
+    assert df["group"].tolist() == [ok[p]["group"] for p in df["path"]]
+    assert df.groupby("group")["split"].nunique().max() == 1  # no person crosses splits
+    assert set(df["split"]) == {"train", "val", "test"}
+
+    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "per_source", "warnings"]
+    assert report["per_source"] == {
+        s: {src: int(((df.split == s) & (df.source == src)).sum()) for src in ("", "aihub", "fer2013")} for s in R}
+    assert sum(report["per_source"]["train"].values()) == report["counts"]["train"]
+
+    # the split itself does not depend on the source column
+    without = [{k: v for k, v in r.items() if k not in ("source", "raw")} for r in rows]
+    (tmp_path / "data" / "cropped" / "manifest.csv").unlink()
+    pd.DataFrame(without).to_csv(tmp_path / "data" / "cropped" / "manifest.csv", index=False)
+    report2 = run_split(params)
+    df2 = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert df2["split"].tolist() == df["split"].tolist() and (df2["source"] == "").all()
+    assert "per_source" not in report2
 
 
 def test_run_split_warns_about_thin_classes(tmp_path, caplog):

@@ -7,7 +7,12 @@ Outputs
 ``paths.eval_metrics`` (JSON, DVC metrics)::
 
     {"test_accuracy": float, "test_macro_f1": float, "test_images": int,
-     "per_class": {<class>: {"precision", "recall", "f1", "support"}}}
+     "per_class": {<class>: {"precision", "recall", "f1", "support"}},
+     "per_source": {<source>: {"accuracy", "macro_f1", "n", "persons"}}}
+
+``per_source`` is there only when the test rows carry a dataset name (column ``source`` of ``paths.splits``,
+set by ``data.sources``): the same metrics on each source's test images alone (``n`` images of ``persons``
+persons), sources sorted by name; rows without a name, if any, are the source ``(none)``.
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
@@ -15,7 +20,8 @@ Outputs
 * ``misclassified.png``: the (up to) 32 most confident mistakes, captioned "true → pred p=0.83";
 * ``per_class.csv``: class, ko, precision, recall, f1, support;
 * ``predictions.csv``: path, actual, predicted, confidence, one row per test image in split-file order
-  (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual).
+  (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual);
+* ``per_source.csv`` (only with ``per_source``): source, n, persons, accuracy, macro_f1.
 
 Metric definitions (scikit-learn): accuracy over all test images; macro-F1 is the unweighted mean of the
 per-class F1 over the classes that HAVE test images, the same definition as the train stage's ``macro_f1``
@@ -23,8 +29,9 @@ per-class F1 over the classes that HAVE test images, the same definition as the 
 recall (no predictions / no images of a class) are 0. ``per_class`` lists every class, support 0 included.
 
 If ``paths.train_run`` exists, the MLflow training run it names is resumed and receives the flat metrics
-(``test_accuracy``, ``test_macro_f1``, ``test_images``, ``test_{precision,recall,f1}_<class>``) and the eval
-files as artifacts under ``eval/``; otherwise the files are still written and a warning says nothing was logged.
+(``test_accuracy``, ``test_macro_f1``, ``test_images``, ``test_{precision,recall,f1}_<class>``, and per source
+``test_accuracy_<source>``, ``test_macro_f1_<source>``) and the eval files as artifacts under ``eval/``;
+otherwise the files are still written and a warning says nothing was logged.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from kfer.config import Params
-from kfer.files import atomic_dir, read_image_gray, write_json
+from kfer.files import atomic_dir, read_image_gray, short_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ TEST_SPLIT = "test"
 MAX_MISCLASSIFIED = 32
 PREDICTION_COLUMNS = ["path", "actual", "predicted", "confidence"]
 PER_CLASS_COLUMNS = ["class", "ko", "precision", "recall", "f1", "support"]
+PER_SOURCE_COLUMNS = ["source", "n", "persons", "accuracy", "macro_f1"]
+NO_SOURCE = "(none)"  # the name of test rows without a source when other rows have one
 EVAL_FILES = ("confusion_matrix.png", "misclassified.png", "per_class.csv", "predictions.csv")
 ARTIFACT_DIR = "eval"
 
@@ -157,17 +166,53 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     }
 
 
+def row_sources(test: pd.DataFrame) -> list[str] | None:
+    """The source name of each test row, or None when no row has one (no ``data.sources``, old splits files)."""
+    if "source" not in test.columns or not (test["source"] != "").any():
+        return None
+    return [s or NO_SOURCE for s in test["source"]]
+
+
+def per_source_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, sources: list[str], persons: list[str], class_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """``{source: {accuracy, macro_f1, n, persons}}`` by :func:`compute_metrics` on each source's rows alone
+    (so macro-F1 averages over the classes that source has), sources sorted by name."""
+    src = np.asarray(sources, dtype=object)
+    who = np.asarray(persons, dtype=object)
+    out = {}
+    for name in sorted(set(sources)):
+        mask = src == name
+        m = compute_metrics(y_true[mask], y_pred[mask], class_names)
+        out[name] = {"accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n": m["test_images"],
+                     "persons": len(set(who[mask]))}
+    return out
+
+
 def _metric_key(name: str) -> str:
     """MLflow metric names allow letters, digits, ``_-. /``; anything else becomes ``_``."""
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
+def _source_keys(names: list[str]) -> dict[str, str]:
+    """Each source's metric-name suffix: ``_metric_key(name)``, plus a short hash of the name where two sources
+    would share one (e.g. names in Hangul, which become all ``_``)."""
+    keys = {n: _metric_key(n) for n in names}
+    taken = list(keys.values())
+    return {n: k if taken.count(k) == 1 else f"{k}_{short_hash(n, 6)}" for n, k in keys.items()}
+
+
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>..."""
+    """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>...,
+    and with sources test_accuracy_<source>, test_macro_f1_<source>."""
     flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
     for name, m in metrics["per_class"].items():
         for k in ("precision", "recall", "f1"):
             flat[_metric_key(f"test_{k}_{name}")] = float(m[k])
+    per_source = metrics.get("per_source") or {}
+    for name, key in _source_keys(list(per_source)).items():
+        for k in ("accuracy", "macro_f1"):
+            flat[f"test_{k}_{key}"] = float(per_source[name][k])
     return flat
 
 
@@ -195,6 +240,12 @@ def _write_eval_dir(
          for c in params.classes],
         columns=PER_CLASS_COLUMNS,
     ).to_csv(out / "per_class.csv", index=False, lineterminator="\n", float_format="%.6f")
+
+    if metrics.get("per_source"):
+        pd.DataFrame(
+            [[name, m["n"], m["persons"], m["accuracy"], m["macro_f1"]] for name, m in metrics["per_source"].items()],
+            columns=PER_SOURCE_COLUMNS,
+        ).to_csv(out / "per_source.csv", index=False, lineterminator="\n", float_format="%.6f")
 
     plots.plot_confusion(
         metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
@@ -272,10 +323,22 @@ def run_evaluate(params: Params) -> dict[str, Any]:
     absent = [n for n, m in metrics["per_class"].items() if m["support"] == 0]
     if absent:
         log.warning("classes without test images (left out of test_macro_f1): %s", absent)
+    sources = row_sources(test)
+    if sources is not None:
+        if NO_SOURCE in sources:
+            log.warning("%d test image(s) have no source: reported as source %r", sources.count(NO_SOURCE),
+                        NO_SOURCE)
+        groups = test["group"] if "group" in test.columns else pd.Series([""] * len(test))
+        # as in split: an image without a group is its own person
+        persons = [g if g else f"\x00{p}" for g, p in zip(groups, test["path"], strict=True)]
+        metrics["per_source"] = per_source_metrics(y_true, y_pred, sources, persons, names)
+        for name, m in metrics["per_source"].items():
+            log.info("evaluate: source %s: %d images, %d persons, accuracy %.4f, macro-F1 %.4f",
+                     name, m["n"], m["persons"], m["accuracy"], m["macro_f1"])
 
     eval_dir = params.path(params.paths.eval_dir)
     with atomic_dir(eval_dir) as tmp:
-        _write_eval_dir(params, tmp, test, y_true, probs, full)
+        _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics})
     metrics_path = params.path(params.paths.eval_metrics)
     write_json(metrics_path, metrics)
 

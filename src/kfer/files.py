@@ -3,6 +3,10 @@
 An interrupted stage must leave no half-written dataset: every output folder is built in a hidden temporary
 sibling and renamed into place only when complete; every output file is written to a temporary file in the
 same folder and ``os.replace``-d.
+
+Outputs follow the process umask like any ``open``/``mkdir`` would (folders ``0o777 & ~umask``, files
+``0o666 & ~umask``: 0755/0644 under umask 022), although ``tempfile`` creates its folders 0700 and files 0600,
+so that teammates, a shared DVC cache or a web server can read them when the umask allows it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,31 @@ import cv2
 import numpy as np
 
 TMP_MARK = ".tmp-"
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux >= 4.7: /proc/self/status).
+
+    Elsewhere it is swapped out and back under a lock; the interim value is 077, never 0, so a file another thread
+    creates in that instant is private rather than world-writable.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def output_mode(is_dir: bool, umask: int | None = None) -> int:
+    """The permission bits a new output gets: ``0o777`` (folders) or ``0o666`` (files) minus the umask."""
+    return (0o777 if is_dir else 0o666) & ~(current_umask() if umask is None else umask)
 
 
 def _tmp_prefix(target: Path) -> str:
@@ -45,8 +75,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))  # 0700: opened up below
     try:
+        os.chmod(tmp, output_mode(is_dir=True))
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,9 +96,12 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **kw: Any) -> Iterat
     """Open a temporary file next to ``target``; it becomes ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)  # 0600: opened up below
     try:
+        try:
+            os.fchmod(fd, output_mode(is_dir=False))
+        finally:
+            os.close(fd)
         if "b" not in mode:
             kw.setdefault("encoding", "utf-8")
             kw.setdefault("newline", "")
@@ -106,7 +140,10 @@ def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write an image as PNG (deterministic bytes for the same pixels); works with non-ASCII paths."""
+    """Write an image as PNG (deterministic bytes for the same pixels); works with non-ASCII paths.
+
+    Not atomic by itself (use it inside :func:`atomic_dir`); a new file gets ``0o666 & ~umask`` as with ``open``.
+    """
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")

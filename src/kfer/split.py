@@ -51,7 +51,10 @@ from kfer.files import atomic_file, read_table, write_json
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("path", "label", "group", "status")
-OUTPUT_COLUMNS = ["path", "label", "group", "split"]
+OUTPUT_COLUMNS = ["path", "label", "group", "source", "split"]
+#: the crop manifest column holding the raw file's path since ``data.sources`` exists; a manifest with it
+#: names the dataset in ``source``, one without it is older and its ``source`` column is the raw path
+RAW_COLUMN = "raw"
 MAX_PASSES = 20
 SWAP_MAX_GROUPS = 1000  # pair swaps cost O(groups^2) per pass; above this, moves only
 _EPS = 1e-9
@@ -221,8 +224,14 @@ def split_warnings(
 
 # --- the DVC stage ------------------------------------------------------------------------------------
 def read_manifest(path: Path) -> pd.DataFrame:
-    """The crop manifest's usable rows (status == "ok"), all columns as strings."""
+    """The crop manifest's usable rows (status == "ok"), all columns as strings, sorted by path.
+
+    Column ``source`` is the dataset name (``data.sources``; "" when not configured). A manifest without a
+    ``raw`` column predates sources: its ``source`` column, if any, held the raw file path and becomes "".
+    """
     df = read_table(path, REQUIRED_COLUMNS, "crop manifest", "kfer crop")
+    if RAW_COLUMN not in df.columns or "source" not in df.columns:
+        df = df.assign(source="")
     df = df[df["status"] == "ok"]
     if df.empty:
         raise ValueError(f"{path} has no rows with status 'ok': nothing to split")
@@ -241,7 +250,8 @@ def run_split(params: Params) -> dict[str, Any]:
     # an image without a group is its own person (the "\x00" prefix keeps these apart from real names)
     keys = [g if g else f"\x00{p}" for g, p in zip(groups, df["path"], strict=True)]
     splits = assign_splits(labels, keys, ratios, params.seed)
-    out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "split": splits})
+    out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "source": df["source"],
+                        "split": splits}, columns=OUTPUT_COLUMNS)
 
     with atomic_file(params.path(params.paths.splits)) as fh:
         out.to_csv(fh, index=False, lineterminator="\n")
@@ -268,8 +278,13 @@ def run_split(params: Params) -> dict[str, Any]:
         "counts": {s: int(in_split[s].sum()) for s in ratios},
         "per_class": {s: {c: int((in_split[s] & (out["label"] == c)).sum()) for c in label_order} for s in ratios},
         "groups": {s: len(set(k for k, m in zip(keys, in_split[s], strict=True) if m)) for s in ratios},
-        "warnings": warnings,
     }
+    sources = sorted(set(out["source"]))
+    if sources != [""]:  # only when data.sources is configured
+        report["per_source"] = {
+            s: {src: int((in_split[s] & (out["source"] == src)).sum()) for src in sources} for s in ratios
+        }
+    report["warnings"] = warnings
     write_json(params.path(params.paths.split_report), report)
     n = len(out)
     counts, persons = report["counts"], report["groups"]
