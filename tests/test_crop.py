@@ -106,7 +106,7 @@ def test_crop_stage_counts_every_bad_file_and_converts_modes(tmp_path, make_para
     expected = add_bad_files(raw)
     report = run_crop(params)
 
-    rows = {Path(r["source"]).name: r for r in _read_manifest(tmp_path)}
+    rows = {Path(r["raw"]).name: r for r in _read_manifest(tmp_path)}
     for name, status in expected.items():
         assert rows[name]["status"] == status, name
     assert report["skipped"] == {"empty_file": 1, "no_face": 1, "not_an_image": 2, "truncated": 1}
@@ -181,3 +181,88 @@ def test_tfeid_photos_crop_with_95_percent_faces_found(tmp_path, make_params):
     assert report["persons"] == 20
     rows = [r for r in _read_manifest(tmp_path) if r["status"] == "ok"]
     assert all(r["n_faces"] == "1" for r in rows[:50]), "one face per TFEID photo (ghost boxes filtered)"
+
+
+def _folders_params(make_params, raw, **crop):
+    return make_params({"paths": {"raw": str(raw)},
+                        "data": {"layout": "folders", "group": {"source": "none"}},
+                        "crop": {"workers": 1, "image_size": 48, **crop}})
+
+
+def test_pre_cropped_faces_need_detector_none_and_then_all_crop(tmp_path, make_params):
+    raw = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    for label in ("happy", "sad"):
+        (raw / label).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(raw / label / f"{i}.jpg"), np.full((48, 48), int(rng.integers(0, 255)), np.uint8))
+    from kfer.config import UserError
+
+    with pytest.raises(UserError, match=r"no_face 12 \(pre-cropped faces \(FER2013, CK\+\) need crop.detector: none"):
+        run_crop(_folders_params(make_params, raw))
+    report = run_crop(_folders_params(make_params, raw, detector="none"))
+    assert report["ok"] == report["total"] == 12 and report["box_source"] == {"whole_image": 12}
+
+
+def test_nothing_usable_is_one_line_from_the_cli_and_keeps_the_old_output(tmp_path, make_params):
+    params = make_params({"crop": {"workers": 1, "image_size": 32}})
+    raw = params.path(params.paths.raw)
+    make_aihub_raw(raw, persons=1, per_class=1)
+    run_crop(params)
+    before = sorted(p.name for p in (tmp_path / "data" / "cropped").rglob("*"))
+    for p in raw.glob("*.jpg"):
+        p.write_bytes(b"")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error")]
+    assert len(err) == 1 and "empty_file 4" in err[0] and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "cropped").rglob("*")) == before
+
+
+def test_manifest_detail_too_small_and_boxes_outside_the_image(tmp_path, make_params):
+    params = make_params({"crop": {"workers": 1, "image_size": 32, "detector": "none"}})
+    raw = params.path(params.paths.raw)
+    raw.mkdir(parents=True)
+    t = "c" * 64
+    img, box = _face_photo(np.random.default_rng(4))
+    names = {k: f"{t}_남_30_기쁨_2021010100000{i}.png" for i, k in enumerate(("clamped", "outside", "tiny", "inv"))}
+    for k, n in names.items():
+        cv2.imwrite(str(raw / n), img if k != "tiny" else img[:20, :20])
+    recs = [
+        {"filename": names["clamped"], "annot_A": _annot("기쁨", (-30, -20, 100, 120))},
+        {"filename": names["outside"], "annot_A": _annot("기쁨", (1000, 1000, 1100, 1100))},
+        {"filename": names["tiny"], "annot_A": _annot("기쁨", box)},
+        {"filename": names["inv"], "annot_A": _annot("기쁨", (200, 200, 100, 100))},
+    ]
+    (raw / "l.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    report = run_crop(params)
+    rows = {Path(r["raw"]).name: r for r in _read_manifest(tmp_path)}
+    assert rows[names["clamped"]]["box_source"] == "annotation" and "clamped" in rows[names["clamped"]]["detail"]
+    assert rows[names["outside"]]["box_source"] == "whole_image"
+    assert "outside the image: not used" in rows[names["outside"]]["detail"]
+    assert rows[names["tiny"]]["status"] == "too_small" and "20x20" in rows[names["tiny"]]["detail"]
+    assert rows[names["inv"]]["box_source"] == "whole_image" and "inverted" in rows[names["inv"]]["detail"]
+    assert rows["l.json"]["status"] == "label_file" and "utf-8" in rows["l.json"]["detail"]
+    boxes = report["annotation_boxes"]
+    assert boxes["clamped_to_image"] == 1 and boxes["outside_image_not_used"] == 1
+    assert boxes["annotator_boxes_dropped"] == {"inverted": 1} and boxes["records_without_box"] == 1
+    assert report["label_from"] == {"json_majority": 3} and report["skipped"] == {"too_small": 1}
+    assert report["label_files"] == {"l.json": {"encoding": "utf-8", "records": 4}}
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("folder", ["fer2013/publictest", "ckplus48", "ckplus48_hugoiwnl"])
+def test_public_pre_cropped_sets_crop_100_percent_with_detector_none(tmp_path, make_params, folder):
+    src = shared_dir(folder)
+    params = make_params({
+        "paths": {"raw": str(src)},
+        "data": {"layout": "folders", "group": {"source": "none"},
+                 "label_map": {"disgust": "hurt", "contempt": "hurt"}},
+        "crop": {"image_size": 48, "detector": "none", "workers": 2},
+    })
+    report = run_crop(params)
+    photos = report["total"] - report["skipped"].get("not_an_image", 0)  # manifest.csv / README beside them
+    assert set(report["skipped"]) <= {"not_an_image"}
+    assert report["ok"] == photos and report["box_source"] == {"whole_image": photos}

