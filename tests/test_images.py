@@ -142,6 +142,17 @@ def test_reduced_gray_decode_matches_the_full_colour_crop(orientation):
     assert np.abs(fast.image.astype(int) - ref.image.astype(int)).mean() <= 3.0
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_reduced_decode_of_rotated_photos_whose_sides_are_not_multiples_of_8(orientation):
+    upright = _photo(1443, 1083, seed=10 + orientation)  # 1440x1083-class phone photos: 1083 = 135·8 + 3
+    data = _oriented_jpeg(upright, orientation)
+    box = (600, 350, 1000, 800)
+    cropper = FaceCropper(size=48, margin=0.1)
+    fast, full = cropper.crop_bytes(data, box), cropper.crop_main(decode_image(data), box)
+    assert fast.reduce == 8
+    assert np.abs(fast.image.astype(int) - full.image.astype(int)).mean() <= 1.0
+
+
 def test_reduction_keeps_the_face_at_least_the_output_size():
     c = FaceCropper(size=224)
     assert [c.reduction(s) for s in (223, 224, 447, 448, 900, 1792, 5000)] == [1, 1, 1, 2, 4, 8, 8]

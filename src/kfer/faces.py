@@ -68,6 +68,47 @@ def crop_resize(bgr: np.ndarray, box: Box, size: int, grayscale: bool = True) ->
     return cv2.resize(patch, (size, size), interpolation=interp)
 
 
+FLIPS_X = frozenset({2, 3, 6, 7})  # EXIF orientations whose upright x runs against the stored pixel order
+FLIPS_Y = frozenset({3, 4, 7, 8})
+
+
+def reduced_origin(width: int, height: int, k: int, orientation: int) -> tuple[int, int]:
+    """Where pixel (0, 0) of a 1/k JPEG decode starts, in upright full-resolution pixels.
+
+    libjpeg scales blocks from the stored image's top-left corner, and the last reduced pixel of a row covers
+    the leftover ``width mod k`` pixels. When the EXIF orientation reverses an axis, the upright grid therefore
+    starts ``ceil(L / k)·k - L`` pixels before the image on that axis (0 when L is a multiple of k).
+    """
+    ox = width - -(-width // k) * k if orientation in FLIPS_X else 0
+    oy = height - -(-height // k) * k if orientation in FLIPS_Y else 0
+    return ox, oy
+
+
+def _area_weights(start: float, length: float, size: int, n: int) -> np.ndarray:
+    """(size, n) weights: output pixel i averages source pixels over [start + i·f, start + (i+1)·f), f =
+    length / size, each weighted by its overlap (what cv2.INTER_AREA does for an integer-aligned box)."""
+    edges = start + np.arange(size + 1, dtype=np.float64) * (length / size)
+    j = np.arange(n, dtype=np.float64)
+    w = np.clip(np.minimum(edges[1:, None], j + 1) - np.maximum(edges[:-1, None], j), 0.0, None)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def area_crop(gray: np.ndarray, x0: float, y0: float, side: float, size: int) -> np.ndarray:
+    """The ``side``-pixel square at fractional (x0, y0) of a gray image, area-resampled to ``size``×``size``.
+
+    Used on a JPEG decoded at 1/k resolution, where the full-resolution square lands between pixels: rounding
+    it to whole reduced pixels would shift the crop by up to k/2 source pixels (several grey levels on edges).
+    Requires ``side >= size`` (shrinking) and the square inside the image.
+    """
+    h, w = gray.shape
+    cx0, cy0 = int(np.floor(x0)), int(np.floor(y0))
+    cx1, cy1 = min(w, int(np.ceil(x0 + side))), min(h, int(np.ceil(y0 + side)))
+    patch = gray[cy0:cy1, cx0:cx1].astype(np.float64)
+    wy = _area_weights(y0 - cy0, side, size, cy1 - cy0)
+    wx = _area_weights(x0 - cx0, side, size, cx1 - cx0)
+    return np.clip(np.rint(wy @ patch @ wx.T), 0, 255).astype(np.uint8)
+
+
 # --- detection --------------------------------------------------------------------------------------------
 
 @functools.cache
@@ -216,10 +257,11 @@ class FaceCropper:
             # the decoder did not apply EXIF orientation as the header says (or misreports the size): the
             # full colour decode is always right
             return self.crop_main(decode_image(data), annotation)
-        side = max(1, int(round((sq[2] - sq[0]) / k)))
-        rx0 = min(max(int(round(sq[0] / k)), 0), gray.shape[1] - side)
-        ry0 = min(max(int(round(sq[1] / k)), 0), gray.shape[0] - side)
-        image = crop_resize(gray, (rx0, ry0, rx0 + side, ry0 + side), self.size, True)
+        if k == 1:
+            image = crop_resize(gray, sq, self.size, True)
+        else:  # the square in reduced pixels is fractional: resample its exact footprint, as INTER_AREA would
+            ox, oy = reduced_origin(w, h, k, head.orientation)
+            image = area_crop(gray, (sq[0] - ox) / k, (sq[1] - oy) / k, (sq[2] - sq[0]) / k, self.size)
         return FaceCrop(image, sq, source, None, 0, issue, k)
 
     def crop_all(self, bgr: np.ndarray) -> list[FaceCrop]:
