@@ -19,6 +19,15 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_crop.py [--repeat N] [--image-size S] [--warmup K] [--wait-idle S] [--keep]
 
 This is a script, not a test: it exits 2 with a message when the data folder is absent.
+
+``--aihub [N]`` is a second, self-contained mode that needs no data: N (default 60) synthetic AI Hub-sized
+photos (``--size``, default 3088×2208; a third EXIF-rotated, some with trailers after ``FF D9``) from
+:func:`kfer.demo_aihub.generate_aihub_photos`, their bytes held in memory, and in one process with one OpenCV
+thread, alternating rounds of the full colour decode (``decode_image`` → ``crop_main``) against
+``FaceCropper.crop_bytes`` (gray, reduced-resolution JPEG decoding): images/s, the ratio, megapixels decoded
+per image and how far the two crops differ (all photos, EXIF-rotated ones apart)::
+
+    .venv/bin/python benchmarks/bench_crop.py --aihub 60 [--size 3088x2208] [--rounds 3] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -364,7 +373,7 @@ def compare_outputs(data: Path, ours_root: Path, seed_out: Path) -> dict:
     with open(ours_root / "data" / "cropped" / "manifest.csv", encoding="utf-8", newline="") as fh:
         for row in csv.DictReader(fh):
             if row["status"] == "ok":
-                src = Path(row["source"])
+                src = Path(row["raw"])
                 ours[src.resolve().relative_to(data.resolve()).as_posix()] = ours_root / row["path"]
     seed = {p.relative_to(seed_out).with_suffix(".jpg").as_posix(): p for p in seed_out.rglob("*.png")}
     common = sorted(set(ours) & set(seed))
@@ -384,6 +393,139 @@ def compare_outputs(data: Path, ours_root: Path, seed_out: Path) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------------------
+# --aihub: phone-sized photos, full colour decode vs FaceCropper.crop_bytes, in one process
+# ------------------------------------------------------------------------------------------------------------
+
+def _aihub_photos(n: int, size: tuple[int, int], work: Path, grain: float = 1.0) -> list[dict]:
+    """``n`` synthetic AI Hub photos in ``work``; per photo its bytes, annotators' median box and orientation."""
+    import numpy as np
+
+    from kfer.config import load_params
+    from kfer.demo_aihub import generate_aihub_photos
+
+    classes = [(c.name, c.ko) for c in load_params(REPO / "params.yaml").classes]
+    persons = -(-n // len(classes))
+    summary = generate_aihub_photos(work / "raw", classes, n_persons=persons, per_class=1, size=size, grain=grain)
+    boxes = {}
+    for rel in summary["label_files"]:
+        for r in json.loads((work / "raw" / rel).read_bytes().decode(summary["label_encoding"])):
+            ann = [[r[f"annot_{t}"]["boxes"][k] for k in ("minX", "minY", "maxX", "maxY")] for t in "ABC"]
+            boxes[r["filename"]] = tuple(float(v) for v in np.median(np.array(ann), axis=0))
+    photos = []
+    for name, rel in list(summary["paths"].items())[:n]:
+        photos.append({"name": name, "data": (work / "raw" / rel).read_bytes(), "box": boxes[name],
+                       "orientation": summary["orientation"][name], "trailer": summary["trailer"][name]})
+    return photos
+
+
+def aihub_main(args) -> int:
+    import cv2
+    import numpy as np
+
+    from kfer.faces import FaceCropper, decode_image
+
+    w, sep, h = args.size.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit()) or args.aihub < 1 or args.rounds < 1:
+        print("bench_crop: --size must be WxH, --aihub and --rounds at least 1", file=sys.stderr)
+        return 2
+    size = (int(w), int(h))
+    cv2.setNumThreads(1)
+    cropper = FaceCropper(size=args.image_size, margin=args.margin, grayscale=True)
+    print("== crop benchmark, AI Hub-sized photos: full colour decode vs FaceCropper.crop_bytes, 1 process ==")
+    for ln in machine_info():
+        print(ln)
+    work = Path(tempfile.mkdtemp(prefix="kfer-bench-aihub-"))
+    t0 = time.perf_counter()
+    photos = _aihub_photos(args.aihub, size, work, args.grain)
+    n = len(photos)
+    rot = [p for p in photos if p["orientation"] != 1]
+    by_o = {o: sum(p["orientation"] == o for p in rot) for o in (6, 8, 3)}
+    mb = sum(len(p["data"]) for p in photos) / 1e6
+    print(f"data         : {n} synthetic JPEGs {size[0]}x{size[1]} upright, grain {args.grain:g} "
+          f"({mb:.1f} MB, {mb / n:.2f} MB each, "
+          f"generated in {time.perf_counter() - t0:.1f} s), {len(rot)} EXIF-rotated "
+          f"({', '.join(f'{o}: {c}' for o, c in by_o.items())}), {sum(bool(p['trailer']) for p in photos)} "
+          f"with bytes after FF D9; in memory (no disk I/O timed); {work}")
+    print(f"cropper      : FaceCropper(size={cropper.size}, margin={cropper.margin}, grayscale=True); "
+          f"box = median of the 3 annotators (upright frame); cv2.getNumThreads() {cv2.getNumThreads()}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
+
+    def old(p):
+        return cropper.crop_main(decode_image(p["data"]), p["box"])
+
+    def new(p):
+        return cropper.crop_bytes(p["data"], p["box"])
+
+    contenders = {"old": old, "new": new}
+    label = {"old": "full colour decode (decode_image + crop_main)", "new": "crop_bytes (gray, reduced JPEG)"}
+    crops = {k: [f(p) for p in photos] for k, f in contenders.items()}  # warm-up pass, kept for agreement
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    per_image = {k: np.zeros((args.rounds, n)) for k in contenders}  # seconds, per round and photo
+    for r in range(args.rounds):
+        for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            f, clock = contenders[k], time.perf_counter
+            c0, t1 = time.process_time(), clock()
+            for i, p in enumerate(photos):
+                ti = clock()
+                f(p)
+                per_image[k][r, i] = clock() - ti
+            wall, cpu = clock() - t1, time.process_time() - c0
+            times[k].append(wall)
+            print(f"round {r + 1}/{args.rounds} {k}: {n} images in {wall:.2f} s = {n / wall:.2f} img/s "
+                  f"(process cpu {cpu:.2f} s{'' if cpu > 0.9 * wall else ', WAITED: machine busy?'})", flush=True)
+
+    print()
+    mb_i = np.array([len(p["data"]) / 1e6 for p in photos])
+    mp = {"old": np.full(n, size[0] * size[1] / 1e6),
+          "new": np.array([-(-size[0] // c.reduce) * -(-size[1] // c.reduce) / 1e6 for c in crops["new"]])}
+    rate = {}
+    for k in ("old", "new"):
+        t = statistics.median(times[k])
+        rate[k] = n / t
+        extra = ""
+        if k == "new":
+            ks = {f"1/{q}": sum(c.reduce == q for c in crops["new"]) for q in (1, 2, 4, 8)}
+            extra = " (decoded at " + ", ".join(f"{q}: {c}" for q, c in ks.items() if c) + ")"
+        print(f"{k} = {label[k]:46s}: {rate[k]:7.2f} img/s, {1000 * t / n:6.1f} ms/img, "
+              f"{mp[k].mean():5.2f} MP decoded/img ({'colour' if k == 'old' else 'gray'}){extra}")
+    ratio = rate["new"] / rate["old"]
+    print(f"ratio new/old: {ratio:.2f}x images/s (median of {args.rounds} rounds; target >= 1.5x: "
+          f"{'MET' if ratio >= 1.5 else 'NOT met'})")
+    mad = np.array([np.abs(a.image.astype(np.int16) - b.image.astype(np.int16)).mean()
+                    for a, b in zip(crops["old"], crops["new"], strict=True)])
+    same_box = sum(a.box == b.box for a, b in zip(crops["old"], crops["new"], strict=True))
+    print(f"agreement    : mean absolute grey difference between the two crops, per image: mean {mad.mean():.2f}, "
+          f"max {mad.max():.2f} (target mean <= 2: {'MET' if mad.mean() <= 2 else 'NOT met'}); "
+          f"same square box {same_box}/{n}")
+    for what, sel in (("EXIF-rotated", [p["orientation"] != 1 for p in photos]),
+                      ("stored upright", [p["orientation"] == 1 for p in photos]),
+                      ("with trailer", [bool(p["trailer"]) for p in photos])):
+        m = mad[np.array(sel, bool)]
+        if m.size:
+            print(f"  {what:14s} ({m.size:3d}): mean {m.mean():.2f}, max {m.max():.2f}")
+    # How the cost grows: least squares of each photo's median time on the JPEG's size and the pixels decoded.
+    print("cost growth  : ms/img fitted per photo on its JPEG size (MB, entropy decoding reads every byte at any "
+          "reduction) and the MP decoded")
+    for k in ("old", "new"):
+        t_ms = 1000 * np.median(per_image[k], axis=0)
+        cols = [np.ones(n), mb_i] + ([mp[k]] if np.ptp(mp[k]) > 0 else [])
+        coef, *_ = np.linalg.lstsq(np.stack(cols, 1), t_ms, rcond=None)
+        fit = f"{coef[0]:.1f} + {coef[1]:.1f}/MB" + (f" + {coef[2]:.2f}/MP decoded" if len(coef) > 2 else
+                                                     f" (all {mp[k][0]:.2f} MP decoded)")
+        groups = ""
+        if k == "new":
+            groups = "; by reduction: " + ", ".join(
+                f"1/{q} {mp[k][sel].mean():.2f} MP {t_ms[sel].mean():.1f} ms"
+                for q in (1, 2, 4, 8) if (sel := np.array([c.reduce == q for c in crops["new"]])).any())
+        print(f"  {k}: ms/img = {fit}{groups}")
+    if args.keep:
+        print(f"\nphotos kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=1, help="runs of each contender (median and best reported)")
@@ -400,10 +542,27 @@ def main() -> int:
     ap.add_argument("--tries", type=int, default=3, help="attempts per run with --max-other")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder with all outputs")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "CONFIG", "RESULT"), help=argparse.SUPPRESS)
+    aihub = ap.add_argument_group("AI Hub-sized mode (no data needed)")
+    aihub.add_argument("--aihub", type=int, nargs="?", const=60, default=None, metavar="N",
+                       help="instead: N (default 60) synthetic phone-sized photos, full colour decode vs "
+                            "FaceCropper.crop_bytes, one process")
+    aihub.add_argument("--size", default="3088x2208", metavar="WxH", help="--aihub photo size (upright)")
+    aihub.add_argument("--rounds", type=int, default=3, help="--aihub: alternating timed rounds (median)")
+    aihub.add_argument("--margin", type=float, default=0.1, help="--aihub: FaceCropper margin")
+    aihub.add_argument("--grain", type=float, default=1.0,
+                       help="--aihub: sensor-noise scale of the photos (1: ~0.45 MB each, 4.5: ~1.7 MB as a phone's)")
     args = ap.parse_args()
     if args.child:
         run_child(*args.child)
         return 0
+    if args.aihub is not None:
+        # One core for both contenders: OpenCV's threads (set in aihub_main) and BLAS's (numpy matrix products),
+        # which read these variables when numpy is first imported.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        if "numpy" in sys.modules:  # pragma: no cover - not the case when run as a script
+            print("WARNING: numpy was imported before its thread count could be set to 1", file=sys.stderr)
+        return aihub_main(args)
 
     data = args.data.resolve()
     if not data.is_dir():

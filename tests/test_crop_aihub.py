@@ -104,3 +104,32 @@ def test_crop_outputs_follow_the_umask(aihub_project):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
     png = next(out.rglob("*.png"))
     assert (png.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_aihub_photos_and_a_pre_cropped_set_in_one_raw_folder(tmp_path):
+    from .conftest import write_params
+
+    params = write_params(tmp_path, {
+        "crop": {"workers": 1, "image_size": 48},
+        "data": {"sources": {
+            "aihub": {"layout": "aihub"},
+            "fer2013": {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(p\d)"}},
+        }},
+    })
+    raw = params.path(params.paths.raw)
+    summary = generate_aihub_photos(raw / "aihub", [(c.name, c.ko) for c in params.classes], n_persons=3,
+                                    per_class=1, size=(640, 480), seed=1)
+    rng = np.random.default_rng(0)
+    for label in ("happy", "sad", "angry"):
+        (raw / "fer2013" / label).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(raw / "fer2013" / label / f"p{i % 3}_{i}.png"), rng.integers(0, 255, (48, 48), np.uint8))
+    report = run_crop(params)
+    assert report["per_source"]["aihub"]["ok"] == summary["images"] == 3 * 7
+    assert report["per_source"]["fer2013"] == {"total": 18, "ok": 18, "persons": 3}
+    assert report["box_source"] == {"annotation": 21, "whole_image": 18}
+    run_split(params)
+    with open(params.path(params.paths.splits), encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["source"] for r in rows} == {"aihub", "fer2013"}
+    assert all(r["group"].startswith(r["source"] + "/") for r in rows)

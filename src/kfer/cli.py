@@ -38,7 +38,20 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Prints a user's mistake (:class:`kfer.config.UserError`: bad params, missing or unusable input) as one
+    line and exits 1, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from .config import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--params", "params_path", type=click.Path(dir_okay=False), default="params.yaml", show_default=True,
     help="params.yaml to read; paths in it are relative to its folder.",
@@ -223,19 +236,37 @@ def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None,
 @click.option("--persons", default=12, show_default=True, help="Synthetic persons.")
 @click.option("--per-class", default=4, show_default=True, help="Photos per person and class.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--aihub-photos", is_flag=True,
+              help="Write phone-sized photos in the AI Hub download layout "
+                   "(Training/[원천]EMOIMG_<감정>_TRAIN_01/, [라벨] label JSON per emotion, EXIF-rotated photos, "
+                   "trailers after FF D9) instead of the small demo.")
+@click.option("--size", "size", default="3088x2208", show_default=True, metavar="WxH",
+              help="With --aihub-photos: upright photo size.")
+@click.option("--label-encoding", type=click.Choice(["cp949", "utf-8", "utf-8-sig"]), default="cp949",
+              show_default=True, help="With --aihub-photos: encoding of the label JSON files.")
 @click.pass_context
-def demo_data(ctx: click.Context, out: str | None, persons: int, per_class: int, seed: int) -> None:
+def demo_data(ctx: click.Context, out: str | None, persons: int, per_class: int, seed: int, aihub_photos: bool,
+              size: str, label_encoding: str) -> None:
     """Generate the SYNTHETIC demo dataset in the AI Hub layout (file names + label JSON with face boxes).
 
     The shipped demo data (data.dvc, restored by `dvc pull`) was made with the defaults; regenerate it only
     to change it. Output is written atomically and is byte-identical for the same options.
     """
-    from .demo import generate_demo
-
     params = _params(ctx)
     target = Path(out) if out else params.path(params.paths.raw)
-    summary = generate_demo(target, [(c.name, c.ko or c.name) for c in params.classes],
-                            n_persons=persons, per_class=per_class, seed=seed)
+    classes = [(c.name, c.ko or c.name) for c in params.classes]
+    if aihub_photos:
+        from .demo_aihub import generate_aihub_photos
+
+        w, sep, h = size.lower().partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise click.BadParameter(f"expected WxH, e.g. 3088x2208, got {size!r}", param_hint="--size")
+        summary = generate_aihub_photos(target, classes, n_persons=persons, per_class=per_class,
+                                        size=(int(w), int(h)), seed=seed, label_encoding=label_encoding)
+    else:
+        from .demo import generate_demo
+
+        summary = generate_demo(target, classes, n_persons=persons, per_class=per_class, seed=seed)
     logging.getLogger("kfer.demo").info(
         "demo-data: %d synthetic images of %d persons (%.1f MB) -> %s",
         summary["images"], summary["persons"], summary["bytes"] / 1e6, target,
