@@ -67,6 +67,10 @@ def make_dataset(
     seed = params.seed if seed is None else seed
     ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(len(paths), dtype=np.int64)))
     if training:
+        # A shuffle's order depends on the op seed *and* the global seed in force when the op is made: unset in a
+        # fresh process, but whatever an earlier fit in the same process (a tuning trial, a test) left. Setting it
+        # here makes the order a function of `seed` alone.
+        tf.random.set_seed(seed)
         ds = ds.shuffle(min(params.train.shuffle_buffer, max(len(paths), 1)), seed=seed,
                         reshuffle_each_iteration=True)
 
