@@ -347,7 +347,7 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
     print(f"settings: {n} PNGs {params.crop.image_size}x{params.crop.image_size} gray (mean {np.mean(png_bytes):.0f} "
           f"bytes) in {root}; params {root / 'params.yaml'}; model blocks {list(m.blocks)} width {m.base_width} "
           f"head {m.head_units} init {m.kernel_initializer}; batch {B} ({steps} steps/epoch), "
-          f"shuffle_buffer {params.train.shuffle_buffer}, class weights {'on' if args.class_weights else 'off'}, "
+          f"shuffle over the whole table, class weights {'on' if args.class_weights else 'off'}, "
           f"kfer compile_model (Adam {params.train.learning_rate}, CE, accuracy, MacroF1); "
           f"{epochs} epoch(s) = {epochs * n} images per timed fit (model.fit(ds, epochs={epochs}) as run_train), "
           f"{args.rounds} alternating rounds")
@@ -360,7 +360,7 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
     x = imgs[..., None].astype(np.float32)
     y = np.eye(N_CLASSES, dtype=np.float32)[labels]
     ds_mem = no_autotune(tf, tf.data.Dataset.from_tensor_slices((x, y)).cache()
-                         .shuffle(min(params.train.shuffle_buffer, n), seed=params.seed, reshuffle_each_iteration=True)
+                         .shuffle(n, seed=params.seed, reshuffle_each_iteration=True)
                          .batch(B).prefetch(tf.data.AUTOTUNE))
     assert ds_pipe.element_spec[0].shape.as_list()[1:] == list(ds_mem.element_spec[0].shape)[1:]
     feeds = {"pipeline": ds_pipe, "pipeline-noAT": ds_fix, "memory": ds_mem}

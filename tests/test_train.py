@@ -130,3 +130,58 @@ def test_sigterm_ends_run_killed(tiny_project):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def _class_sorted_table(tmp_path, params, rows_per_class: int):
+    """A class-sorted train table (as the stages write it): ``rows_per_class`` rows per class, all rows of a
+    class pointing at one tiny PNG."""
+    import cv2
+    import pandas as pd
+
+    paths, labels = [], []
+    for k, name in enumerate(params.class_names):
+        p = tmp_path / f"{name}.png"
+        cv2.imwrite(str(p), np.full((params.crop.image_size,) * 2, k, np.uint8))
+        paths += [str(p)] * rows_per_class
+        labels += [name] * rows_per_class
+    return pd.DataFrame({"path": paths, "label": labels})
+
+
+def test_every_batch_mixes_classes_on_a_large_class_sorted_table(tmp_path, make_params):
+    from kfer.train import make_dataset
+
+    params = make_params({"crop": {"image_size": 8}, "train": {"batch_size": 32}})
+    table = _class_sorted_table(tmp_path, params, 3000)  # 21,000 rows, 3,000 of each class in a row
+    ds = make_dataset(params, table, training=True)
+    first = [np.unique(np.argmax(y, 1)).size for _, y in ds.take(20)]
+    assert min(first) >= 5, first  # a 4,096-row window would give batches of 1-2 classes here
+
+
+def test_each_epoch_is_a_fresh_seeded_permutation_of_the_whole_table(tmp_path, make_params):
+    import cv2
+    import pandas as pd
+
+    from kfer.train import make_dataset
+
+    params = make_params({"crop": {"image_size": 8}, "train": {"batch_size": 50}})
+    rows = []
+    for i in range(300):  # each row its own image: pixel (0, 0) = i // 256, (0, 1) = i % 256
+        img = np.zeros((8, 8), np.uint8)
+        img[0, 0], img[0, 1] = divmod(i, 256)
+        p = tmp_path / f"{i:03d}.png"
+        cv2.imwrite(str(p), img)
+        rows.append({"path": str(p), "label": params.class_names[i * 7 // 300]})
+    table = pd.DataFrame(rows)
+
+    def epochs(seed, n=2):
+        ds = make_dataset(params, table, training=True, seed=seed)
+        out = []
+        for _ in range(n):
+            ids = np.concatenate([(x[:, 0, 0, 0] * 256 + x[:, 0, 1, 0]).numpy() for x, _ in ds]).astype(int)
+            out.append(ids.tolist())
+        return out
+
+    a = epochs(1)
+    assert all(sorted(e) == list(range(300)) for e in a)  # the whole table, each row once
+    assert a[0] != a[1] and a[0] != sorted(a[0])  # a fresh order every epoch
+    assert epochs(1) == a and epochs(2) != a  # a function of the seed

@@ -188,7 +188,6 @@ class TrainCfg(_Strict):
     lr_factor: float = Field(0.5, gt=0, lt=1)
     lr_patience: int = Field(2, ge=0)
     class_weights: bool = True
-    shuffle_buffer: int = Field(4096, ge=1)
     mixed_precision: bool = False
     xla: bool = False
 

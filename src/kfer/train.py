@@ -67,12 +67,13 @@ def make_dataset(
     seed = params.seed if seed is None else seed
     ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(len(paths), dtype=np.int64)))
     if training:
-        # A shuffle's order depends on the op seed *and* the global seed in force when the op is made: unset in a
-        # fresh process, but whatever an earlier fit in the same process (a tuning trial, a test) left. Setting it
-        # here makes the order a function of `seed` alone.
+        # Every epoch visits the whole table in a fresh order: the shuffle holds (path, label, row) tuples, not
+        # decoded images, so its buffer is the whole table (~100 bytes a row). A window of a few thousand rows
+        # over a class-sorted table (as the stages write them) gives single-class batches for most of an epoch.
+        # The order depends on the op seed *and* the global seed in force when the op is made (unset in a fresh
+        # process, else whatever an earlier fit in the process left): setting it makes it a function of `seed`.
         tf.random.set_seed(seed)
-        ds = ds.shuffle(min(params.train.shuffle_buffer, max(len(paths), 1)), seed=seed,
-                        reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
 
     def decode(path, label, idx):
         img = tf.io.decode_png(tf.io.read_file(path), channels=channels)
