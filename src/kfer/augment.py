@@ -1,8 +1,10 @@
 """The ``augment`` stage: Keras ImageDataGenerator-style augmentation of the train split, written to disk.
 
 Only rows of ``splits.csv`` whose split is ``train`` are augmented; validation and test images are never
-touched. For every train image the stage writes a byte copy of the original plus ``augment.copies``
-augmented versions under ``<paths.augmented>/train/<label>/``, and a ``manifest.csv`` next to them.
+touched. For every train image the stage writes ``augment.copies`` augmented versions under
+``<paths.augmented>/train/<label>/`` and a ``manifest.csv`` next to them that lists the training table: each
+original (copy 0), referenced where the crop stage wrote it (``<paths.cropped>/…``, not copied: at AI Hub
+scale a copy would duplicate every cropped face), and its augmented copies.
 
 Every augmented image is a pure function of (source pixels, params.seed, source path, copy index, augment
 params): each one draws from its own generator (:func:`rng_for`), so the output bytes are identical for any
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -232,10 +233,11 @@ def _init_worker(cfg: AugmentCfg, strength: float, seed: int) -> None:
 
 
 def _augment_one(task: tuple[str, str, str, str]) -> tuple[str | None, list[tuple[int, str]]]:
-    """Worker: read one train image, write its original copy and augmented copies into ``out_dir``.
+    """Worker: read one train image and write its augmented copies into ``out_dir``.
 
     ``task`` is (source absolute path, key as in splits.csv, output folder, output stem). Returns
-    (skip reason or None, [(copy index, file name), ...]). Bad inputs are reported, never raised.
+    (skip reason or None, [(copy index, file name or None for the original itself), ...]). Bad inputs are
+    reported, never raised.
     """
     src, key, out_dir, stem = task
     cfg: AugmentCfg = _WORKER["cfg"]
@@ -256,8 +258,7 @@ def _augment_one(task: tuple[str, str, str, str]) -> tuple[str | None, list[tupl
         return "augment_failed", []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [(0, f"{stem}.png")]
-    shutil.copyfile(src, out / written[0][1])
+    written: list[tuple[int, str | None]] = [(0, None)]  # the original: referenced, not copied
     for k, aug in enumerate(augmented, start=1):
         name = f"{stem}__aug{k}.png"
         files.write_png(out / name, aug)
@@ -331,10 +332,8 @@ def run_augment(params: Params) -> dict:
                 skipped[reason] += 1
                 continue
             for copy, name in written:
-                final = target / TRAIN_DIR / row.label / name
-                manifest.append(
-                    {"path": params.rel(final), "source": row.path, "label": row.label, "group": row.group, "copy": copy}
-                )
+                path = row.path if name is None else params.rel(target / TRAIN_DIR / row.label / name)
+                manifest.append({"path": path, "source": row.path, "label": row.label, "group": row.group, "copy": copy})
                 per_class[row.label] += 1
                 if copy == 0:
                     originals += 1
