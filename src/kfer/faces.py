@@ -191,9 +191,9 @@ class FaceCropper:
             raise ValueError(f"unknown detector {self.detector!r}: expected one of {DETECTORS}")
 
     @classmethod
-    def from_params(cls, crop_cfg, detector: str | None = None) -> FaceCropper:
+    def from_params(cls, crop_cfg) -> FaceCropper:
         return cls(crop_cfg.image_size, crop_cfg.margin, crop_cfg.threshold, crop_cfg.grayscale,
-                   crop_cfg.min_inside, detector or crop_cfg.detector, crop_cfg.min_image_side)
+                   crop_cfg.min_inside, crop_cfg.detector, crop_cfg.min_image_side)
 
     def with_detector(self, detector: str | None) -> FaceCropper:
         return self if detector in (None, self.detector) else replace(self, detector=detector)
@@ -253,14 +253,14 @@ class FaceCropper:
         if box is None and self.detector == "none":
             box, source = (0, 0, w, h), "whole_image"
         if box is None or not self.grayscale:
-            return self.crop_main(decode_image(data), annotation)
+            return self.crop_main(decode_image(data, checked=True), annotation)
         sq = square_box(box, self.margin, w, h)
         k = self.reduction(sq[2] - sq[0]) if head.format == "JPEG" else 1
         gray = decode_gray(data, k, checked=True)
         if gray.shape != (-(-h // k), -(-w // k)):
             # the decoder did not apply EXIF orientation as the header says (or misreports the size): the
             # full colour decode is always right
-            return self.crop_main(decode_image(data), annotation)
+            return self.crop_main(decode_image(data, checked=True), annotation)
         if k == 1:
             image = crop_resize(gray, sq, self.size, True)
         else:  # the square in reduced pixels is fractional: resample its exact footprint, as INTER_AREA would

@@ -28,7 +28,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the match then starts at the last 0xFF). A plain character class: ~0.4 ms per MB, no backtracking.
 _SCAN_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 REDUCED_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
                 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
@@ -41,6 +40,10 @@ class ImageError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def _not_an_image(data: bytes) -> ImageError:
+    return ImageError("not_an_image", f"no known image format ({len(data)} bytes, starts {data[:8]!r})")
 
 
 # --- structure --------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def read_header(data: bytes) -> Header:
             except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
                 orientation = 1
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", f"no known image format ({len(data)} bytes, starts {data[:8]!r})") from exc
+        raise _not_an_image(data) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("corrupt", f"header unreadable: {exc}") from exc
     if orientation in ROTATED_ORIENTATIONS:
@@ -151,7 +154,7 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
         im = Image.open(io.BytesIO(data))
         im.load()  # strict: a truncated file raises
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", f"no known image format ({len(data)} bytes, starts {data[:8]!r})") from exc
+        raise _not_an_image(data) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageError(reason, str(exc)) from exc
@@ -169,9 +172,13 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes -> BGR uint8 (EXIF orientation applied). 16-bit, palette, alpha, gray and CMYK are converted."""
-    check_complete(data)
+def decode_image(data: bytes, checked: bool = False) -> np.ndarray:
+    """Bytes -> BGR uint8 (EXIF orientation applied). 16-bit, palette, alpha, gray and CMYK are converted.
+
+    ``checked``: the caller already ran :func:`check_complete`.
+    """
+    if not checked:
+        check_complete(data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         img = _decode_with_pil(data)
@@ -184,7 +191,8 @@ def decode_gray(data: bytes, reduce: int = 1, checked: bool = False) -> np.ndarr
     """Bytes -> gray uint8, EXIF orientation applied; JPEGs at 1/``reduce`` resolution (libjpeg DCT scaling).
 
     A reduced JPEG is ``ceil(width / reduce)`` × ``ceil(height / reduce)``; pixel (x, y) covers source pixels
-    ``reduce·x … reduce·x + reduce - 1``, so a box maps by dividing by ``reduce``. Other formats ignore
+    ``reduce·x … reduce·x + reduce - 1`` of the stored frame, so a box maps by dividing by ``reduce`` (after
+    :func:`kfer.faces.reduced_origin`'s shift where the EXIF orientation reverses an axis). Other formats ignore
     ``reduce`` (their decoders would decode full size and resize anyway). Gray is libjpeg's luma channel for
     JPEGs, which matches BGR -> gray of the colour decode to a fraction of a grey level. ``checked``: the caller
     already ran :func:`check_complete`.

@@ -193,9 +193,9 @@ def read_records(params: Params, root: Path | None = None) -> ReadResult:
         records, layout = _read_source(params, root, src, mine, result)
         result.layouts[src.name] = layout
         by_rel.update((r.rel, r) for r in records)
-    for path, kind, detail in entries:
-        rel = nfc(path.relative_to(root).as_posix())
+    for path, _, _ in entries:
         if path not in owner:
+            rel = nfc(path.relative_to(root).as_posix())
             by_rel[rel] = Record(path, rel, None, None, None, status="no_source",
                                  detail=f"outside every data.sources folder ({', '.join(params.data.sources)})")
     result.records = [by_rel[k] for k in sorted(by_rel)]
@@ -227,7 +227,7 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
             records.append(Record(path, rel, None, None, None, status=kind, detail=detail, **common))
             continue
         if path in label_files:
-            info = index.files.get(nfc(path.relative_to(root).as_posix()), {})
+            info = index.files.get(rel, {})
             status = "bad_label_file" if "error" in info else "label_file"
             records.append(Record(path, rel, None, None, None, status=status,
                                   detail=info.get("error") or f"{info.get('records', 0)} records, "
