@@ -547,21 +547,37 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return bg
 
 
+def head_extent(a: float, angle: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The head outline's extent (min x, min y), (max x, max y) about the head centre, in photo pixels, once
+    the canvas is scaled by ``scale`` and tilted by ``angle`` degrees (``a``: the head's half-width, face units)."""
+    th = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    outline = np.stack([_CX + a * _S * np.cos(th), _CY + _HEAD_B * _S * np.sin(th)], 1)
+    rot = cv2.getRotationMatrix2D((0.0, 0.0), angle, scale)  # about the head centre, scale included
+    rel = (outline - (_CX, _CY)) @ rot[:, :2].T
+    return rel.min(0), rel.max(0)
+
+
+def place_head(rng: np.random.Generator, lo, hi, w: int, h: int, margin: float = 3.0) -> tuple[float, float]:
+    """A random head centre that keeps the head's extent (``lo``, ``hi``) ``margin`` pixels inside w×h."""
+    cx = rng.uniform(margin - lo[0], max(margin - lo[0], w - margin - hi[0]))
+    cy = rng.uniform(margin - lo[1], max(margin - lo[1], h - margin - hi[1]))
+    return cx, cy
+
+
+def aihub_file_name(person: Person, ko: str, date: str, place: str | None = None) -> str:
+    """``<title>_<gender>_<age>_<emotion>[_<place>]_<date>.jpg``, NFC, as AI Hub names its photos."""
+    fields = [person.title, person.gender, str(person.age), ko, *([place] if place else []), date]
+    return unicodedata.normalize("NFC", "_".join(fields) + ".jpg")
+
+
 def _photo(person: Person, expr: Expression, rng: np.random.Generator, w: int, h: int):
     """One photo (BGR uint8) and the face box (minX, minY, maxX, maxY) in its pixels."""
     face, alpha, a = _draw_face(person, expr, rng)
     face_h = float(rng.uniform(0.35, 0.70)) * h  # head height in the photo, pixels
     scale = face_h / (2 * _HEAD_B * _S)
     angle = float(rng.uniform(-10, 10))
-    # The head's outline in canvas pixels, to place the face inside the photo and report its box.
-    th = np.linspace(0, 2 * np.pi, 90, endpoint=False)
-    outline = np.stack([_CX + a * _S * np.cos(th), _CY + _HEAD_B * _S * np.sin(th)], 1)
-    rot = cv2.getRotationMatrix2D((0.0, 0.0), angle, scale)  # about the head centre, scale included
-    rel = (outline - (_CX, _CY)) @ rot[:, :2].T
-    lo, hi = rel.min(0), rel.max(0)
-    m = 3.0
-    cx = rng.uniform(m - lo[0], max(m - lo[0], w - m - hi[0]))
-    cy = rng.uniform(m - lo[1], max(m - lo[1], h - m - hi[1]))
+    lo, hi = head_extent(a, angle, scale)
+    cx, cy = place_head(rng, lo, hi, w, h)
     # Downscale first (area filter: anti-aliased), then rotate and place.
     sw, sh = max(1, round(_CW * scale)), max(1, round(_CH * scale))
     fx, fy = sw / _CW, sh / _CH
@@ -657,10 +673,7 @@ def generate_demo(
                     place = PLACES[int(rng.integers(len(PLACES)))]
                     long_form = (i + 2 * ci + j) % 3 == 0
                     date = _date(person, ci + 1, j + 1, offset_s=ci * 600 + j * 37)
-                    fields = [person.title, person.gender, str(person.age), ko]
-                    if long_form:
-                        fields.append(place)
-                    fname = unicodedata.normalize("NFC", "_".join([*fields, date]) + ".jpg")
+                    fname = aihub_file_name(person, ko, date, place if long_form else None)
                     data = buf.tobytes()
                     (tmp / fname).write_bytes(data)
                     total += len(data)

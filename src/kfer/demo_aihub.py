@@ -53,6 +53,9 @@ from kfer.demo import (
     _draw_face,
     _expression_key,
     _person,
+    aihub_file_name,
+    head_extent,
+    place_head,
 )
 from kfer.files import atomic_dir
 
@@ -91,13 +94,9 @@ def _upright_photo(person, expr, rng: np.random.Generator, w: int, h: int,
     head_h = float(rng.uniform(*_FACE_SIDE)) * min(w, h)
     scale = head_h / (2 * _HEAD_B * _S)
     angle = float(rng.uniform(-10, 10))
-    th = np.linspace(0, 2 * np.pi, 90, endpoint=False)
-    outline = np.stack([_CX + a * _S * np.cos(th), _CY + _HEAD_B * _S * np.sin(th)], 1)
+    lo, hi = head_extent(a, angle, scale)
+    cx, cy = place_head(rng, lo, hi, w, h)
     m = cv2.getRotationMatrix2D((_CX, _CY), angle, scale)  # canvas -> photo, before the translation
-    rel = outline @ m[:, :2].T + m[:, 2] - (_CX, _CY)
-    lo, hi = rel.min(0), rel.max(0)
-    cx = rng.uniform(3 - lo[0], max(3 - lo[0], w - 3 - hi[0]))
-    cy = rng.uniform(3 - lo[1], max(3 - lo[1], h - 3 - hi[1]))
     m[:, 2] += (cx - _CX, cy - _CY)
     box = np.array([lo[0] + cx, lo[1] + cy, hi[0] + cx, hi[1] + cy])
 
@@ -258,8 +257,7 @@ def generate_aihub_photos(
                     place = PLACES[int(rng.integers(len(PLACES)))]
                     long_form = (i + 2 * ci + j) % 3 == 0
                     date = _date(person, ci + 1, j + 1, offset_s=ci * 600 + j * 37)
-                    fields = [person.title, person.gender, str(person.age), ko, *([place] if long_form else [])]
-                    fname = unicodedata.normalize("NFC", "_".join([*fields, date]) + ".jpg")
+                    fname = aihub_file_name(person, ko, date, place if long_form else None)
                     orientation, exif = 1, b""
                     if _every(k, exif_fraction, 0.0):
                         orientation = ORIENTATIONS[n_rot % len(ORIENTATIONS)]
