@@ -80,7 +80,7 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     out = _run(repo, "dvc", "repro")
     assert _ran(out) == {"crop", "split", "augment", "train", "evaluate", "tune"}, out
     crop = json.loads((repo / "metrics" / "crop.json").read_text())
-    assert crop["ok"] > 0 and crop["box_source"] == {"annotation": crop["ok"]}
+    assert crop["ok"] > 0 and crop["box_source"] == {"matched": crop["ok"]}
     with open(repo / "data" / "splits.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     split_of_group: dict[str, set] = {}

@@ -156,7 +156,8 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     eval_dir = params.path(params.paths.eval_dir)
     assert sorted(p.name for p in eval_dir.iterdir()) == sorted(EVAL_FILES)
     pred = pd.read_csv(eval_dir / "predictions.csv")
-    assert list(pred.columns) == ["path", "actual", "predicted", "confidence"]
+    assert list(pred.columns) == ["path", "actual", "predicted", "confidence", "photo_predicted"]
+    assert (pred["photo_predicted"].isna()).all()  # no photo model in this run: no photo path
     assert list(pred["path"]) == [f"data/cropped/{names[t]}/test_{i:03d}.png" for i, t in enumerate(Y_TRUE)]
     assert list(pred["actual"]) == [names[t] for t in Y_TRUE]
     assert list(pred["predicted"]) == [names[p] for p in Y_PRED]
@@ -399,3 +400,51 @@ def test_history_with_missing_columns_and_empty(tmp_path):
     assert (tmp_path / "h1.png").exists() and (tmp_path / "h2.png").exists()
     with pytest.raises(ValueError, match="captions"):
         plots.image_grid([np.zeros((4, 4), np.uint8)], [], tmp_path / "g.png")
+
+
+def test_photo_path_scores_the_logged_model_on_the_test_photos(make_params, monkeypatch, caplog):
+    """The photo path runs the logged photo model on the raw test photos; with crop.box: match the faces it cuts
+    are the crop stage's pixel for pixel, so its answers equal the crop path's, photo by photo."""
+    import mlflow
+
+    from kfer import tracking
+    from kfer.crop import run_crop
+    from kfer.demo_aihub import generate_aihub_photos
+    from kfer.evaluate import run_evaluate
+    from kfer.serving import log_models
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = make_params({"crop": {"image_size": S, "workers": 1}, "train": {"experiment": "kfer-test"}})
+    generate_aihub_photos(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes], n_persons=2,
+                          per_class=1, size=(1280, 960), seed=5, validation_persons=0)
+    report = run_crop(params)
+    assert report["box_source"].get("matched", 0) >= 12, report["box_source"]
+    manifest = pd.read_csv(params.path(params.paths.cropped) / "manifest.csv", dtype=str, keep_default_na=False)
+    ok = manifest[manifest["status"] == "ok"]
+    pd.DataFrame({"path": ok["path"], "label": ok["label"], "group": ok["group"], "split": "test"}).to_csv(
+        params.path(params.paths.splits), index=False)
+    model = save_intensity_model(params, sharpness=2000.0)
+    with tracking.tracked_run(params, "train", log_params=False) as run:
+        mlflow.set_tag(tracking.MODEL_URI_TAG, log_models(model, params)["model_uri"])  # as the train stage does
+    params.path(params.paths.train_run).write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
+
+    with caplog.at_level(logging.INFO, logger="kfer.evaluate"):
+        result = run_evaluate(params)
+    n = len(ok)
+    assert result["photo_images"] == n and result["photo_missed"] == report["box_source"].get("annotation", 0)
+    assert result["photo_box_iou"] == pytest.approx(1.0)
+    pred = pd.read_csv(params.path(params.paths.eval_dir) / "predictions.csv", dtype=str, keep_default_na=False)
+    matched = (ok["box_source"] == "matched").to_numpy()
+    assert (pred["photo_predicted"][matched] == pred["predicted"][matched]).all()
+    if matched.all():
+        assert result["photo_accuracy"] == result["test_accuracy"]
+    assert "photo path (the logged photo model on" in caplog.text
+    logged = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(run.info.run_id).data.metrics
+    assert logged["photo_accuracy"] == pytest.approx(result["photo_accuracy"])
+
+    # a sample: evaluate.photo_max_images photos, the others left blank
+    params = make_params({"crop": {"image_size": S, "workers": 1}, "train": {"experiment": "kfer-test"},
+                          "evaluate": {"photo_max_images": 5}})
+    assert run_evaluate(params)["photo_images"] == 5
+    pred = pd.read_csv(params.path(params.paths.eval_dir) / "predictions.csv", dtype=str, keep_default_na=False)
+    assert (pred["photo_predicted"] != "").sum() == 5

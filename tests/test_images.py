@@ -131,7 +131,7 @@ def test_reduced_gray_decode_matches_the_full_colour_crop(orientation):
     head = read_header(data)
     assert (head.width, head.height, head.orientation) == (1600, 1200, orientation)
     box = (700, 300, 1100, 800)  # in the upright frame
-    cropper = FaceCropper(size=96, margin=0.1)
+    cropper = FaceCropper(size=96, margin=0.1, box="annotation")
     fast = cropper.crop_bytes(data, box)
     full = cropper.crop_main(decode_image(data), box)
     assert fast.reduce == 4 and full.reduce == 1  # 550 px square / 4 = 137 >= 96
@@ -147,7 +147,7 @@ def test_reduced_decode_of_rotated_photos_whose_sides_are_not_multiples_of_8(ori
     upright = _photo(1443, 1083, seed=10 + orientation)  # 1440x1083-class phone photos: 1083 = 135·8 + 3
     data = _oriented_jpeg(upright, orientation)
     box = (600, 350, 1000, 800)
-    cropper = FaceCropper(size=48, margin=0.1)
+    cropper = FaceCropper(size=48, margin=0.1, box="annotation")
     fast, full = cropper.crop_bytes(data, box), cropper.crop_main(decode_image(data), box)
     assert fast.reduce == 8
     assert np.abs(fast.image.astype(int) - full.image.astype(int)).mean() <= 1.0

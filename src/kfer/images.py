@@ -31,6 +31,8 @@ _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length fi
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 REDUCED_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
                 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class ImageError(Exception):
@@ -172,14 +174,16 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-def decode_image(data: bytes, checked: bool = False) -> np.ndarray:
+def decode_image(data: bytes, checked: bool = False, reduce: int = 1) -> np.ndarray:
     """Bytes -> BGR uint8 (EXIF orientation applied). 16-bit, palette, alpha, gray and CMYK are converted.
 
-    ``checked``: the caller already ran :func:`check_complete`.
+    ``reduce``: a JPEG is decoded at 1/``reduce`` resolution (as :func:`decode_gray`); other formats, and
+    photos only PIL can read, come back at full size (callers compare the shape). ``checked``: the caller
+    already ran :func:`check_complete`.
     """
     if not checked:
         check_complete(data)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_COLOR[reduce if data[:2] == JPEG_SOI else 1])
     if img is None:
         img = _decode_with_pil(data)
     if img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1:

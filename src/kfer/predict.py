@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import Params
-from .faces import ImageError, read_image
+from .images import ImageError, decode_image, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ def load_photo_model(model_uri: str | None, params: Params):
         raise RuntimeError(f"cannot load the model {uri!r} from {tracking.tracking_uri(params)}: {exc}"
                            " (register one with `kfer register`, or pass --model)") from exc
     model = pyfunc_model.unwrap_python_model()
-    if not hasattr(model, "predict_bgr"):
-        raise RuntimeError(f"{uri!r} is not a kfer photo model (logged by kfer.serving.log_models)")
+    if not hasattr(model, "predict_bytes"):
+        raise RuntimeError(f"{uri!r} is not a kfer photo model logged by this version of kfer "
+                           "(kfer.serving.log_models): retrain it")
     return model
 
 
@@ -65,18 +66,18 @@ def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
         photo = Path(photo)
         result: dict[str, Any] = {"photo": str(photo), "n_faces": 0, "faces": [], "error": None}
         try:
-            bgr = read_image(photo)
+            data = read_bytes(photo)
+            faces = model.predict_bytes(data)
         except ImageError as exc:
             result["error"] = str(exc)
             log.warning("%s: %s", photo, exc)
             results.append(result)
             continue
-        faces = model.predict_bgr(bgr)
         result["n_faces"] = len(faces)
         result["faces"] = faces
         if annotate_dir is not None:
             out = Path(annotate_dir) / _unique_name(photo.stem, used_names)
-            annotate(bgr, faces, out)
+            annotate(decode_image(data), faces, out)
             result["annotated"] = str(out)
         results.append(result)
     return results

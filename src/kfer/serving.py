@@ -35,7 +35,7 @@ import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 
-from .faces import FaceCropper, ImageError, decode_image  # noqa: E402
+from .faces import FaceCropper, ImageError  # noqa: E402
 
 KERAS_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "config"
@@ -110,15 +110,27 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
             return np.zeros((0, len(self.classes)), np.float32)
         return np.asarray(self.keras_model.predict_on_batch(x), dtype=np.float64)
 
-    def predict_bgr(self, bgr: np.ndarray) -> list[dict[str, Any]]:
-        """Every face in a BGR uint8 photo, largest first, with its expression.
+    def predict_bytes(self, data: bytes) -> list[dict[str, Any]]:
+        """Every face in a photo's bytes (JPEG, PNG, ...), largest first, with its expression: the path of
+        ``kfer predict`` and the served model, cut exactly as the crop stage cuts training faces
+        (:meth:`kfer.faces.FaceCropper.crop_all_bytes`). Raises :class:`kfer.images.ImageError` for bad input.
 
         Each dict: ``face``, ``box`` [x0, y0, x1, y1], ``confidence``, ``label``, ``label_ko``,
         ``probability`` and ``probabilities`` {class name: p} in class order.
         """
+        self._check_loaded()
+        return self._describe(self.cropper.crop_all_bytes(data))
+
+    def predict_bgr(self, bgr: np.ndarray) -> list[dict[str, Any]]:
+        """:meth:`predict_bytes` for decoded BGR uint8 pixels (e.g. video frames)."""
+        self._check_loaded()
+        return self._describe(self.cropper.crop_all(bgr))
+
+    def _check_loaded(self) -> None:
         if self.cropper is None or self.keras_model is None:
             raise RuntimeError("PhotoEmotionModel is not loaded (load_context/load was not called)")
-        crops = self.cropper.crop_all(bgr)
+
+    def _describe(self, crops) -> list[dict[str, Any]]:
         if not crops:
             return []
         probs = self.classify_faces(np.stack([c.image for c in crops]))
@@ -143,8 +155,12 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         rows = []
         for pos, (row_label, value) in enumerate(frame[INPUT_COLUMN].items()):
             image_index = _row_index(row_label, pos)
-            bgr = _decode_row(value, image_index)
-            for face in self.predict_bgr(bgr):
+            data = _decode_row(value, image_index)
+            try:
+                faces = self.predict_bytes(data)
+            except ImageError as exc:
+                raise _bad_input(f"row {image_index}: the photo cannot be decoded ({exc})") from exc
+            for face in faces:
                 rows.append({
                     "image": image_index,
                     "face": face["face"],
@@ -184,8 +200,8 @@ def _row_index(label, pos: int) -> int:
         return pos
 
 
-def _decode_row(value, index: int) -> np.ndarray:
-    """One ``image`` cell (base64 text, optionally a data: URI, or raw bytes) -> BGR uint8."""
+def _decode_row(value, index: int) -> bytes:
+    """One ``image`` cell (base64 text, optionally a data: URI, or raw bytes) -> the photo's bytes."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise _bad_input(f"row {index}: 'image' is empty")
     if isinstance(value, str):
@@ -204,10 +220,7 @@ def _decode_row(value, index: int) -> np.ndarray:
             pass
     else:
         raise _bad_input(f"row {index}: 'image' must be a base64 string, got {type(value).__name__}")
-    try:
-        return decode_image(data)
-    except ImageError as exc:
-        raise _bad_input(f"row {index}: the photo cannot be decoded ({exc})") from exc
+    return data
 
 
 def _bad_input(message: str) -> MlflowException:
