@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: our ResNet50 vs ``keras.applications.ResNet50``, and the tf.data input pipeline vs memory.
 
-Two measurements, printed side by side in one run (all in this process, same TensorFlow session):
+Three measurements, printed side by side in one run (all in this process, same TensorFlow session):
 
 (a) **model** — training images/s of ``kfer.model.build_resnet(S, 7, head_units=0,
     kernel_initializer="glorot_uniform")`` (default depth [3, 4, 6, 3] and width 64, i.e. the same backbone as
@@ -25,6 +25,14 @@ Two measurements, printed side by side in one run (all in this process, same Ten
     is the pipeline: a fast model exposes it) and for the default model of params.yaml.
     Target: pipeline / memory >= 0.9. Also printed: the pipelines alone (one pass without a model), images/s.
 
+(c) **input pipeline at full size** — as (b), at ``--c-size`` (224, AI Hub's crop size) gray: ``--c-n-images``
+    PNGs (512; the same smooth random "faces", ~30 KB each like real 224-px kfer crops), the small model
+    (``--c-models default`` for the params.yaml model, on ``--c-n-images-default`` PNGs: ResNet50 at 224 px
+    trains at ~1 img/s on 2 cores). Two contenders: ``make_dataset`` (files; ``train.decode_workers`` parallel
+    read + decode calls, ``--decode-workers`` to override params.yaml's ``auto``) and the same images decoded in
+    memory with the same shuffle; the script first checks that both give the same batches (first epoch, pixel
+    for pixel). Target: pipeline / memory >= 0.95 (PASS/FAIL).
+
 Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
 ``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
 segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
@@ -35,9 +43,10 @@ and re-run (``--max-other``, default 3 CPU-s; ``--tries``, default 3; before a r
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_train.py [--size 64] [--batch 32] [--steps 12] [--rounds 3]
-        [--parts a,b] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
-        [--small-blocks 1,1,1,1] [--small-width 16] [--no-op-determinism] [--threads INTRA,INTER]
-        [--wait-idle S] [--max-other CPU_S] [--tries N]
+        [--parts a,b,c] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
+        [--small-blocks 1,1,1,1] [--small-width 16] [--c-size 224] [--c-n-images 512] [--c-models small]
+        [--c-n-images-default 64] [--c-epochs 1] [--decode-workers auto|N] [--no-op-determinism]
+        [--threads INTRA,INTER] [--wait-idle S] [--max-other CPU_S] [--tries N]
 
 ``kfer.train.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
 to measure without it: it cannot be switched off again within a process).
@@ -281,7 +290,9 @@ def part_a(args, tf, keras) -> dict:
 
 # --- (b) tf.data pipeline vs memory ----------------------------------------------------------------------------
 def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth random grayscale images (PNG sizes close to real face crops) and labels."""
+    """Smooth random grayscale images and labels: an 8×8 random grid upscaled (bicubic) plus gaussian noise
+    (sigma 4), so that PNGs compress like face crops: ~3.1 KB at 64 px (the demo's 64-px crops: 2.0-2.5 KB),
+    ~30 KB at 224 px (kfer crops of the aihub_style_tfeid photos at 224 px: mean 29.2 KB, 25.9-33.5 KB)."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -295,26 +306,27 @@ def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs, labels
 
 
-def write_project(root: Path, args, model_over: dict, n_images: int) -> tuple:
-    """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels)."""
+def write_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None) -> tuple:
+    """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels).
+
+    ``size`` defaults to ``--size``; ``--decode-workers`` (if given) sets ``train.decode_workers``."""
     import pandas as pd
 
     from kfer import files
     from kfer.config import _deep_merge, load_params
 
+    size = args.size if size is None else size
+    train = {"batch_size": args.batch, "epochs": 1}
+    if args.decode_workers is not None:
+        train["decode_workers"] = args.decode_workers
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     # every path in params.yaml is relative to the folder holding it, so they all point into root
-    raw = _deep_merge(raw, {
-        "seed": args.seed,
-        "crop": {"image_size": args.size},
-        "train": {"batch_size": args.batch, "epochs": 1},
-        "model": model_over,
-    })
+    raw = _deep_merge(raw, {"seed": args.seed, "crop": {"image_size": size}, "train": train, "model": model_over})
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
     params = load_params(root / "params.yaml")
 
-    imgs, labels = _fake_faces(n_images, args.size, args.seed)
+    imgs, labels = _fake_faces(n_images, size, args.seed)
     names = params.class_names
     rows = []
     img_dir = params.path(params.paths.augmented) / "train"
@@ -403,15 +415,107 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
             "ratio_fix": ratio_fix, "alone": alone, "res": res, "epochs": epochs}
 
 
+# --- (c) tf.data pipeline vs memory at full size (224 px) ------------------------------------------------------
+def _memory_dataset(tf, imgs: np.ndarray, labels: np.ndarray, batch: int, seed: int):
+    """The decoded images as make_dataset yields them (float32 (B, S, S, 1), one-hot), same shuffle: the global
+    seed and the op seed are set as make_dataset sets them, over a buffer of the whole table, so the k-th epoch
+    of each dataset is the same permutation."""
+    x = imgs[..., None].astype(np.float32)
+    y = np.eye(N_CLASSES, dtype=np.float32)[labels]
+    tf.random.set_seed(seed)
+    ds = (tf.data.Dataset.from_tensor_slices((x, y)).cache()
+          .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch).prefetch(tf.data.AUTOTUNE))
+    return no_autotune(tf, ds)
+
+
+def part_c(args, tf, keras, root: Path, variant: str) -> dict:
+    from kfer.model import build_from_params
+    from kfer.train import class_weights, compile_model, decode_workers, make_dataset
+
+    S = args.c_size
+    if variant == "small":
+        model_over = {"blocks": args.small_blocks, "base_width": args.small_width}
+        n_images, epochs = args.c_n_images, args.c_epochs
+    else:
+        model_over = {}
+        n_images, epochs = args.c_n_images_default, args.c_epochs
+    params, table, imgs, labels = write_project(root, args, model_over, n_images, size=S)
+    m = params.model
+    n, B = len(table), params.train.batch_size
+    steps = -(-n // B)
+    png_kb = np.array([params.path(p).stat().st_size for p in table["path"]]) / 1000
+    workers = decode_workers(params)
+    print(f"== (c) input pipeline vs memory at {S} px — {variant} model ==")
+    print(f"settings: {n} PNGs {S}x{S} gray (mean {png_kb.mean():.1f} KB, {png_kb.min():.1f}-{png_kb.max():.1f} KB; "
+          f"{png_kb.sum() / 1000:.1f} MB) in {root}; train.decode_workers {params.train.decode_workers!r} = "
+          f"{workers} parallel read+decode call(s); model blocks {list(m.blocks)} width {m.base_width} head "
+          f"{m.head_units}; batch {B} ({steps} steps/epoch), class weights {'on' if args.class_weights else 'off'}, "
+          f"kfer compile_model; {epochs} epoch(s) = {epochs * n} images per timed fit, {args.rounds} alternating "
+          "rounds")
+    print("  contenders: pipeline = kfer.train.make_dataset(params, table, training=True) (files: read + PNG "
+          "decode); memory = from_tensor_slices(the same images decoded).cache().shuffle(N).batch().prefetch()")
+
+    # same batches: a fresh dataset of each, first epoch, element by element
+    same = all(np.array_equal(xp.numpy(), xm.numpy()) and np.array_equal(yp.numpy(), ym.numpy())
+               for (xp, yp), (xm, ym) in zip(make_dataset(params, table, training=True),
+                                             _memory_dataset(tf, imgs, labels, B, params.seed), strict=True))
+    print(f"  same batches (first epoch, pixel for pixel and label for label): {'yes' if same else 'NO'}")
+
+    ds_pipe = make_dataset(params, table, training=True)
+    ds_mem = _memory_dataset(tf, imgs, labels, B, params.seed)
+    feeds = {"pipeline": ds_pipe, "memory": ds_mem}
+
+    def iterate(ds):
+        with Segment() as s:
+            k = sum(int(xb.shape[0]) for xb, _ in ds)
+        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
+
+    for ds in feeds.values():
+        iterate(ds)  # warm (file cache, tracing)
+    alone = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds,
+                        f"c/{variant} no model, 1 pass")
+
+    cw = class_weights(params, table) if args.class_weights else None
+    keras.utils.set_random_seed(params.seed)
+    model = compile_model(build_from_params(params), params)
+    print(f"  model {model.name}: {model.count_params():,} parameters")
+    for name, ds in feeds.items():
+        with Segment() as s:
+            model.fit(ds, steps_per_epoch=min(args.warmup, steps), epochs=1, class_weight=cw, verbose=0,
+                      shuffle=False)
+        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
+    contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
+                  for k, ds in feeds.items()}
+    res = interleaved(contenders, args.rounds, f"c/{variant} train")
+    med = {k: _median(v) for k, v in res.items()}
+    ratio = med["pipeline"] / med["memory"]
+    ratio_step = _median(res["pipeline"], "step_ips") / _median(res["memory"], "step_ips")
+    print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
+    print("  training median img/s (whole fit): " + ", ".join(
+        f"{k} {med[k]:.1f} (range {_spread(res[k])})" for k in feeds))
+    print(f"  pipeline/memory = {ratio:.3f} whole fit, {ratio_step:.3f} median step "
+          f"(target >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
+    print()
+    del model
+    keras.backend.clear_session()
+    return {"pipeline": med["pipeline"], "memory": med["memory"], "ratio": ratio, "ratio_step": ratio_step,
+            "alone": {k: _median(v) for k, v in alone.items()}, "res": res, "same": same, "workers": workers,
+            "n": n, "epochs": epochs, "png_kb": float(png_kb.mean())}
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _workers(text: str):
+    return "auto" if text.strip() == "auto" else int(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b", help="a, b or a,b (default; 'ab' works too)")
+    ap.add_argument("--parts", default="a,b,c", help="any of a, b, c, comma-separated (default a,b,c; 'abc' too)")
     ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
@@ -423,8 +527,15 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs-small", type=int, default=3, help="(b) epochs per timed fit, small model")
     ap.add_argument("--n-images-default", type=int, default=256, help="(b) number of PNGs, default model (256)")
     ap.add_argument("--epochs-default", type=int, default=2, help="(b) epochs per timed fit, default model")
-    ap.add_argument("--small-blocks", type=_ints, default=[1, 1, 1, 1], help="(b) small model blocks (1,1,1,1)")
-    ap.add_argument("--small-width", type=int, default=16, help="(b) small model base width (16)")
+    ap.add_argument("--small-blocks", type=_ints, default=[1, 1, 1, 1], help="(b, c) small model blocks (1,1,1,1)")
+    ap.add_argument("--small-width", type=int, default=16, help="(b, c) small model base width (16)")
+    ap.add_argument("--c-size", type=int, default=224, help="(c) image side (default 224, AI Hub's)")
+    ap.add_argument("--c-n-images", type=int, default=512, help="(c) number of PNGs, small model (default 512)")
+    ap.add_argument("--c-models", default="small", help="(c) small, default or small,default (default small)")
+    ap.add_argument("--c-n-images-default", type=int, default=64, help="(c) number of PNGs, default model (64)")
+    ap.add_argument("--c-epochs", type=int, default=1, help="(c) epochs per timed fit (default 1)")
+    ap.add_argument("--decode-workers", type=_workers, default=None,
+                    help="(b, c) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
     ap.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                     help="(b) fit without class_weight (run_train passes it by default)")
     ap.add_argument("--no-op-determinism", dest="op_determinism", action="store_false")
@@ -435,9 +546,11 @@ def main(argv=None) -> int:
                     help="discard and re-run a timed segment during which other processes used more CPU-s (3)")
     ap.add_argument("--tries", type=int, default=3, help="attempts per timed segment (default 3)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b, c)")
     args = ap.parse_args(argv)
-    parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b", "ab", "a" or "b"
+    parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b,c", "abc", "c", ...
+    if not parts or parts - set("abc"):
+        ap.error(f"--parts: expected a, b and/or c, got {args.parts!r}")
 
     import tensorflow as tf
 
@@ -457,11 +570,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     a = part_a(args, tf, keras) if "a" in parts else None
     b: dict[str, dict] = {}
-    if "b" in parts:
+    c: dict[str, dict] = {}
+    if parts & {"b", "c"}:
         tmp = Path(tempfile.mkdtemp(prefix="kfer-bench-train-"))
         try:
-            for variant in [v.strip() for v in args.b_models.split(",") if v.strip()]:
-                b[variant] = part_b(args, tf, keras, tmp / variant, variant)
+            if "b" in parts:
+                for variant in [v.strip() for v in args.b_models.split(",") if v.strip()]:
+                    b[variant] = part_b(args, tf, keras, tmp / variant, variant)
+            if "c" in parts:
+                for variant in [v.strip() for v in args.c_models.split(",") if v.strip()]:
+                    c[variant] = part_c(args, tf, keras, tmp / f"c-{variant}", variant)
         finally:
             if args.keep:
                 print(f"kept {tmp}")
@@ -469,7 +587,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     print("== summary (median images/s; higher is better) ==")
-    print(f"S={args.size} batch={args.batch} rounds={args.rounds} op_determinism={args.op_determinism} "
+    print(f"S={args.size} (c: {args.c_size}) batch={args.batch} rounds={args.rounds} "
+          f"op_determinism={args.op_determinism} decode_workers={args.decode_workers or 'params.yaml'} "
           f"nproc={len(os.sched_getaffinity(0))} TF {tf.__version__}")
     all_other = []
     if a:
@@ -487,6 +606,13 @@ def main(argv=None) -> int:
         print(f"(b) train, {variant:>7} model: pipeline-noAT {r['fix']:8.1f}   memory {r['memory']:8.1f}   "
               f"pipeline-noAT/memory {r['ratio_fix']:.3f}  {'MET' if r['ratio_fix'] >= 0.9 else 'NOT met'}"
               "   (autotune off: proposed fix)")
+    for variant, r in c.items():
+        all_other += [x["other"] for rs in r["res"].values() for x in rs]
+        print(f"(c) train {args.c_size} px, {variant:>7} model: pipeline {r['pipeline']:8.1f}   memory "
+              f"{r['memory']:8.1f}   pipeline/memory {r['ratio']:.3f} (median step {r['ratio_step']:.3f})  "
+              f"target >= 0.95  {'PASS' if r['ratio'] >= 0.95 else 'FAIL'}   decode_workers {r['workers']}, "
+              f"same batches {'yes' if r['same'] else 'NO'}; no model: pipeline {r['alone']['pipeline']:.0f}, "
+              f"memory {r['alone']['memory']:.0f} img/s")
     if all_other:
         print(f"other processes' CPU during timed segments: max {max(all_other):.1f} CPU-s, "
               f"total {sum(all_other):.1f} CPU-s"

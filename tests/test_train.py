@@ -185,3 +185,45 @@ def test_each_epoch_is_a_fresh_seeded_permutation_of_the_whole_table(tmp_path, m
     assert all(sorted(e) == list(range(300)) for e in a)  # the whole table, each row once
     assert a[0] != a[1] and a[0] != sorted(a[0])  # a fresh order every epoch
     assert epochs(1) == a and epochs(2) != a  # a function of the seed
+
+
+def test_decode_workers_change_speed_only(tmp_path, make_params):
+    """train.decode_workers (parallel read + decode calls) gives the same batches, epoch by epoch, for any value."""
+    import cv2
+    import pandas as pd
+
+    from kfer.config import UserError
+    from kfer.train import decode_workers, make_dataset
+
+    def project(workers):
+        return make_params({"crop": {"image_size": 8}, "train": {"batch_size": 6, "decode_workers": workers}},
+                           root=tmp_path / f"w{workers}")
+
+    names = project(1).class_names
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):  # distinct tiny PNGs, so that any reordering would show
+        p = tmp_path / f"{i:02d}.png"
+        cv2.imwrite(str(p), rng.integers(0, 256, (8, 8), dtype=np.uint8))
+        rows.append({"path": str(p), "label": names[i % len(names)]})
+    table = pd.DataFrame(rows)
+
+    def batches(workers, training):
+        params = project(workers)
+        assert decode_workers(params) == (len(os.sched_getaffinity(0)) if workers == "auto" else workers)
+        flip = (lambda img, key: img[:, ::-1].copy()) if training else None  # through the augment map too
+        ds = make_dataset(params, table, training=training, augment=flip)
+        return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(2)]  # two epochs (reshuffled)
+
+    for training in (True, False):
+        ref = batches(1, training)
+        for workers in (2, "auto"):
+            got = batches(workers, training)
+            assert [len(e) for e in got] == [len(e) for e in ref] == [7, 7]
+            for e_got, e_ref in zip(got, ref, strict=True):
+                for (x, y), (x0, y0) in zip(e_got, e_ref, strict=True):
+                    np.testing.assert_array_equal(x, x0)
+                    np.testing.assert_array_equal(y, y0)
+    for k, bad in enumerate((0, -1, "all", True, 1.5)):
+        with pytest.raises(UserError, match="decode_workers"):
+            make_params({"train": {"decode_workers": bad}}, root=tmp_path / f"bad{k}")

@@ -89,6 +89,8 @@ def test_storage_url_study_name_and_fingerprint(project):
     # budget, workers and storage settings do not change the study; data or fixed params do
     assert tune.fingerprint(project({"tune": {"n_trials": 50, "workers": 2, "timeout_s": 10}})) == \
         tune.fingerprint(params)
+    assert tune.fingerprint(project({"train": {"decode_workers": 1}, "crop": {"workers": 1}})) == \
+        tune.fingerprint(params)  # speed-only settings keep the study
     assert tune.fingerprint(project({"train": {"batch_size": 8}})) != tune.fingerprint(params)
 
     named = tune.open_study(params, study_name="shared")

@@ -46,6 +46,18 @@ def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
     return labels.map(index).to_numpy(dtype=np.int32)
 
 
+def decode_workers(params: Params) -> int:
+    """``train.decode_workers`` as a number: ``auto`` = the cores this process may run on (affinity mask, so
+    ``taskset`` and cpusets are respected)."""
+    n = params.train.decode_workers
+    if n != "auto":
+        return int(n)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def make_dataset(
     params: Params,
     table: pd.DataFrame,
@@ -56,7 +68,8 @@ def make_dataset(
     """tf.data over PNG files: (shuffle) → parallel decode → (augment) → batch → prefetch.
 
     Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)). ``augment(image_uint8, key_uint64)`` is an optional
-    numpy function applied per image (on-the-fly augmentation for tuning).
+    numpy function applied per image (on-the-fly augmentation for tuning). The per-image maps run
+    ``train.decode_workers`` calls in parallel, in order (``deterministic=True``): the batches do not depend on it.
     """
     import tensorflow as tf
 
@@ -65,6 +78,7 @@ def make_dataset(
     paths = [str(params.path(p)) for p in table["path"]]
     labels = label_indices(params, table["label"])
     seed = params.seed if seed is None else seed
+    workers = decode_workers(params)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(len(paths), dtype=np.int64)))
     if training:
         # Every epoch visits the whole table in a fresh order: the shuffle holds (path, label, row) tuples, not
@@ -80,17 +94,18 @@ def make_dataset(
         img = tf.ensure_shape(img, (size, size, channels))
         return img, label, idx
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(decode, num_parallel_calls=workers, deterministic=True)
     if augment is not None:
         def aug(img, label, idx):
             out = tf.numpy_function(augment, [img, idx], tf.uint8, stateful=False)
             return tf.ensure_shape(out, (size, size, channels)), label, idx
 
-        ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
     ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
-                num_parallel_calls=tf.data.AUTOTUNE)
+                num_parallel_calls=workers, deterministic=True)
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
-    # every epoch; benchmarks/bench_train.py part b): static parallelism instead.
+    # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
+    # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.batch(params.train.batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
