@@ -340,9 +340,41 @@ def write_project(root: Path, args, model_over: dict, n_images: int, size: int |
     return params, table, imgs, labels
 
 
-def part_b(args, tf, keras, root: Path, variant: str) -> dict:
+def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
+    """The feeds alone (one pass each, no model: how fast can they deliver images?), then one model trained
+    from each in alternating rounds after a warm-up. Returns (alone, fit results, median img/s, model)."""
+    import keras
+
     from kfer.model import build_from_params
-    from kfer.train import class_weights, compile_model, make_dataset
+    from kfer.train import class_weights, compile_model
+
+    def iterate(ds):
+        with Segment() as s:
+            k = sum(int(xb.shape[0]) for xb, _ in ds)
+        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
+
+    for ds in feeds.values():
+        iterate(ds)  # warm (file cache, tracing)
+    alone = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds,
+                        f"{label} no model, 1 pass")
+
+    cw = class_weights(params, table) if args.class_weights else None
+    keras.utils.set_random_seed(params.seed)
+    model = compile_model(build_from_params(params), params)
+    print(f"  model {model.name}: {model.count_params():,} parameters")
+    for name, ds in feeds.items():
+        with Segment() as s:
+            model.fit(ds, steps_per_epoch=min(args.warmup, steps), epochs=1, class_weight=cw, verbose=0,
+                      shuffle=False)
+        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
+    contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
+                  for k, ds in feeds.items()}
+    res = interleaved(contenders, args.rounds, f"{label} train")
+    return alone, res, {k: _median(v) for k, v in res.items()}, model
+
+
+def part_b(args, tf, keras, root: Path, variant: str) -> dict:
+    from kfer.train import make_dataset
 
     if variant == "small":
         model_over = {"blocks": args.small_blocks, "base_width": args.small_width}
@@ -377,31 +409,7 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
     assert ds_pipe.element_spec[0].shape.as_list()[1:] == list(ds_mem.element_spec[0].shape)[1:]
     feeds = {"pipeline": ds_pipe, "pipeline-noAT": ds_fix, "memory": ds_mem}
 
-    # the pipeline alone (no model): how fast can it deliver images?
-    def iterate(ds):
-        with Segment() as s:
-            k = sum(int(xb.shape[0]) for xb, _ in ds)
-        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
-
-    for ds in feeds.values():
-        iterate(ds)  # warm (file cache, tracing)
-    alone = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds,
-                        f"b/{variant} no model, 1 pass")
-
-    cw = class_weights(params, table) if args.class_weights else None
-    keras.utils.set_random_seed(params.seed)
-    model = compile_model(build_from_params(params), params)
-    print(f"  model {model.name}: {model.count_params():,} parameters")
-    for name, ds in feeds.items():
-        with Segment() as s:
-            model.fit(ds, steps_per_epoch=min(args.warmup, steps), epochs=1, class_weight=cw, verbose=0,
-                      shuffle=False)
-        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
-
-    contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
-                  for k, ds in feeds.items()}
-    res = interleaved(contenders, args.rounds, f"b/{variant} train")
-    med = {k: _median(v) for k, v in res.items()}
+    alone, res, med, model = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"b/{variant}")
     ratio, ratio_fix = med["pipeline"] / med["memory"], med["pipeline-noAT"] / med["memory"]
     print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
     print("  training median img/s (whole fit): " + ", ".join(
@@ -429,8 +437,7 @@ def _memory_dataset(tf, imgs: np.ndarray, labels: np.ndarray, batch: int, seed: 
 
 
 def part_c(args, tf, keras, root: Path, variant: str) -> dict:
-    from kfer.model import build_from_params
-    from kfer.train import class_weights, compile_model, decode_workers, make_dataset
+    from kfer.train import decode_workers, make_dataset
 
     S = args.c_size
     if variant == "small":
@@ -465,29 +472,7 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
     ds_mem = _memory_dataset(tf, imgs, labels, B, params.seed)
     feeds = {"pipeline": ds_pipe, "memory": ds_mem}
 
-    def iterate(ds):
-        with Segment() as s:
-            k = sum(int(xb.shape[0]) for xb, _ in ds)
-        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
-
-    for ds in feeds.values():
-        iterate(ds)  # warm (file cache, tracing)
-    alone = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds,
-                        f"c/{variant} no model, 1 pass")
-
-    cw = class_weights(params, table) if args.class_weights else None
-    keras.utils.set_random_seed(params.seed)
-    model = compile_model(build_from_params(params), params)
-    print(f"  model {model.name}: {model.count_params():,} parameters")
-    for name, ds in feeds.items():
-        with Segment() as s:
-            model.fit(ds, steps_per_epoch=min(args.warmup, steps), epochs=1, class_weight=cw, verbose=0,
-                      shuffle=False)
-        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
-    contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
-                  for k, ds in feeds.items()}
-    res = interleaved(contenders, args.rounds, f"c/{variant} train")
-    med = {k: _median(v) for k, v in res.items()}
+    alone, res, med, model = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"c/{variant}")
     ratio = med["pipeline"] / med["memory"]
     ratio_step = _median(res["pipeline"], "step_ips") / _median(res["memory"], "step_ips")
     print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
