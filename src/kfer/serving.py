@@ -110,15 +110,18 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
             return np.zeros((0, len(self.classes)), np.float32)
         return np.asarray(self.keras_model.predict_on_batch(x), dtype=np.float64)
 
-    def predict_bytes(self, data: bytes) -> list[dict[str, Any]]:
+    def predict_bytes(self, data: bytes, whole_image: bool = False) -> list[dict[str, Any]]:
         """Every face in a photo's bytes (JPEG, PNG, ...), largest first, with its expression: the path of
         ``kfer predict`` and the served model, cut exactly as the crop stage cuts training faces
         (:meth:`kfer.faces.FaceCropper.crop_all_bytes`). Raises :class:`kfer.images.ImageError` for bad input.
 
         Each dict: ``face``, ``box`` [x0, y0, x1, y1], ``confidence``, ``label``, ``label_ko``,
-        ``probability`` and ``probabilities`` {class name: p} in class order.
+        ``probability`` and ``probabilities`` {class name: p} in class order. ``whole_image``: the photo is one
+        pre-cropped face (FER2013, CK+): no detection, the whole image (its centred square) is classified.
         """
         self._check_loaded()
+        if whole_image:
+            return self._describe([self.cropper.with_detector("none").crop_bytes(data)])
         return self._describe(self.cropper.crop_all_bytes(data))
 
     def predict_bgr(self, bgr: np.ndarray) -> list[dict[str, Any]]:
