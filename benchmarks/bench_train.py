@@ -342,7 +342,7 @@ def write_project(root: Path, args, model_over: dict, n_images: int, size: int |
 
 def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
     """The feeds alone (one pass each, no model: how fast can they deliver images?), then one model trained
-    from each in alternating rounds after a warm-up. Returns (alone, fit results, median img/s, model)."""
+    from each in alternating rounds after a warm-up; prints both. Returns (alone, fit results, median img/s)."""
     import keras
 
     from kfer.model import build_from_params
@@ -370,7 +370,12 @@ def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
     contenders = {k: (lambda ds=ds: _fit_timed(model, ds, epochs * n, B, epochs=epochs, class_weight=cw))
                   for k, ds in feeds.items()}
     res = interleaved(contenders, args.rounds, f"{label} train")
-    return alone, res, {k: _median(v) for k, v in res.items()}, model
+    med = {k: _median(v) for k, v in res.items()}
+    print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
+    print("  training median img/s (whole fit): " + ", ".join(
+        f"{k} {med[k]:.1f} (range {_spread(res[k])})" for k in feeds))
+    keras.backend.clear_session()
+    return alone, res, med
 
 
 def part_b(args, tf, keras, root: Path, variant: str) -> dict:
@@ -401,24 +406,15 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
 
     ds_pipe = make_dataset(params, table, training=True)
     ds_fix = no_autotune(tf, make_dataset(params, table, training=True))
-    x = imgs[..., None].astype(np.float32)
-    y = np.eye(N_CLASSES, dtype=np.float32)[labels]
-    ds_mem = no_autotune(tf, tf.data.Dataset.from_tensor_slices((x, y)).cache()
-                         .shuffle(n, seed=params.seed, reshuffle_each_iteration=True)
-                         .batch(B).prefetch(tf.data.AUTOTUNE))
+    ds_mem = _memory_dataset(tf, imgs, labels, B, params.seed)
     assert ds_pipe.element_spec[0].shape.as_list()[1:] == list(ds_mem.element_spec[0].shape)[1:]
     feeds = {"pipeline": ds_pipe, "pipeline-noAT": ds_fix, "memory": ds_mem}
 
-    alone, res, med, model = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"b/{variant}")
+    alone, res, med = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"b/{variant}")
     ratio, ratio_fix = med["pipeline"] / med["memory"], med["pipeline-noAT"] / med["memory"]
-    print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
-    print("  training median img/s (whole fit): " + ", ".join(
-        f"{k} {med[k]:.1f} (range {_spread(res[k])})" for k in feeds))
     print(f"  pipeline/memory = {ratio:.3f} (target >= 0.9: {'MET' if ratio >= 0.9 else 'NOT met'}); "
           f"pipeline-noAT/memory = {ratio_fix:.3f} ({'MET' if ratio_fix >= 0.9 else 'NOT met'})")
     print()
-    del model
-    keras.backend.clear_session()
     return {"pipeline": med["pipeline"], "fix": med["pipeline-noAT"], "memory": med["memory"], "ratio": ratio,
             "ratio_fix": ratio_fix, "alone": alone, "res": res, "epochs": epochs}
 
@@ -472,17 +468,12 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
     ds_mem = _memory_dataset(tf, imgs, labels, B, params.seed)
     feeds = {"pipeline": ds_pipe, "memory": ds_mem}
 
-    alone, res, med, model = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"c/{variant}")
+    alone, res, med = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"c/{variant}")
     ratio = med["pipeline"] / med["memory"]
     ratio_step = _median(res["pipeline"], "step_ips") / _median(res["memory"], "step_ips")
-    print("  no model, median img/s: " + ", ".join(f"{k} {_median(v):.0f}" for k, v in alone.items()))
-    print("  training median img/s (whole fit): " + ", ".join(
-        f"{k} {med[k]:.1f} (range {_spread(res[k])})" for k in feeds))
     print(f"  pipeline/memory = {ratio:.3f} whole fit, {ratio_step:.3f} median step "
           f"(target >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
     print()
-    del model
-    keras.backend.clear_session()
     return {"pipeline": med["pipeline"], "memory": med["memory"], "ratio": ratio, "ratio_step": ratio_step,
             "alone": {k: _median(v) for k, v in alone.items()}, "res": res, "same": same, "workers": workers,
             "n": n, "epochs": epochs, "png_kb": float(png_kb.mean())}
