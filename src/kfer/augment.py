@@ -20,6 +20,7 @@ This module must stay light: it is imported by spawned worker processes and must
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import math
 from collections import Counter
@@ -308,7 +309,6 @@ def run_augment(params: Params) -> dict:
     workers = max(1, min(files.resolve_workers(cfg.workers), len(train)))
     chunksize = max(1, min(32, len(train) // (workers * 4)))
     per_class: Counter[str] = Counter()
-    manifest: list[dict] = []
     originals = augmented = 0
 
     with files.atomic_dir(target) as tmp:
@@ -324,24 +324,24 @@ def run_augment(params: Params) -> dict:
             initializer=_init_worker,
             initargs=(cfg, s, params.seed),
         )
-        with contextlib.closing(results):  # stops the pool promptly if anything below raises
+        # manifest rows are written as results arrive (in input order), not collected: memory stays flat
+        with contextlib.closing(results), files.atomic_file(tmp / MANIFEST_NAME) as fh:
+            out = csv.writer(fh, lineterminator="\n")
+            out.writerow(MANIFEST_COLUMNS)
             progress = tqdm(results, total=len(tasks), desc="augment", unit="img", dynamic_ncols=True)
-            outcomes = list(zip(train.itertuples(index=False), progress, strict=True))
-        for row, (reason, written) in outcomes:
-            if reason is not None:
-                skipped[reason] += 1
-                continue
-            for copy, name in written:
-                path = row.path if name is None else params.rel(target / TRAIN_DIR / row.label / name)
-                manifest.append({"path": path, "source": row.path, "label": row.label, "group": row.group, "copy": copy})
-                per_class[row.label] += 1
-                if copy == 0:
-                    originals += 1
-                else:
-                    augmented += 1
+            for row, (reason, written) in zip(train.itertuples(index=False), progress, strict=True):
+                if reason is not None:
+                    skipped[reason] += 1
+                    continue
+                for copy, name in written:
+                    path = row.path if name is None else params.rel(target / TRAIN_DIR / row.label / name)
+                    out.writerow([path, row.path, row.label, row.group, copy])
+                    per_class[row.label] += 1
+                    if copy == 0:
+                        originals += 1
+                    else:
+                        augmented += 1
         (tmp / TRAIN_DIR).mkdir(exist_ok=True)
-        with files.atomic_file(tmp / MANIFEST_NAME) as fh:
-            pd.DataFrame(manifest, columns=list(MANIFEST_COLUMNS)).to_csv(fh, index=False, lineterminator="\n")
 
     if skipped:
         log.warning("augment: skipped %d train image(s): %s", sum(skipped.values()), dict(sorted(skipped.items())))
