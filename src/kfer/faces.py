@@ -4,9 +4,11 @@ Used by the ``crop`` stage, ``kfer predict`` and the model's pyfunc alike. It kn
 MLflow. Decoding lives in :mod:`kfer.images` (EXIF orientation, odd modes, trailers, truncation); unusable
 input raises :class:`~kfer.images.ImageError` whose ``reason`` is the skip reason counted by the stage.
 
-:meth:`FaceCropper.crop_bytes` is the stage's path: with a known box (an annotation, or the whole image for
-pre-cropped data) and gray output it decodes gray, and a large JPEG at 1/2, 1/4 or 1/8 resolution as long as
-the face stays at least ``size`` pixels, so a 3088×2208 phone photo costs a fraction of a full colour decode.
+:meth:`FaceCropper.crop_bytes` is the stage's path and :meth:`FaceCropper.crop_all_bytes` the served model's:
+both detect on a reduced colour decode (at most :data:`DETECT_SIDE` pixels) and cut from a gray decode, a large
+JPEG at 1/2, 1/4 or 1/8 resolution as long as the face stays at least ``size`` pixels, so a 3088×2208 phone
+photo costs a fraction of a full colour decode, and a training face matched to a detector box
+(``box: match``) is the served face pixel for pixel.
 """
 
 from __future__ import annotations
