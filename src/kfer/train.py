@@ -50,12 +50,7 @@ def decode_workers(params: Params) -> int:
     """``train.decode_workers`` as a number: ``auto`` = the cores this process may run on (affinity mask, so
     ``taskset`` and cpusets are respected)."""
     n = params.train.decode_workers
-    if n != "auto":
-        return int(n)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return files.resolve_workers(0 if n == "auto" else int(n))
 
 
 def make_dataset(
