@@ -236,8 +236,8 @@ class BoxChoice:
 
 @dataclass(frozen=True)
 class FaceCropper:
-    """One face per training photo (:meth:`crop_bytes`, :meth:`crop_main`) and every face of a new photo
-    (:meth:`crop_all`), cut the same way.
+    """One face per training photo (:meth:`crop_bytes`, :meth:`crop_main` from pixels) and every face of a new
+    photo (:meth:`crop_all_bytes`, :meth:`crop_all` from pixels), cut the same way.
 
     ``box`` is the crop policy for photos with an annotated box:
 
@@ -333,7 +333,7 @@ class FaceCropper:
         """Detection on a JPEG decoded at the largest reduction that still covers :func:`detection_size`."""
         w, h = head.width, head.height
         k = next((r for r in REDUCTIONS if -(-max(w, h) // r) >= DETECT_SIDE), 1) if head.format == "JPEG" else 1
-        img = decode_image(data, checked=True, reduce=k)
+        img = decode_image(data, k, checked=True)
         if img.shape[:2] not in ((-(-h // k), -(-w // k)), (h, w)):
             img = decode_image(data, checked=True)  # EXIF orientation not applied as the header says
         return detect_faces(img, self.threshold, self.min_inside, full_size=(w, h))

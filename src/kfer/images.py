@@ -174,16 +174,21 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-def decode_image(data: bytes, checked: bool = False, reduce: int = 1) -> np.ndarray:
+def _imdecode(data: bytes, flags: dict[int, int], reduce: int, checked: bool) -> np.ndarray | None:
+    """OpenCV's decode with ``flags[reduce]`` for a JPEG (``flags[1]`` otherwise); None when it cannot."""
+    if not checked:
+        check_complete(data)
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags[reduce if data[:2] == JPEG_SOI else 1])
+
+
+def decode_image(data: bytes, reduce: int = 1, checked: bool = False) -> np.ndarray:
     """Bytes -> BGR uint8 (EXIF orientation applied). 16-bit, palette, alpha, gray and CMYK are converted.
 
     ``reduce``: a JPEG is decoded at 1/``reduce`` resolution (as :func:`decode_gray`); other formats, and
     photos only PIL can read, come back at full size (callers compare the shape). ``checked``: the caller
     already ran :func:`check_complete`.
     """
-    if not checked:
-        check_complete(data)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_COLOR[reduce if data[:2] == JPEG_SOI else 1])
+    img = _imdecode(data, REDUCED_COLOR, reduce, checked)
     if img is None:
         img = _decode_with_pil(data)
     if img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1:
@@ -201,10 +206,7 @@ def decode_gray(data: bytes, reduce: int = 1, checked: bool = False) -> np.ndarr
     JPEGs, which matches BGR -> gray of the colour decode to a fraction of a grey level. ``checked``: the caller
     already ran :func:`check_complete`.
     """
-    if not checked:
-        check_complete(data)
-    flag = REDUCED_GRAY[reduce if data[:2] == JPEG_SOI else 1]
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    img = _imdecode(data, REDUCED_GRAY, reduce, checked)
     if img is None:  # odd modes: the colour fallback, then gray
         img = cv2.cvtColor(_decode_with_pil(data), cv2.COLOR_BGR2GRAY)
     if img.ndim != 2 or img.shape[0] < 1 or img.shape[1] < 1:

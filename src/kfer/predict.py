@@ -77,7 +77,7 @@ def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
         result["faces"] = faces
         if annotate_dir is not None:
             out = Path(annotate_dir) / _unique_name(photo.stem, used_names)
-            annotate(decode_image(data), faces, out)
+            annotate(decode_image(data, checked=True), faces, out)  # predict_bytes checked the bytes
             result["annotated"] = str(out)
         results.append(result)
     return results
