@@ -12,6 +12,7 @@ reference (or no face is found at all) is *missed*: it counts as wrong, and is c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class PhotoResult:
     n_faces: int  # faces the model found in the photo
     iou: float | None = None  # IoU of the chosen face's box with the reference box
     error: str = ""  # the photo could not be read (then missed)
+    sha256: bytes = b""  # of the photo's bytes, as read (empty when they could not be read)
 
 
 def pick_face(faces: list[dict[str, Any]], reference: Box | None) -> tuple[dict[str, Any] | None, float | None]:
@@ -56,14 +58,17 @@ def score_photos(model, photos: list[Path], references: list[Box | None], class_
     out = []
     for photo, ref in tqdm(zip(photos, references, strict=True), total=len(photos), desc=desc, unit="photo",
                            mininterval=1.0):
+        digest = b""
         try:
-            faces = model.predict_bytes(read_bytes(photo), whole_image=whole_image)
+            data = read_bytes(photo)
+            digest = hashlib.sha256(data).digest()
+            faces = model.predict_bytes(data, whole_image=whole_image)
         except ImageError as exc:
             log.warning("%s: %s", photo, exc)
-            out.append(PhotoResult(MISSED, 0, None, str(exc)))
+            out.append(PhotoResult(MISSED, 0, None, str(exc), digest))
             continue
         face, iou = pick_face(faces, ref)
-        out.append(PhotoResult(MISSED if face is None else index[face["label"]], len(faces), iou))
+        out.append(PhotoResult(MISSED if face is None else index[face["label"]], len(faces), iou, "", digest))
     return out
 
 
@@ -81,14 +86,12 @@ def summary(results: list[PhotoResult]) -> dict[str, Any]:
 EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
 
 
-def folder_digest(paths: list[Path], root: Path) -> str:
-    """SHA-256 over the sorted (relative path, content hash) of ``paths``: the labelled folder's identity."""
-    import hashlib
-
+def folder_digest(rels: list[str], results: list[PhotoResult]) -> str:
+    """SHA-256 over the sorted (relative path, content hash) of the scored photos: the labelled folder's identity,
+    from the bytes :func:`score_photos` read (no second pass over the folder)."""
     h = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
-        h.update(p.relative_to(root).as_posix().encode("utf-8") + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+    for rel, r in sorted(zip(rels, results, strict=True), key=lambda t: t[0]):
+        h.update(rel.encode("utf-8") + b"\0" + r.sha256)
     return h.hexdigest()
 
 
@@ -149,7 +152,7 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
         "no_face": counts["missed"] - counts["unreadable"], "unreadable": counts["unreadable"],
         "skipped": skipped, "per_class": m["per_class"],
         "folder": str(folder), "layout": layout, "detector": detector, "model": uri,
-        "folder_sha256": folder_digest([r.raw for r in usable], folder),
+        "folder_sha256": folder_digest([r.rel for r in usable], results),
     }
 
     out = Path(out_dir) if out_dir else params.path(f"{params.paths.eval_dir}-external") / folder.name
