@@ -268,7 +268,7 @@ def _augment_one(task: tuple[str, str, str, str]) -> tuple[str | None, list[tupl
 
 
 def _read_splits(params: Params) -> pd.DataFrame:
-    return files.read_table(params.path(params.paths.splits), SPLIT_COLUMNS, "splits file", "kfer split")
+    return files.read_table(params.path(params.paths.splits), SPLIT_COLUMNS, "splits file", "kfer split", also=())
 
 
 def _output_stems(rows: pd.DataFrame) -> list[str]:
@@ -312,10 +312,10 @@ def run_augment(params: Params) -> dict:
     originals = augmented = 0
 
     with files.atomic_dir(target) as tmp:
-        tasks = [
+        tasks = (  # made as the pool takes them
             (str(params.path(p)), p, str(tmp / TRAIN_DIR / label), stem)
             for p, label, stem in zip(train["path"], train["label"], stems, strict=True)
-        ]
+        )
         results = files.parallel_map(
             _augment_one,
             tasks,
@@ -328,7 +328,7 @@ def run_augment(params: Params) -> dict:
         with contextlib.closing(results), files.atomic_file(tmp / MANIFEST_NAME) as fh:
             out = csv.writer(fh, lineterminator="\n")
             out.writerow(MANIFEST_COLUMNS)
-            progress = tqdm(results, total=len(tasks), desc="augment", unit="img", dynamic_ncols=True)
+            progress = tqdm(results, total=len(train), desc="augment", unit="img", dynamic_ncols=True)
             for row, (reason, written) in zip(train.itertuples(index=False), progress, strict=True):
                 if reason is not None:
                     skipped[reason] += 1

@@ -19,6 +19,7 @@ OpenCV single-threaded, so the files are identical whatever the worker count.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 from collections import Counter
@@ -115,35 +116,37 @@ def run_crop(params: Params, raw_root: Path | None = None) -> dict:
     out_root = params.path(params.paths.cropped)
     workers = files.resolve_workers(cfg.workers)
     cropper = FaceCropper.from_params(cfg)
-    rows: list[dict] = []
+    tally = _Tally(params)
 
     with files.atomic_dir(out_root) as tmp:
         for label in params.class_names:
             (tmp / label).mkdir()
-        todo = [r for r in records if r.rel in names]
-        items = [
-            (str(r.raw), r.box, str(tmp / names[r.rel]), r.detector)
-            for r in todo
-        ]
-        outcomes = dict.fromkeys(r.rel for r in records)
+        # tasks are made as the pool takes them and manifest rows are written as results arrive (in input
+        # order), not collected: what the stage holds per photo is its record, not its row or outcome
+        items = ((str(r.raw), r.box, str(tmp / names[r.rel]), r.detector) for r in records if r.rel in names)
         results = files.parallel_map(
             _crop_one, items, workers, cfg.chunksize, initializer=_init_worker, initargs=(cropper,)
         )
-        for rec, res in tqdm(
-            zip(todo, results, strict=True), total=len(todo), desc="crop", unit="img", mininterval=1.0
-        ):
-            outcomes[rec.rel] = res
-        for rec in records:
-            res = outcomes[rec.rel] or {"status": rec.status, "detail": rec.detail}
-            rows.append(_manifest_row(params, rec, res, out_root / names[rec.rel] if res["status"] == "ok" else None))
-        report = _report(params, result, rows, outcomes, workers)
+        with contextlib.closing(results), open(tmp / MANIFEST, "w", encoding="utf-8", newline="") as fh:
+            w = csv.DictWriter(fh, MANIFEST_COLUMNS)
+            w.writeheader()
+            progress = tqdm(total=len(names), desc="crop", unit="img", mininterval=1.0)
+            for rec in records:
+                if rec.rel in names:
+                    res = next(results)
+                    progress.update()
+                else:
+                    res = {"status": rec.status, "detail": rec.detail}
+                row = _manifest_row(params, rec, res, out_root / names[rec.rel] if res["status"] == "ok" else None)
+                tally.add(row, res)
+                w.writerow(row)
+            progress.close()
+            if next(results, None) is not None:
+                raise RuntimeError("crop: more results than photos")  # a bug, never bad input
+        report = _report(params, result, tally, workers)
         if report["ok"] == 0:
             files.write_json(params.path(params.paths.crop_report), report)
             raise UserError(_nothing_usable(params, report))
-        with open(tmp / MANIFEST, "w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(fh, MANIFEST_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
 
     files.write_json(params.path(params.paths.crop_report), report)
     for reason, n in sorted(report["skipped"].items()):
@@ -190,42 +193,76 @@ def _manifest_row(params: Params, rec: Record, res: dict, out: Path | None) -> d
     }
 
 
-def _match_counts(ok_rows: list[dict]) -> dict:
-    tried = [r for r in ok_rows if r["match_iou"] != ""]
-    if not tried:
-        return {}
-    ious = [float(r["match_iou"]) for r in tried if r["box_source"] == "matched"]
-    return {"matched_to_detector": len(ious), "unmatched_annotation_used": len(tried) - len(ious),
-            "match_iou_mean": round(sum(ious) / len(ious), 4) if ious else None}
+class _Tally:
+    """The crop report's counts, added up row by row as the manifest is written."""
+
+    def __init__(self, params: Params):
+        self.sources = list(params.data.sources)
+        self.status: Counter[str] = Counter()
+        self.box_source: Counter[str] = Counter()
+        self.label_from: Counter[str] = Counter()
+        self.per_class: Counter[str] = Counter()
+        self.box_issue: Counter[str] = Counter()
+        self.persons: set[str] = set()
+        self.matched = self.match_tried = 0
+        self.match_iou_sum = 0.0
+        self.source_total: Counter[str] = Counter()
+        self.source_ok: Counter[str] = Counter()
+        self.source_persons: dict[str, set[str]] = {name: set() for name in self.sources}
+
+    def add(self, row: dict, res: dict) -> None:
+        if row["status"] in NOT_PHOTOS:
+            return
+        self.status[row["status"]] += 1
+        self.source_total[row["source"]] += 1
+        if row["status"] != "ok":
+            return
+        self.box_source[row["box_source"]] += 1
+        self.label_from[row["label_from"]] += 1
+        self.per_class[row["label"]] += 1
+        self.box_issue[res.get("box_issue", "")] += 1
+        self.persons.add(row["group"])
+        self.source_ok[row["source"]] += 1
+        if row["source"] in self.source_persons:
+            self.source_persons[row["source"]].add(row["group"])
+        if row["match_iou"] != "":
+            self.match_tried += 1
+            if row["box_source"] == "matched":
+                self.matched += 1
+                self.match_iou_sum += float(row["match_iou"])
+
+    def match_counts(self) -> dict:
+        """Annotations a detector box matched (that box cut), and those none did (the annotation cut)."""
+        if not self.match_tried:
+            return {}
+        return {"matched_to_detector": self.matched, "unmatched_annotation_used": self.match_tried - self.matched,
+                "match_iou_mean": round(self.match_iou_sum / self.matched, 4) if self.matched else None}
 
 
-def _report(params: Params, result: ReadResult, rows: list[dict], outcomes: dict, workers: int) -> dict:
-    photos = [r for r in rows if r["status"] not in NOT_PHOTOS]
-    status = Counter(r["status"] for r in photos)
-    ok_rows = [r for r in photos if r["status"] == "ok"]
+def _report(params: Params, result: ReadResult, tally: _Tally, workers: int) -> dict:
+    total, ok = sum(tally.status.values()), tally.status.get("ok", 0)
     annotated = [r for r in result.records if r.label_from.startswith("json")]
-    issues = Counter((o or {}).get("box_issue", "") for o in outcomes.values() if o and o["status"] == "ok")
     dropped = {k.removeprefix("annotator_box_"): v for k, v in sorted(result.label_counts.items())
                if k.startswith("annotator_box_")}
     report = {
         "layout": result.layout,
-        "total": len(photos),
-        "ok": status.get("ok", 0),
-        "ok_fraction": round(status.get("ok", 0) / len(photos), 4) if photos else 0.0,
-        "skipped": {k: v for k, v in sorted(status.items()) if k != "ok"},
-        "box_source": dict(sorted(Counter(r["box_source"] for r in ok_rows).items())),
+        "total": total,
+        "ok": ok,
+        "ok_fraction": round(ok / total, 4) if total else 0.0,
+        "skipped": {k: v for k, v in sorted(tally.status.items()) if k != "ok"},
+        "box_source": dict(sorted(tally.box_source.items())),
         "annotation_boxes": {
             "records_with_box": sum(r.box is not None for r in annotated),
             "records_without_box": sum(r.box is None for r in annotated),
             "annotator_boxes_dropped": dropped,  # missing / not_numeric / inverted / zero_area: not used
-            "clamped_to_image": issues.get("clamped", 0),  # partly outside: clamped, used
-            "outside_image_not_used": issues.get("outside", 0),  # wholly outside: detector / whole image
+            "clamped_to_image": tally.box_issue.get("clamped", 0),  # partly outside: clamped, used
+            "outside_image_not_used": tally.box_issue.get("outside", 0),  # wholly outside: detector / whole image
             # crop.box match: annotations a detector box matched (that box cut), and those none did (annotation cut)
-            **_match_counts(ok_rows),
+            **tally.match_counts(),
         },
-        "label_from": dict(sorted(Counter(r["label_from"] for r in ok_rows).items())),
-        "per_class": {c: sum(r["label"] == c for r in ok_rows) for c in params.class_names},
-        "persons": len({r["group"] for r in ok_rows}),
+        "label_from": dict(sorted(tally.label_from.items())),
+        "per_class": {c: tally.per_class.get(c, 0) for c in params.class_names},
+        "persons": len(tally.persons),
         "label_files": dict(sorted(result.label_files.items())),
         "label_json": dict(sorted(result.label_counts.items())),
         "image_size": params.crop.image_size,
@@ -234,8 +271,8 @@ def _report(params: Params, result: ReadResult, rows: list[dict], outcomes: dict
     if params.data.sources:
         report["layouts"] = result.layouts
         report["per_source"] = {
-            name: {"total": sum(r["source"] == name for r in photos), "ok": sum(r["source"] == name for r in ok_rows),
-                   "persons": len({r["group"] for r in ok_rows if r["source"] == name})}
+            name: {"total": tally.source_total.get(name, 0), "ok": tally.source_ok.get(name, 0),
+                   "persons": len(tally.source_persons[name])}
             for name in params.data.sources
         }
     return report

@@ -119,23 +119,29 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
-def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint: str):
+def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint: str,
+               also: Iterable[str] | None = None):
     """A stage's CSV contract (manifest, splits) as strings, with clear errors naming the stage to run.
 
-    ``hint`` is the command that makes the file, e.g. "kfer crop".
+    ``hint`` is the command that makes the file, e.g. "kfer crop". With ``also``, only the ``required``
+    columns and those of ``also`` that the file has are read (a 500k-row manifest then costs what its reader
+    needs, not all its columns); without it, every column.
     """
+    required = tuple(required)
+    wanted = None if also is None else {*required, *also}.__contains__
     import pandas as pd
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} {path} not found: run `{hint}` first")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", usecols=wanted)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} {path} is not a readable CSV ({exc}): re-run `{hint}`") from exc
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{what} {path} lacks column(s) {missing} (has {list(df.columns)}): re-run `{hint}`")
+        has = list(pd.read_csv(path, nrows=0, encoding="utf-8").columns)
+        raise ValueError(f"{what} {path} lacks column(s) {missing} (has {has}): re-run `{hint}`")
     return df
 
 

@@ -229,7 +229,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     Column ``source`` is the dataset name (``data.sources``; "" when not configured). A manifest without a
     ``raw`` column predates sources: its ``source`` column, if any, held the raw file path and becomes "".
     """
-    df = read_table(path, REQUIRED_COLUMNS, "crop manifest", "kfer crop")
+    df = read_table(path, REQUIRED_COLUMNS, "crop manifest", "kfer crop", also=(RAW_COLUMN, "source"))
     if RAW_COLUMN not in df.columns or "source" not in df.columns:
         df = df.assign(source="")
     df = df[df["status"] == "ok"]
