@@ -77,7 +77,7 @@ def test_rotated_and_trailer_photos_crop_like_the_full_colour_decode(aihub_proje
     raw = params.path(params.paths.raw)
     cropper = replace(FaceCropper.from_params(params.crop), box="annotation")
     by_name = {Path(r["raw"]).name: r for r in _rows(params) if r["status"] == "ok"}
-    annotated = {r.raw.name: r.box for r in read_records(params).records}  # what the stage used
+    annotated = {Path(r.raw).name: r.box for r in read_records(params).records}  # what the stage used
     checked = 0
     for name, orientation in summary["orientation"].items():
         if orientation == 1 and summary["trailer"][name] is None:

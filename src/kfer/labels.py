@@ -118,7 +118,7 @@ def vote_label(record: dict, tie: str = "uploader") -> tuple[str | None, tuple[s
     return None, votes, ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelRecord:
     """One usable record of an AI Hub label JSON file."""
 
