@@ -295,6 +295,35 @@ def test_run_split_carries_the_source(tmp_path):
     assert "per_source" not in report2
 
 
+def test_a_train_only_source_trains_whole_and_leaves_the_others_split_as_before(tmp_path):
+    """data.sources.<name>.split = train (FER2013's blurred copy): all of it in train, never validated on; the
+    other sources' assignment is the one they get without it."""
+    rows = []
+    for src, n_persons in (("sharp", 10), ("blurred", 6)):
+        for p in range(n_persons):
+            for lab in CLASSES:
+                rows.append({"path": f"data/cropped/{lab}/{src}_{p:02d}.png", "source": src, "label": lab,
+                             "group": f"{src}/S{p:03d}", "status": "ok", "raw": f"data/raw/{src}/{p}.jpg"})
+    _project(tmp_path, rows)
+    text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    assert "  sources: {}\n" in text
+    (tmp_path / "params.yaml").write_text(text.replace(
+        "  sources: {}\n", "  sources: {sharp: {layout: folders}, blurred: {layout: folders, split: train}}\n"),
+        encoding="utf-8")
+    report = run_split(load_params(tmp_path / "params.yaml"))
+    df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert (df.loc[df.source == "blurred", "split"] == "train").all()
+    assert report["per_source"]["val"]["blurred"] == report["per_source"]["test"]["blurred"] == 0
+    assert report["counts"]["train"] == int((df.split == "train").sum())
+
+    (tmp_path / "alone").mkdir()
+    alone = _project(tmp_path / "alone", [r for r in rows if r["source"] == "sharp"])
+    run_split(alone)
+    df_alone = pd.read_csv(tmp_path / "alone" / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert df.loc[df.source == "sharp", "split"].tolist() == df_alone["split"].tolist()
+    assert set(df_alone["split"]) == {"train", "val", "test"}
+
+
 def test_run_split_warns_about_thin_classes(tmp_path, caplog):
     rows = [
         {"path": f"{lab}/{p}_{i}.png", "label": lab, "group": f"p{p}", "status": "ok"}

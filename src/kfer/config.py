@@ -82,6 +82,9 @@ class SourceCfg(_Strict):
     label_map: dict[str, str] = Field(default_factory=dict)  # added to data.label_map for this source
     group: GroupCfg | None = None  # None: data.group
     detector: Detector | None = None  # None: crop.detector
+    # auto: the source's persons are spread over split.train/val/test; train: all its images train, none are
+    # validated or tested on (a degraded source, e.g. FER2013's blurred copy, that should not pick the model)
+    split: Literal["auto", "train"] = "auto"
 
 
 class DataCfg(_Strict):
@@ -168,6 +171,8 @@ class ModelCfg(_Strict):
     blocks: tuple[int, ...] = (3, 4, 6, 3)
     base_width: int = Field(64, ge=1)
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
+    stem: Literal["imagenet", "compact"] = "imagenet"
+    tta_flip: bool = False
 
     @field_validator("blocks")
     @classmethod
@@ -188,6 +193,11 @@ class TrainCfg(_Strict):
     lr_schedule: Literal["plateau", "cosine", "none"] = "plateau"
     lr_factor: float = Field(0.5, gt=0, lt=1)
     lr_patience: int = Field(2, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup_alpha: float = Field(0.0, ge=0.0)
     class_weights: bool = True
     mixed_precision: bool = False
     xla: bool = False
@@ -201,6 +211,14 @@ class TrainCfg(_Strict):
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f'train.decode_workers must be an integer >= 1 or "auto", got {v!r}')
         return v
+
+    @model_validator(mode="after")
+    def _recipe(self):
+        if self.weight_decay and self.optimizer == "adam":
+            raise ValueError("train.weight_decay needs train.optimizer adamw or sgd (adam has no weight decay)")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
+        return self
 
     @property
     def monitor_mode(self) -> str:
