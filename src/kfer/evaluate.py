@@ -105,6 +105,8 @@ def load_model(params: Params):
     model_path = _model_path(params)
     import keras
 
+    from . import model as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA) with Keras
+
     model = keras.models.load_model(model_path, compile=False)
     n_classes = len(params.class_names)
     out_shape = tuple(model.output_shape)

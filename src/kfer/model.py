@@ -51,8 +51,12 @@ def build_resnet(
     channels: int = 1,
     seed: int | None = None,
     bn_momentum: float = BN_MOMENTUM,
+    stem: str = "imagenet",
 ) -> keras.Model:
     """Build the (uncompiled) classifier. ``head_units = 0`` means no extra Dense layer.
+
+    ``stem`` "imagenet" is ResNet50's (7×7/2 conv, 3×3/2 max-pool: the first stage sees S/4); "compact" a 3×3/2
+    conv without pooling (the first stage sees S/2: for 48–64 px faces, whose detail the ImageNet stem discards).
 
     ``seed`` makes the initial weights reproducible (it seeds Keras' global generator before building).
     """
@@ -61,12 +65,18 @@ def build_resnet(
     init, momentum = kernel_initializer, bn_momentum
     inputs = keras.Input((image_size, image_size, channels), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
-    x = layers.Conv2D(base_width, 7, strides=2, kernel_initializer=init, name="conv1_conv")(x)
+    if stem == "imagenet":
+        x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
+        x = layers.Conv2D(base_width, 7, strides=2, kernel_initializer=init, name="conv1_conv")(x)
+    elif stem == "compact":
+        x = layers.Conv2D(base_width, 3, strides=2, padding="same", kernel_initializer=init, name="conv1_conv")(x)
+    else:
+        raise ValueError(f"stem must be imagenet or compact, got {stem!r}")
     x = layers.BatchNormalization(epsilon=BN_EPS, momentum=momentum, name="conv1_bn")(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
-    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
-    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    if stem == "imagenet":
+        x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
     for stage, n in enumerate(blocks):
         filters = base_width * 2**stage
         for b in range(n):
@@ -101,10 +111,28 @@ class MacroF1(keras.metrics.F1Score):
         return keras.ops.sum(per_class * mask) / keras.ops.maximum(keras.ops.sum(mask), 1.0)
 
 
+@keras.saving.register_keras_serializable(package="kfer")
+class HorizontalFlip(layers.Layer):
+    """The image mirrored left-right (always: a deterministic layer, unlike ``RandomFlip``)."""
+
+    def call(self, x):
+        return keras.ops.flip(x, axis=-2)
+
+
+def with_flip_tta(model: keras.Model) -> keras.Model:
+    """``model`` with horizontal-flip test-time augmentation: the mean of its softmax on the face and on the
+    mirrored face. Same input and output as ``model``; its weights are shared, not copied."""
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    plain = model(inputs)
+    mirrored = model(HorizontalFlip(name="mirror")(inputs))
+    return keras.Model(inputs, layers.Average(name="tta_flip", dtype="float32")([plain, mirrored]),
+                       name=f"{model.name}_tta")
+
+
 def build_from_params(params, seed: int | None = None) -> keras.Model:
     m = params.model
     return build_resnet(
         params.crop.image_size, len(params.classes), m.kernel_initializer, m.head_units, m.head_dropout,
         m.blocks, m.base_width, channels=1 if params.crop.grayscale else 3,
-        seed=params.seed if seed is None else seed, bn_momentum=m.bn_momentum,
+        seed=params.seed if seed is None else seed, bn_momentum=m.bn_momentum, stem=m.stem,
     )

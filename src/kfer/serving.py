@@ -89,6 +89,8 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         self.cropper = FaceCropper(size=int(crop["image_size"]), margin=float(crop["margin"]),
                                    threshold=float(crop["threshold"]), grayscale=bool(crop["grayscale"]),
                                    min_inside=float(crop["min_inside"]))
+        from . import model as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA) with Keras
+
         self.keras_model = keras.saving.load_model(str(keras_path), compile=False)
         n_out = int(self.keras_model.output_shape[-1])
         if n_out != len(self.classes):

@@ -97,14 +97,37 @@ def make_dataset(
             return tf.ensure_shape(out, (size, size, channels)), label, idx
 
         ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
-    ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+    ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
                 num_parallel_calls=workers, deterministic=True)
+    ds = ds.batch(params.train.batch_size)
+    alpha = params.train.mixup_alpha
+    if training and alpha > 0:
+        ds = ds.map(lambda x, y, idx: (*mixup(x, y, idx, alpha, seed), idx), num_parallel_calls=workers,
+                    deterministic=True)
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
     # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
     # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
     options = tf.data.Options()
     options.autotune.enabled = False
-    return ds.batch(params.train.batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+    return ds.map(lambda x, y, idx: (x, y)).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def mixup(images, onehot, rows, alpha: float, seed: int):
+    """Mixup (Zhang et al. 2018) of one batch: image i becomes λᵢ·xᵢ + (1-λᵢ)·x_π(i), its target likewise, with
+    λᵢ ~ Beta(α, α) and π a permutation of the batch. Seeded by ``seed`` and the batch's first row, so the
+    same table order gives the same batches, and every epoch (a new order) new pairs."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    key = tf.stack([tf.constant(seed, tf.int64), rows[0]])
+    g1 = tf.random.stateless_gamma([n], seed=key, alpha=alpha)
+    g2 = tf.random.stateless_gamma([n], seed=key + tf.constant([0, 1 << 40], tf.int64), alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key + tf.constant([0, 2 << 40], tf.int64))
+    lx = tf.reshape(lam, [-1, 1, 1, 1])
+    ly = tf.reshape(lam, [-1, 1])
+    return (lx * images + (1 - lx) * tf.gather(images, perm),
+            ly * onehot + (1 - ly) * tf.gather(onehot, perm))
 
 
 def class_weights(params: Params, table: pd.DataFrame) -> dict[int, float]:
@@ -144,15 +167,64 @@ def compile_model(model, params: Params, jit: bool = False):
     from .model import MacroF1
 
     model.compile(
-        optimizer=keras.optimizers.Adam(params.train.learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
+        optimizer=make_optimizer(params),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), MacroF1()],
         jit_compile=jit,
     )
     return model
 
 
-def callbacks(params: Params, checkpoint: Path, extra: list | None = None) -> list:
+def make_optimizer(params: Params):
+    """``train.optimizer`` at ``train.learning_rate``; weight decay (adamw, sgd) spares batch-norm and biases."""
+    import keras
+
+    cfg = params.train
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(cfg.learning_rate)
+    elif cfg.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=wd or 0.0)
+    else:
+        opt = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=wd)
+    if wd:
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    return opt
+
+
+def lr_at(params: Params, step: int, steps_per_epoch: int) -> float | None:
+    """The learning rate of batch ``step`` (0-based, counted over all epochs) set by the warm-up and the cosine
+    schedule; None where neither applies (plateau and none after the warm-up: the optimizer's value stands)."""
+    cfg = params.train
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.learning_rate * (step + 1) / warm
+    if cfg.lr_schedule != "cosine":
+        return None
+    total = max(cfg.epochs * steps_per_epoch - warm, 1)
+    return float(cfg.learning_rate * 0.5 * (1 + np.cos(np.pi * min(step - warm, total) / total)))
+
+
+def _StepLearningRate(params: Params, steps_per_epoch: int):  # noqa: N802 - a callback factory
+    import keras
+
+    class StepLR(keras.callbacks.Callback):
+        """Sets the learning rate before every batch from :func:`lr_at` (warm-up, cosine)."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            lr = lr_at(params, self.epoch * steps_per_epoch + batch, steps_per_epoch)
+            if lr is not None:
+                self.model.optimizer.learning_rate = lr
+
+    return StepLR()
+
+
+def callbacks(params: Params, checkpoint: Path, extra: list | None = None, steps_per_epoch: int = 0) -> list:
+    """Schedule, LR logging, early stopping, best checkpoint, then ``extra``. ``steps_per_epoch`` (batches per
+    epoch) is needed by the warm-up and the cosine schedule, which set the rate per batch."""
     import keras
 
     cfg = params.train
@@ -161,10 +233,10 @@ def callbacks(params: Params, checkpoint: Path, extra: list | None = None) -> li
     if cfg.lr_schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=cfg.lr_factor,
                                                      patience=cfg.lr_patience, verbose=0))
-    elif cfg.lr_schedule == "cosine":
-        lr0, n = cfg.learning_rate, cfg.epochs
-        cbs.append(keras.callbacks.LearningRateScheduler(
-            lambda epoch: float(lr0 * 0.5 * (1 + np.cos(np.pi * epoch / max(n, 1))))))
+    if cfg.lr_schedule == "cosine" or cfg.warmup_epochs:
+        if steps_per_epoch < 1:
+            raise ValueError("callbacks: the warm-up and the cosine schedule need steps_per_epoch")
+        cbs.append(_StepLearningRate(params, steps_per_epoch))
     cbs.append(_LogLearningRate())
     if cfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
@@ -187,13 +259,16 @@ def _LogLearningRate():  # noqa: N802 - a callback factory
     return LogLR()
 
 
-def strip_for_serving(model):
-    """A copy with the same weights and no compile state: loadable anywhere with plain Keras."""
+def strip_for_serving(model, params: Params | None = None):
+    """A copy with the same weights and no compile state, loadable with Keras once :mod:`kfer.model` is imported;
+    wrapped in flip test-time augmentation when ``params.model.tta_flip``."""
     import keras
+
+    from .model import with_flip_tta
 
     clean = keras.Model.from_config(model.get_config())  # clone_model would copy the compile state too
     clean.set_weights(model.get_weights())
-    return clean
+    return with_flip_tta(clean) if params is not None and params.model.tta_flip else clean
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -219,11 +294,12 @@ def fit(
     with strategy.scope():
         model = compile_model(build_from_params(params), params, jit)
     ckpt = workdir / "best.keras"
+    steps = int(train_ds.cardinality())  # batches per epoch (-1/-2: infinite/unknown, never for these tables)
     t0 = time.perf_counter()
     # shuffle=False: the tf.data pipeline shuffles (seeded); Keras ignores the flag for datasets but warns
     hist = model.fit(train_ds, validation_data=val_ds, epochs=params.train.epochs, class_weight=class_weight,
                      shuffle=False,
-                     callbacks=callbacks(params, ckpt, extra_callbacks), verbose=verbose)
+                     callbacks=callbacks(params, ckpt, extra_callbacks, steps), verbose=verbose)
     seconds = time.perf_counter() - t0
     history = pd.DataFrame(hist.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
@@ -261,7 +337,8 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         mlflow_cb = mlflow.keras.MlflowCallback()
         model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb])
 
-        scores = model.evaluate(val_ds, verbose=0, return_dict=True)
+        clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
+        scores = compile_model(clean, params).evaluate(val_ds, verbose=0, return_dict=True)
         best_epoch = int(history[cfg.monitor].idxmax() if cfg.monitor_mode == "max"
                          else history[cfg.monitor].idxmin()) + 1
         metrics = {
@@ -285,7 +362,6 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
                                encoding="utf-8")
         mlflow.log_artifact(str(labels_json))
 
-        clean = strip_for_serving(model)
         example = _example_face(params, val_df)
         uris = serving.log_models(clean, params, example_face=example)
         mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"],

@@ -386,7 +386,7 @@ def _train_trial(trial, p: Params, ctx: _Context, workdir: Path) -> float:
     run_metrics["best_epoch"] = int((col.idxmin() if lower_is_better else col.idxmax()) + 1)
     mlflow.log_metrics({**run_metrics, **best})
     if _is_best_so_far(trial.study, value):  # the study's best so far: keep its model, registrable
-        uris = serving.log_models(strip_for_serving(model), p, example_face=_example_face(p, ctx.val_df))
+        uris = serving.log_models(strip_for_serving(model, p), p, example_face=_example_face(p, ctx.val_df))
         mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"], tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
         trial.set_user_attr(MODEL_URI_ATTR, uris["model_uri"])
     return value
