@@ -128,5 +128,6 @@ def test_run_with_every_knob_is_tracked_and_serves_the_tta_model(tmp_path, make_
     assert lr[0] > lr[1] > lr[2]  # then the cosine, per batch
     saved = keras.models.load_model(params.path(params.paths.model), compile=False)
     assert saved.get_layer("tta_flip") is not None and saved.get_layer("mirror") is not None
+    assert getattr(saved, "optimizer", None) is None  # served: weights only
     run = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(result["run_id"])
     assert run.data.params["train.mixup_alpha"] == "0.2" and run.data.params["model.tta_flip"] == "True"

@@ -338,7 +338,9 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb])
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
-        scores = compile_model(clean, params).evaluate(val_ds, verbose=0, return_dict=True)
+        # scored on a compiled copy: compiling `clean` itself would save an optimizer into the served model
+        scores = compile_model(strip_for_serving(model, params), params).evaluate(val_ds, verbose=0,
+                                                                                 return_dict=True)
         best_epoch = int(history[cfg.monitor].idxmax() if cfg.monitor_mode == "max"
                          else history[cfg.monitor].idxmin()) + 1
         metrics = {
