@@ -197,7 +197,6 @@ class _Tally:
     """The crop report's counts, added up row by row as the manifest is written."""
 
     def __init__(self, params: Params):
-        self.sources = list(params.data.sources)
         self.status: Counter[str] = Counter()
         self.box_source: Counter[str] = Counter()
         self.label_from: Counter[str] = Counter()
@@ -208,7 +207,7 @@ class _Tally:
         self.match_iou_sum = 0.0
         self.source_total: Counter[str] = Counter()
         self.source_ok: Counter[str] = Counter()
-        self.source_persons: dict[str, set[str]] = {name: set() for name in self.sources}
+        self.source_persons: dict[str, set[str]] = {name: set() for name in params.data.sources}
 
     def add(self, row: dict, res: dict) -> None:
         if row["status"] in NOT_PHOTOS:

@@ -251,14 +251,12 @@ def run_split(params: Params) -> dict[str, Any]:
     keys = [g if g else f"\x00{p}" for g, p in zip(groups, df["path"], strict=True)]
     # sources with data.sources.<name>.split = train go to train whole; the others share the ratios
     train_only = {name for name, src in params.data.sources.items() if src.split == "train"}
-    fixed = df["source"].isin(train_only).to_numpy() if train_only else np.zeros(len(df), bool)
+    fixed = df["source"].isin(train_only).to_numpy()
     if "train" not in ratios and fixed.any():
         raise ValueError(f"data.sources {sorted(train_only)} have split: train, but split has no train ratio")
     rest = np.flatnonzero(~fixed)
-    splits = ["train"] * len(df)
-    for i, s in zip(rest, assign_splits([labels[i] for i in rest], [keys[i] for i in rest], ratios, params.seed),
-                    strict=True):
-        splits[i] = s
+    splits = np.full(len(df), "train", dtype=object)
+    splits[rest] = assign_splits([labels[i] for i in rest], [keys[i] for i in rest], ratios, params.seed)
     out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "source": df["source"],
                         "split": splits}, columns=OUTPUT_COLUMNS)
 

@@ -97,19 +97,21 @@ def make_dataset(
             return tf.ensure_shape(out, (size, size, channels)), label, idx
 
         ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
-    ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
-                num_parallel_calls=workers, deterministic=True)
-    ds = ds.batch(params.train.batch_size)
-    alpha = params.train.mixup_alpha
-    if training and alpha > 0:
-        ds = ds.map(lambda x, y, idx: (*mixup(x, y, idx, alpha, seed), idx), num_parallel_calls=workers,
+    alpha = params.train.mixup_alpha if training else 0.0
+    if alpha > 0:  # mixup seeds each batch from its rows: keep the row index through batching
+        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+                    num_parallel_calls=workers, deterministic=True).batch(params.train.batch_size)
+        ds = ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
                     deterministic=True)
+    else:
+        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+                    num_parallel_calls=workers, deterministic=True).batch(params.train.batch_size)
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
     # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
     # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
     options = tf.data.Options()
     options.autotune.enabled = False
-    return ds.map(lambda x, y, idx: (x, y)).prefetch(tf.data.AUTOTUNE).with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def mixup(images, onehot, rows, alpha: float, seed: int):
@@ -180,13 +182,13 @@ def make_optimizer(params: Params):
     import keras
 
     cfg = params.train
-    wd = cfg.weight_decay or None
+    wd = cfg.weight_decay  # 0 with adam (params check it)
     if cfg.optimizer == "adam":
         opt = keras.optimizers.Adam(cfg.learning_rate)
     elif cfg.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=wd or 0.0)
+        opt = keras.optimizers.AdamW(cfg.learning_rate, weight_decay=wd)
     else:
-        opt = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=wd)
+        opt = keras.optimizers.SGD(cfg.learning_rate, momentum=0.9, nesterov=True, weight_decay=wd or None)
     if wd:
         opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return opt
