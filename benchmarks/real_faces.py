@@ -57,7 +57,11 @@ import time
 import zipfile
 from pathlib import Path
 
+import click
 import yaml
+
+from kfer.cli import _parse_sets
+from kfer.config import _deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -97,23 +101,6 @@ RECIPE = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def dotted(key: str, value) -> dict:
-    out: dict = {}
-    cur = out
-    *head, last = key.split(".")
-    for k in head:
-        cur = cur.setdefault(k, {})
-    cur[last] = value
-    return out
-
-
 def make_project(root: Path, args) -> dict:
     """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
     used = [s for s in SOURCES if not (s == "fer2013_blurred" and args.blurred == "off")]
@@ -125,13 +112,12 @@ def make_project(root: Path, args) -> dict:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.symlink_to(SHARED / target, target_is_directory=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params = merge(params, RECIPE)
+    params = _deep_merge(params, RECIPE)
     params["classes"] = CLASSES
     names = {c["name"] for c in CLASSES}
     params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
     params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
-    for key, value in (args.overrides or {}).items():
-        params = merge(params, dotted(key, value))
+    params = _deep_merge(params, args.overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return params
 
@@ -205,7 +191,7 @@ def score(root: Path, peer: Path | None) -> list[dict]:
 
     from kfer import model as _layers  # noqa: F401 - registers kfer's layers (flip TTA)
     from kfer.evaluate import compute_metrics
-    from kfer.images import read_bytes
+    from kfer.files import read_image_gray
 
     names = [c["name"] for c in CLASSES]
     splits = pd.read_csv(root / "data" / "splits.csv", dtype=str, keep_default_na=False)
@@ -214,10 +200,7 @@ def score(root: Path, peer: Path | None) -> list[dict]:
     rows = splits[splits["split"].isin(["val", "test"])].merge(
         cropped[["path", "raw", "x0", "y0", "x1", "y1"]], on="path", how="left", validate="one_to_one")
     model = keras.models.load_model(root / "models" / "model.keras", compile=False)
-    import cv2
-
-    faces = np.stack([cv2.imdecode(np.frombuffer(read_bytes(root / p), np.uint8), cv2.IMREAD_GRAYSCALE)
-                      for p in rows["path"]])[..., None].astype(np.float32)
+    faces = np.stack([read_image_gray(root / p) for p in rows["path"]])[..., None].astype(np.float32)
     ours = model.predict(faces, batch_size=256, verbose=0).argmax(1)
     theirs = None
     if peer is not None:
@@ -252,10 +235,6 @@ def print_table(table: list[dict], title: str) -> None:
         print(line)
 
 
-def _value(text: str):
-    return yaml.safe_load(text)
-
-
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,19 +260,14 @@ def parse(argv):
                     help="also time N training steps of the full ResNet50 (imagenet stem, [3,4,6,3], width 64) on "
                          "the recipe's batches, after 3 warm-up steps: seconds per epoch of the same recipe")
     args = ap.parse_args(argv)
-    over = {}
-    for flag, key in ((args.epochs, "train.epochs"), (args.image_size, "crop.image_size"),
-                      (args.stem, "model.stem"), (args.width, "model.base_width")):
-        if flag is not None:
-            over[key] = flag
-    if args.blocks:
-        over["model.blocks"] = [int(b) for b in args.blocks.split(",")]
-    for s in args.sets:
-        key, sep, value = s.partition("=")
-        if not sep:
-            ap.error(f"--set expects KEY=VALUE, got {s!r}")
-        over[key] = _value(value)
-    args.overrides = over
+    flags = {"train.epochs": args.epochs, "crop.image_size": args.image_size, "model.stem": args.stem,
+             "model.base_width": args.width,
+             "model.blocks": [int(b) for b in args.blocks.split(",")] if args.blocks else None}
+    sets = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + args.sets
+    try:  # the `kfer --set` parser: the same KEY=VALUE syntax and YAML values
+        args.overrides = _parse_sets(tuple(sets))
+    except click.BadParameter as exc:
+        ap.error(exc.format_message())
     args.ablate = [k for k in args.ablate.split(",") if k]
     unknown = sorted(set(args.ablate) - set(KNOBS))
     if unknown:
