@@ -163,7 +163,7 @@ def test_each_epoch_is_a_fresh_seeded_permutation_of_the_whole_table(tmp_path, m
 
     from kfer.train import make_dataset
 
-    params = make_params({"crop": {"image_size": 8}, "train": {"batch_size": 50}})
+    params = make_params({"crop": {"image_size": 8}, "train": {"batch_size": 50, "epochs": 3}})
     rows = []
     for i in range(300):  # each row its own image: pixel (0, 0) = i // 256, (0, 1) = i % 256
         img = np.zeros((8, 8), np.uint8)
@@ -173,18 +173,16 @@ def test_each_epoch_is_a_fresh_seeded_permutation_of_the_whole_table(tmp_path, m
         rows.append({"path": str(p), "label": params.class_names[i * 7 // 300]})
     table = pd.DataFrame(rows)
 
-    def epochs(seed, n=2):
-        ds = make_dataset(params, table, training=True, seed=seed)
-        out = []
-        for _ in range(n):
-            ids = np.concatenate([(x[:, 0, 0, 0] * 256 + x[:, 0, 1, 0]).numpy() for x, _ in ds]).astype(int)
-            out.append(ids.tolist())
-        return out
+    def epochs(seed, first=0):
+        ds = make_dataset(params, table, training=True, seed=seed, first_epoch=first)
+        ids = np.concatenate([(x[:, 0, 0, 0] * 256 + x[:, 0, 1, 0]).numpy() for x, _ in ds]).astype(int)
+        return [ids[i:i + 300].tolist() for i in range(0, len(ids), 300)]  # 6 batches of 50 per epoch
 
     a = epochs(1)
-    assert all(sorted(e) == list(range(300)) for e in a)  # the whole table, each row once
-    assert a[0] != a[1] and a[0] != sorted(a[0])  # a fresh order every epoch
+    assert len(a) == 3 and all(sorted(e) == list(range(300)) for e in a)  # the whole table, each row once
+    assert a[0] != a[1] != a[2] and a[0] != sorted(a[0])  # a fresh order every epoch
     assert epochs(1) == a and epochs(2) != a  # a function of the seed
+    assert epochs(1, first=1) == a[1:]  # and of the epoch alone: a run resumed at epoch 2 sees epoch 2's order
 
 
 def test_decode_workers_change_speed_only(tmp_path, make_params):
@@ -196,7 +194,8 @@ def test_decode_workers_change_speed_only(tmp_path, make_params):
     from kfer.train import decode_workers, make_dataset
 
     def project(workers):
-        return make_params({"crop": {"image_size": 8}, "train": {"batch_size": 6, "decode_workers": workers}},
+        return make_params({"crop": {"image_size": 8},
+                            "train": {"batch_size": 6, "epochs": 2, "decode_workers": workers}},
                            root=tmp_path / f"w{workers}")
 
     names = project(1).class_names
@@ -213,13 +212,14 @@ def test_decode_workers_change_speed_only(tmp_path, make_params):
         assert decode_workers(params) == (len(os.sched_getaffinity(0)) if workers == "auto" else workers)
         flip = (lambda img, key: img[:, ::-1].copy()) if training else None  # through the augment map too
         ds = make_dataset(params, table, training=training, augment=flip)
-        return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(2)]  # two epochs (reshuffled)
+        # training: one dataset holds both epochs (each in its own order); val: one pass, read twice
+        return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(1 if training else 2)]
 
     for training in (True, False):
         ref = batches(1, training)
         for workers in (2, "auto"):
             got = batches(workers, training)
-            assert [len(e) for e in got] == [len(e) for e in ref] == [7, 7]
+            assert [len(e) for e in got] == [len(e) for e in ref] == ([14] if training else [7, 7])
             for e_got, e_ref in zip(got, ref, strict=True):
                 for (x, y), (x0, y0) in zip(e_got, e_ref, strict=True):
                     np.testing.assert_array_equal(x, x0)

@@ -53,6 +53,7 @@ class PathsCfg(_Strict):
     optuna_db: Path = Path("optuna.db")
     tune_best: Path = Path("tune/best_params.yaml")
     tune_summary: Path = Path("tune/summary.json")
+    train_backup: Path = Path(".kfer/train-backup")
 
 
 class GroupCfg(_Strict):
@@ -199,8 +200,12 @@ class TrainCfg(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup_alpha: float = Field(0.0, ge=0.0)
     class_weights: bool = True
-    mixed_precision: bool = False
+    # false (float32) | float16 | bfloat16: the compute dtype of training; variables and the served model stay
+    # float32. true means float16.
+    mixed_precision: Literal[False, "float16", "bfloat16"] = False
     xla: bool = False
+    deterministic: bool = True
+    resume: bool = True
     # parallel PNG read + decode calls in make_dataset's tf.data pipeline; "auto" = the usable cores. Speed only:
     # the batches are the same for any value.
     decode_workers: int | Literal["auto"] = "auto"
@@ -212,8 +217,16 @@ class TrainCfg(_Strict):
             raise ValueError(f'train.decode_workers must be an integer >= 1 or "auto", got {v!r}')
         return v
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _mixed_precision(cls, v):
+        return "float16" if v is True else v
+
     @model_validator(mode="after")
     def _recipe(self):
+        if self.xla and self.deterministic:
+            raise ValueError("train.xla needs train.deterministic: false (Keras does not jit-compile while "
+                             "TensorFlow's op determinism is on)")
         if self.weight_decay and self.optimizer == "adam":
             raise ValueError("train.weight_decay needs train.optimizer adamw or sgd (adam has no weight decay)")
         if self.warmup_epochs >= self.epochs:

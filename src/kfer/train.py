@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import files, tracking
+from . import distribute, files, resume, tracking
 from .config import Params
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,32 @@ def decode_workers(params: Params) -> int:
     return files.resolve_workers(0 if n == "auto" else int(n))
 
 
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(1, -(-n_rows // batch_size))
+
+
 def make_dataset(
     params: Params,
     table: pd.DataFrame,
     training: bool,
     augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     seed: int | None = None,
+    batch_size: int | None = None,
+    first_epoch: int = 0,
 ):
-    """tf.data over PNG files: (shuffle) → parallel decode → (augment) → batch → prefetch.
+    """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
 
-    Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)). ``augment(image_uint8, key_uint64)`` is an optional
+    Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)); ``batch_size`` defaults to ``train.batch_size``
+    (pass the global batch under a distribution strategy). ``augment(image_uint8, key_uint64)`` is an optional
     numpy function applied per image (on-the-fly augmentation for tuning). The per-image maps run
     ``train.decode_workers`` calls in parallel, in order (``deterministic=True``): the batches do not depend on it.
+
+    ``training``: one pass over the table per epoch for epochs ``first_epoch`` … ``train.epochs - 1``, in one
+    dataset (fit it with :func:`steps_per_epoch` batches per epoch). Epoch ``e`` visits every row in an order
+    that depends only on (``seed``, ``e``), so a run resumed at epoch ``e`` sees the batches the uninterrupted
+    run saw. The order is a permutation of row numbers (8 bytes a row), never a window: a shuffle window of a
+    few thousand rows over a class-sorted table (as the stages write them) gives single-class batches.
+    Otherwise: one pass in table order.
     """
     import tensorflow as tf
 
@@ -74,38 +88,44 @@ def make_dataset(
     paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in table["path"].astype(str)]
     labels = label_indices(params, table["label"])
     seed = params.seed if seed is None else seed
+    batch = batch_size or params.train.batch_size
     workers = decode_workers(params)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(len(paths), dtype=np.int64)))
-    if training:
-        # Every epoch visits the whole table in a fresh order: the shuffle holds (path, label, row) tuples, not
-        # decoded images, so its buffer is the whole table (~100 bytes a row). A window of a few thousand rows
-        # over a class-sorted table (as the stages write them) gives single-class batches for most of an epoch.
-        # The order depends on the op seed *and* the global seed in force when the op is made (unset in a fresh
-        # process, else whatever an earlier fit in the process left): setting it makes it a function of `seed`.
-        tf.random.set_seed(seed)
-        ds = ds.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
-
-    def decode(path, label, idx):
-        img = tf.io.decode_png(tf.io.read_file(path), channels=channels)
-        img = tf.ensure_shape(img, (size, size, channels))
-        return img, label, idx
-
-    ds = ds.map(decode, num_parallel_calls=workers, deterministic=True)
-    if augment is not None:
-        def aug(img, label, idx):
-            out = tf.numpy_function(augment, [img, idx], tf.uint8, stateful=False)
-            return tf.ensure_shape(out, (size, size, channels)), label, idx
-
-        ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
     alpha = params.train.mixup_alpha if training else 0.0
-    if alpha > 0:  # mixup seeds each batch from its rows: keep the row index through batching
-        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
-                    num_parallel_calls=workers, deterministic=True).batch(params.train.batch_size)
-        ds = ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
-                    deterministic=True)
+    paths_t, labels_t = tf.constant(paths, tf.string), tf.constant(labels, tf.int32)
+
+    def decode(idx):
+        img = tf.io.decode_png(tf.io.read_file(paths_t[idx]), channels=channels)
+        img = tf.ensure_shape(img, (size, size, channels))
+        return img, labels_t[idx], idx
+
+    def aug(img, label, idx):
+        out = tf.numpy_function(augment, [img, idx], tf.uint8, stateful=False)
+        return tf.ensure_shape(out, (size, size, channels)), label, idx
+
+    def one_pass(rows):
+        ds = rows.map(decode, num_parallel_calls=workers, deterministic=True)
+        if augment is not None:
+            ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
+        if alpha > 0:  # mixup seeds each batch from its rows: keep the row index through batching
+            ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+                        num_parallel_calls=workers, deterministic=True).batch(batch)
+            return ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
+                          deterministic=True)
+        return ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+                      num_parallel_calls=workers, deterministic=True).batch(batch)
+
+    n = len(paths)
+    if training:
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            return one_pass(tf.data.Dataset.from_tensor_slices(order))
+
+        remaining = max(params.train.epochs - first_epoch, 0)
+        ds = tf.data.Dataset.range(first_epoch, first_epoch + remaining).flat_map(epoch)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(remaining * steps_per_epoch(n, batch)))
     else:
-        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
-                    num_parallel_calls=workers, deterministic=True).batch(params.train.batch_size)
+        ds = one_pass(tf.data.Dataset.range(n))
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
     # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
     # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
@@ -142,26 +162,6 @@ def class_weights(params: Params, table: pd.DataFrame) -> dict[int, float]:
 
 
 # --- model compile & callbacks -----------------------------------------------------------------------------
-
-def strategy_and_policy(params: Params):
-    """The distribution strategy and whether to jit-compile.
-
-    TF_CONFIG set: MultiWorkerMirroredStrategy across machines. Else MirroredStrategy over all visible GPUs
-    (mixed precision and XLA when enabled in params). Else (CPU) the default strategy, float32, no XLA.
-    """
-    import keras
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus and params.train.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy(), bool(gpus and params.train.xla)
-    if gpus:
-        return tf.distribute.MirroredStrategy(), bool(params.train.xla)
-    keras.mixed_precision.set_global_policy("float32")
-    return tf.distribute.get_strategy(), False
-
 
 def compile_model(model, params: Params, jit: bool = False):
     import keras
@@ -262,13 +262,15 @@ def _LogLearningRate():  # noqa: N802 - a callback factory
 
 
 def strip_for_serving(model, params: Params | None = None):
-    """A copy with the same weights and no compile state, loadable with Keras once :mod:`kfer.model` is imported;
-    wrapped in flip test-time augmentation when ``params.model.tta_flip``."""
+    """A float32 copy with the same weights and no compile state, loadable with Keras once :mod:`kfer.model` is
+    imported; wrapped in flip test-time augmentation when ``params.model.tta_flip``. A model trained under a
+    mixed-precision policy is served in float32 (its weights are float32 already)."""
     import keras
 
     from .model import with_flip_tta
 
-    clean = keras.Model.from_config(model.get_config())  # clone_model would copy the compile state too
+    # from_config, not clone_model: clone_model would copy the compile state too
+    clean = keras.Model.from_config(distribute.float32_config(model.get_config()))
     clean.set_weights(model.get_weights())
     return with_flip_tta(clean) if params is not None and params.model.tta_flip else clean
 
@@ -283,33 +285,57 @@ def fit(
     workdir: Path,
     extra_callbacks: list | None = None,
     verbose: int = 2,
+    strategy=None,
+    backup: resume.TrainBackup | None = None,
 ):
-    """Build, compile and fit; returns (best model, history DataFrame, seconds). Used by train and tune."""
+    """Build, compile and fit; returns (best model, history DataFrame, seconds). Used by train and tune.
+
+    ``train_ds`` is :func:`make_dataset`'s training dataset (from ``backup.epoch`` when resuming). ``strategy``:
+    made by the caller before its datasets (:func:`kfer.distribute.strategy`), else here. ``backup``: resume
+    from and back up into it (the history and seconds then cover every attempt)."""
     import keras
-    import tensorflow as tf
 
     from .model import build_from_params
 
+    cfg = params.train
+    distribute.set_determinism(params)
     keras.utils.set_random_seed(params.seed)
-    tf.config.experimental.enable_op_determinism()
-    strategy, jit = strategy_and_policy(params)
-    with strategy.scope():
-        model = compile_model(build_from_params(params), params, jit)
-    ckpt = workdir / "best.keras"
-    steps = int(train_ds.cardinality())  # batches per epoch (-1/-2: infinite/unknown, never for these tables)
-    t0 = time.perf_counter()
-    # shuffle=False: the tf.data pipeline shuffles (seeded); Keras ignores the flag for datasets but warns
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=params.train.epochs, class_weight=class_weight,
-                     shuffle=False,
-                     callbacks=callbacks(params, ckpt, extra_callbacks, steps), verbose=verbose)
-    seconds = time.perf_counter() - t0
-    history = pd.DataFrame(hist.history)
-    history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    if ckpt.exists():
-        best = keras.models.load_model(ckpt, compile=False)
-        best = compile_model(best, params)
-    else:  # monitor never produced a value (e.g. empty validation set)
-        best = model
+    strategy = strategy or distribute.strategy(params)
+    distribute.set_policy(params)
+    try:
+        with strategy.scope():
+            model = compile_model(build_from_params(params), params, jit=cfg.xla)
+        if cfg.xla and not model.jit_compile:
+            log.warning("train.xla: Keras did not jit-compile this model (a layer does not support XLA)")
+        first = backup.epoch if backup else 0
+        ckpt = backup.checkpoint_pattern() if backup else workdir / "best.keras"
+        seconds = backup.seconds if backup else 0.0
+        if backup and backup.done:
+            log.info("train: the backup in %s has finished training: keeping its best model", backup.dir)
+            history = backup.history()
+        else:
+            steps = int(train_ds.cardinality()) // (cfg.epochs - first)
+            cbs = callbacks(params, ckpt, extra_callbacks, steps)
+            if backup:  # last: its on_train_begin restores what the others' on_train_begin reset
+                cbs.append(backup.callback(cbs, cfg.monitor, cfg.monitor_mode, seconds))
+            t0 = time.perf_counter()
+            # shuffle=False: the tf.data pipeline orders each epoch (seeded); Keras ignores the flag but warns
+            hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,
+                             initial_epoch=first, class_weight=class_weight, shuffle=False, callbacks=cbs,
+                             verbose=verbose)
+            if backup:
+                history, seconds = backup.history(), backup.seconds
+            else:
+                seconds = time.perf_counter() - t0
+                history = pd.DataFrame(hist.history)
+                history.insert(0, "epoch", np.arange(1, len(history) + 1))
+        best_file = backup.best_checkpoint() if backup else ckpt
+        if best_file is not None and best_file.exists():
+            best = compile_model(keras.models.load_model(best_file, compile=False), params)
+        else:  # monitor never produced a value (e.g. empty validation set)
+            best = model
+    finally:
+        distribute.reset_policy()
     return best, history, seconds
 
 
@@ -319,25 +345,35 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
     from . import plots, serving
 
     cfg = params.train
+    strategy = distribute.strategy(params)  # first: refuses TF_CONFIG at once; made before any dataset
+    batch = distribute.global_batch(params, strategy)
     train_df = train_table(params)
     val_df = split_table(params, "val")
     if train_df.empty:
         raise ValueError("the train set is empty: check the crop and split reports")
     if val_df.empty:
         raise ValueError("the val split is empty: check split ratios (split.val) and the split report")
-    log.info("train: %d train images (augmented), %d val images, %d classes", len(train_df), len(val_df),
-             len(params.classes))
+    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)",
+             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync)
+    backup = resume.TrainBackup(params, resume.fingerprint(params, train_df, val_df, batch))
+    tags = {"kfer.stage": "train"}
+    if backup.run_id:
+        tags["kfer.resumed_after_epoch"] = str(backup.epoch)
 
-    with tracking.tracked_run(params, run_name or "train", tags={"kfer.stage": "train"}) as run, \
+    with tracking.tracked_run(params, run_name or "train", run_id=backup.run_id, tags=tags) as run, \
             tempfile.TemporaryDirectory(prefix="kfer-train-") as tmp:
         tmp = Path(tmp)
-        log_datasets(params, {"train": (train_df, params.paths.augmented, "training"),
-                              "val": (val_df, params.paths.splits, "validation")})
+        if backup.run_id is None:
+            log_datasets(params, {"train": (train_df, params.paths.augmented, "training"),
+                                  "val": (val_df, params.paths.splits, "validation")})
+            mlflow.log_params({"train.global_batch_size": batch, "train.replicas": strategy.num_replicas_in_sync})
+            backup.begin(run.info.run_id)
         weights = class_weights(params, train_df) if cfg.class_weights else None
-        train_ds = make_dataset(params, train_df, training=True)
-        val_ds = make_dataset(params, val_df, training=False)
+        train_ds = make_dataset(params, train_df, training=True, batch_size=batch, first_epoch=backup.epoch)
+        val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
         mlflow_cb = mlflow.keras.MlflowCallback()
-        model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb])
+        model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb], strategy=strategy,
+                                      backup=backup)
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
         # scored on a compiled copy: compiling `clean` itself would save an optimizer into the served model
@@ -382,6 +418,7 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         files.write_json(params.path(params.paths.train_metrics), metrics)
         files.write_json(params.path(params.paths.train_run), {
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, **uris})
+    backup.discard()  # the run ended well: its outputs are written
 
     log.info(
         "train: %s %s — best %s %.4f at epoch %d/%d (val acc %.4f), %.0f s, run %s",
