@@ -117,7 +117,7 @@ def fingerprint(params: Params) -> str:
         "crop": {"workers", "chunksize"},
         "augment": {"workers", "strength"},
         "model": {"kernel_initializer", "head_units"},
-        "train": {"learning_rate", "experiment", "registered_model", "monitor", "decode_workers"},
+        "train": {"learning_rate", "experiment", "registered_model", "monitor", "decode_workers", "resume"},
     }
     fixed = {"seed": d["seed"], "classes": d["classes"],
              "tune": {"metric": d["tune"]["metric"], "space": d["tune"]["space"]}}
