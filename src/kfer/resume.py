@@ -55,8 +55,6 @@ def fingerprint(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, gl
 
 
 def _plain(v):
-    if v is None:
-        return None
     if isinstance(v, (np.generic, np.ndarray)):
         return v.tolist()
     return v
@@ -161,7 +159,6 @@ def _callback(backup: TrainBackup, stateful: list, monitor: str, mode: str, seco
 
         def __init__(self) -> None:
             super().__init__(backup_dir=str(backup.dir), save_freq="epoch", delete_checkpoint=False)
-            self._t0 = time.perf_counter()
 
         def on_train_begin(self, logs=None):  # runs after the other callbacks' resets: it comes last
             self._t0 = time.perf_counter()
@@ -184,9 +181,9 @@ def _callback(backup: TrainBackup, stateful: list, monitor: str, mode: str, seco
             state = backup.state
             done = epoch + 1
             weights = f"epoch-{done:03d}.weights.h5"
-            tmp = backup.dir / f".{weights}{files.TMP_MARK}"
-            self.model.save_weights(str(tmp) + ".weights.h5", overwrite=True)
-            Path(str(tmp) + ".weights.h5").replace(backup.dir / weights)
+            tmp = backup.dir / f".{weights}{files.TMP_MARK}.weights.h5"  # Keras wants the .weights.h5 suffix
+            self.model.save_weights(tmp, overwrite=True)
+            tmp.replace(backup.dir / weights)
             history = state["history"] + [{k: _plain(v) for k, v in (logs or {}).items()}]
             values = [row.get(monitor) for row in history]
             pick = np.nanargmax if mode == "max" else np.nanargmin
