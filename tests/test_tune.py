@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -286,6 +288,55 @@ def test_two_worker_processes_share_one_study(project):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in children)
     assert params.path(params.paths.tune_best).exists()
+
+
+def test_gpu_assignment_round_robin_over_visible_gpus(monkeypatch):
+    assert tune.gpu_assignment(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert tune.gpu_assignment(3, ["0"]) == ["0", "0", "0"]
+    assert tune.gpu_assignment(2, []) == [None, None]  # no GPU: the workers' environment is left untouched
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the user's choice: workers get those ids
+    assert tune.visible_gpu_ids() == ["3", "5"]
+    assert tune.gpu_assignment(4, tune.visible_gpu_ids()) == ["3", "5", "3", "5"]
+    for value, ids in (("", []), ("-1", []), (" 2 , 7 ", ["2", "7"]), ("0,-1,1", ["0"]),
+                       ("GPU-1a2b,MIG-3c4d", ["GPU-1a2b", "MIG-3c4d"])):
+        assert tune.parse_visible_devices(value) == ids, value
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert tune.gpu_assignment(2, tune.visible_gpu_ids()) == [None, None]
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # unset: TensorFlow's physical GPUs (none on tensorflow-cpu)
+    import tensorflow as tf
+
+    assert tune.visible_gpu_ids() == [str(i) for i in range(len(tf.config.list_physical_devices("GPU")))]
+
+
+@pytest.mark.slow
+def test_spawned_workers_get_their_gpu_before_tensorflow(project):
+    """The real worker path (spawn, _worker_main) with a budget of 0, from a fresh process as `kfer tune` is one
+    (this test process may hold other code on sys.path, e.g. a loaded model's code_paths, which spawned children
+    inherit): each child reports the CUDA_VISIBLE_DEVICES it runs with, and TensorFlow was not imported before
+    it was set."""
+    params = project()
+    script = textwrap.dedent("""
+        import logging, os, sys
+        from kfer import tracking, tune
+        from kfer.config import load_params
+        logging.basicConfig(level=logging.INFO)
+        params = load_params("params.yaml")
+        study = tune.open_study(params)
+        tracking.setup(params, params.tune.experiment)  # the store exists before the workers, as under run_tune
+        codes = tune._spawn_workers(params, study, tune.storage_url(params), "no-parent-run", workers=3,
+                                    budget=0, timeout=None)
+        print("codes", codes, "parent", os.environ["CUDA_VISIBLE_DEVICES"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=params.root, capture_output=True, text=True,
+                          env={**_env(), "CUDA_VISIBLE_DEVICES": "3,5"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "codes [0, 0, 0] parent 3,5" in proc.stdout, proc.stderr[-3000:]  # the parent's own env unchanged
+    for worker, device in ((1, "3"), (2, "5"), (3, "3")):
+        line = rf"tune: worker {worker} \(pid \d+\): CUDA_VISIBLE_DEVICES={device} \(assigned\);"
+        assert re.search(line, proc.stderr), proc.stderr[-3000:]
+    assert "TensorFlow was already imported" not in proc.stderr
 
 
 @pytest.mark.slow
