@@ -107,7 +107,7 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
     """One training run with the searched keys set to ``values`` and ``seed`` as the training seed."""
     import keras
 
-    from kfer import tune
+    from kfer import selection, tune
     from kfer.config import Params, _deep_merge
     from kfer.train import class_weights, fit, make_dataset
 
@@ -130,7 +130,7 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
     keras.backend.clear_session()
     return {"val_macro_f1": float(val["macro_f1"]), "val_accuracy": float(val["accuracy"]),
             "test_macro_f1": float(test["macro_f1"]), "test_accuracy": float(test["accuracy"]),
-            "best_epoch": int(col.idxmax()) + 1, "epochs": int(len(history)), "seconds": seconds,
+            "best_epoch": selection.best_epoch(col, p.train.monitor), "epochs": int(len(history)), "seconds": seconds,
             "train_images": int(len(table))}
 
 

@@ -84,6 +84,14 @@ def test_storage_url_study_name_and_fingerprint(project):
     assert url == "sqlite:///" + str((params.root / "optuna.db").resolve()) and url.startswith("sqlite:////")
     assert tune.storage_url(params, "postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
     assert "secret" not in tune.redact("postgresql://u:secret@db/optuna")
+    # what tune/summary.json records: no absolute path of this machine
+    assert tune.portable_url(params, url) == "sqlite:///optuna.db"
+    assert "secret" not in tune.portable_url(params, "postgresql://u:secret@db/optuna")
+    # short trials: tune.epochs (set) or train.epochs (null); the searched values and the objective as monitor
+    trial = tune.with_values(project({"tune": {"epochs": 2}}), GOOD)
+    assert (trial.train.epochs, trial.train.monitor, trial.model.head_units) == (2, params.tune.metric, 8)
+    assert tune.with_values(project({"tune": {"epochs": None}}), GOOD).train.epochs == params.train.epochs
+    assert tune.fingerprint(project({"tune": {"epochs": 2}})) != tune.fingerprint(project({"tune": {"epochs": 1}}))
 
     study = tune.open_study(params)
     assert study.study_name == f"kfer-{tune.fingerprint(params)}"
@@ -152,6 +160,7 @@ def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
         "train": {"learning_rate": best.params["learning_rate"]},
     }
     assert yaml.safe_load(params.path(params.paths.tune_summary).read_text()) == summary
+    assert yaml.safe_load(params.path(params.paths.tune_headline).read_text()) == {"best": best.value, "trials": 2}
 
     client, parents, children = _runs(params)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -260,7 +269,11 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     dead = client.get_run(killed.user_attrs[tune.RUN_ID_ATTR])
     assert dead.info.status == "FAILED" and dead.data.tags[tune.STATE_TAG] == "FAIL"
     finished = [p for p in parents if p.info.status == "FINISHED"]
-    assert len(parents) == 2 and len(finished) == 1  # the killed invocation's parent cannot be closed by anyone
+    killed_parents = [p for p in parents if p.info.status == "KILLED"]
+    assert len(parents) == 2 and len(finished) == 1 and len(killed_parents) == 1  # none left RUNNING
+    # the killed invocation's parent, left RUNNING by SIGKILL (no handler runs), was closed by the rerun
+    assert killed_parents[0].data.tags["kfer.end_reason"].startswith("owner process ")
+    assert killed_parents[0].data.tags[tracking.OWNER_TAG].split(":")[1] == str(proc.pid)
     again = client.get_run(retried[0].user_attrs[tune.RUN_ID_ATTR])
     assert again.data.tags["optuna.retry_of"] == str(killed.number)
     assert again.data.tags["mlflow.parentRunId"] == finished[0].info.run_id
@@ -312,7 +325,7 @@ def test_gpu_assignment_round_robin_over_visible_gpus(monkeypatch):
 
 @pytest.mark.slow
 def test_spawned_workers_get_their_gpu_before_tensorflow(project):
-    """The real worker path (spawn, _worker_main) with a budget of 0, from a fresh process as `kfer tune` is one
+    """The real worker path (spawn, workers._worker_main) with a budget of 0, from a fresh process as `kfer tune` is one
     (this test process may hold other code on sys.path, e.g. a loaded model's code_paths, which spawned children
     inherit): each child reports the CUDA_VISIBLE_DEVICES it runs with, and TensorFlow was not imported before
     it was set."""
@@ -325,7 +338,7 @@ def test_spawned_workers_get_their_gpu_before_tensorflow(project):
         params = load_params("params.yaml")
         study = tune.open_study(params)
         tracking.setup(params, params.tune.experiment)  # the store exists before the workers, as under run_tune
-        codes = tune._spawn_workers(params, study, tune.storage_url(params), "no-parent-run", workers=3,
+        codes = tune.spawn_workers(params, study, tune.storage_url(params), "no-parent-run", workers=3,
                                     budget=0, timeout=None)
         print("codes", codes, "parent", os.environ["CUDA_VISIBLE_DEVICES"])
     """)
@@ -369,3 +382,18 @@ def test_init_comparison_benchmark_runs_on_tiny_settings(tmp_path, monkeypatch, 
     assert (splits.groupby("group")["split"].nunique() == 1).all()  # person-disjoint
     assert "disgust" not in set(splits["label"])
     assert "| config |" in capsys.readouterr().out
+
+
+def test_owner_of_a_run_is_gone_only_when_its_process_is(tmp_path):
+    """The check behind closing a killed `kfer tune`'s parent run: this process is alive, a finished child is
+    gone, a reused pid (other start time) is gone, and a run owned on another host is never judged from here."""
+    me = tracking.owner_tag()
+    host, pid, start = me.split(":")
+    assert pid == str(os.getpid()) and start != "?" and not tracking._owner_gone(me)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    child_start = tracking._start_time(child.pid)
+    assert child_start is not None and not tracking._owner_gone(f"{host}:{child.pid}:{child_start}")
+    child.wait()
+    assert tracking._owner_gone(f"{host}:{child.pid}:{child_start}")
+    assert tracking._owner_gone(f"{host}:{pid}:{int(start) + 1}")  # same pid, another process
+    assert not tracking._owner_gone(f"another-{host}:{child.pid}:{child_start}")

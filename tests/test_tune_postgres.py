@@ -141,7 +141,7 @@ def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
     assert sorted(numbers) == list(range(len(trials))) and len(set(numbers)) == len(trials)  # distinct
     left = [(t.number, t.state.name) for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert left == []  # none RUNNING (lost) or FAIL
-    # the budget, or one more: two workers may both start the last trial in the same instant (see tune._work)
+    # the budget, or one more: two workers may both start the last trial in the same instant (see kfer.tune.trials.work)
     assert budget <= len(trials) <= budget + 1, numbers
     assert summary["n_complete"] + summary["n_pruned"] == len(trials) and summary["n_running"] == 0
     workers = {t.user_attrs[tune.WORKER_ATTR] for t in trials}

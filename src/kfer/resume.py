@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import files
+from . import files, selection
 from .config import Params
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,15 @@ class TrainBackup:
         self.state = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def callback(self, stateful: list, monitor: str, mode: str, seconds_before: float):
-        return _callback(self, stateful, monitor, mode, seconds_before)
+    def callback(self, stateful: list, monitor: str, seconds_before: float):
+        return _callback(self, stateful, monitor, seconds_before)
 
 
 def _seed_variables(model) -> list:
     return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
 
 
-def _callback(backup: TrainBackup, stateful: list, monitor: str, mode: str, seconds_before: float):
+def _callback(backup: TrainBackup, stateful: list, monitor: str, seconds_before: float):
     import time
 
     import keras
@@ -185,10 +185,7 @@ def _callback(backup: TrainBackup, stateful: list, monitor: str, mode: str, seco
             self.model.save_weights(tmp, overwrite=True)
             tmp.replace(backup.dir / weights)
             history = state["history"] + [{k: _plain(v) for k, v in (logs or {}).items()}]
-            values = [row.get(monitor) for row in history]
-            pick = np.nanargmax if mode == "max" else np.nanargmin
-            best_epoch = int(pick(np.asarray(values, dtype=float))) + 1 if any(v is not None for v in values) \
-                else None
+            best_epoch = selection.best_epoch((row.get(monitor) for row in history), monitor)
             best = f"best-{best_epoch:03d}.keras" if best_epoch else None
             old = (state["weights"], state["best"])
             backup.state = {

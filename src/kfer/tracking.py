@@ -39,14 +39,14 @@ def tracking_uri(params: Params) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return "sqlite:///" + str(params.path(params.paths.mlflow_db).resolve())
+    return "sqlite:///" + str(params.store_path(params.paths.mlflow_db).resolve())
 
 
 def artifact_location(params: Params) -> str | None:
     """Artifact root for new experiments in the default store; a tracking server decides its own."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return None
-    return params.path(params.paths.mlflow_artifacts).resolve().as_uri()
+    return params.store_path(params.paths.mlflow_artifacts).resolve().as_uri()
 
 
 def setup(params: Params, experiment: str | None = None) -> str:
@@ -70,6 +70,55 @@ def setup(params: Params, experiment: str | None = None) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+OWNER_TAG = "kfer.owner"  # host:pid:start-time of the process that holds the run open
+
+
+def _start_time(pid: int) -> str | None:
+    """The process' start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid, it names one
+    process, even after the pid is reused; ``None`` when there is no such process (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tag() -> str:
+    """``host:pid:start`` of this process, for :func:`close_orphaned_runs`."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or '?'}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """Whether the process named by an :func:`owner_tag` is gone. Only a process on this host can be checked
+    (another host's run is never closed from here); a pid that now belongs to another process counts as gone."""
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or start == "?":
+        return False
+    return _start_time(int(pid)) != start
+
+
+def close_orphaned_runs(params: Params, experiment: str, stage: str) -> list[str]:
+    """End KILLED every RUNNING run of ``stage`` (tag ``kfer.stage``) in ``experiment`` whose owning process on
+    this host is gone (killed by SIGKILL or the OOM killer, which no handler sees). Returns their run ids."""
+    exp_id = setup(params, experiment)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([exp_id], f"tags.`kfer.stage` = '{stage}' and attributes.status = 'RUNNING'",
+                              max_results=1000)
+    closed = []
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and _owner_gone(owner):
+            client.set_tag(run.info.run_id, "kfer.end_reason", f"owner process {owner} gone (killed)")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            closed.append(run.info.run_id)
+    return closed
 
 
 def flat_params(params: Params) -> dict[str, str]:
@@ -135,21 +184,23 @@ def tracked_run(
 
     FINISHED on success, FAILED on an exception, KILLED on Ctrl-C or SIGTERM — never left RUNNING.
     """
-    setup(params, experiment)
+    exp_id = setup(params, experiment)
+    if not nested and run_id is None:
+        _check_outer_run(exp_id)
     previous = None
     if not nested:  # SIGTERM handling belongs to the outermost run
         try:
-            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            previous = signal.signal(signal.SIGTERM, raise_terminated)
         except ValueError:  # not the main thread
             previous = None
     run = mlflow.start_run(run_id=run_id, run_name=run_name if run_id is None else None, nested=nested)
     try:
         if run_id is None:
-            mlflow.set_tags({**lineage_tags(params), **(tags or {})})
+            mlflow.set_tags({**lineage_tags(params), OWNER_TAG: owner_tag(), **(tags or {})})
             if log_params:
                 _log_params(flat_params(params))
-        elif tags:
-            mlflow.set_tags(tags)
+        else:
+            mlflow.set_tags({OWNER_TAG: owner_tag(), **(tags or {})})
         yield run
     except (KeyboardInterrupt, Terminated):
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -164,7 +215,27 @@ def tracked_run(
             signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_terminated(signum, frame):  # noqa: ARG001
+def _check_outer_run(exp_id: str) -> None:
+    """Under ``mlflow run`` (``MLFLOW_RUN_ID`` set), kfer logs into the run MLflow opened, which must be in
+    kfer's experiment and store: otherwise one clear line says what to add, instead of MLflow's mismatch error."""
+    from .config import UserError
+
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if not outer:
+        return
+    try:
+        run = mlflow.MlflowClient().get_run(outer)
+    except MlflowException:
+        raise UserError(f"MLFLOW_RUN_ID={outer} (set by `mlflow run`) is not a run of kfer's store "
+                        f"{mlflow.get_tracking_uri()}: unset MLFLOW_TRACKING_URI or point both at one store") from None
+    if run.info.experiment_id != exp_id:
+        theirs = mlflow.MlflowClient().get_experiment(run.info.experiment_id).name
+        ours = mlflow.MlflowClient().get_experiment(exp_id).name
+        raise UserError(f"`mlflow run` opened run {outer} in experiment {theirs!r}, but kfer logs this stage into "
+                        f"{ours!r}: add --experiment-name {ours} to the mlflow run command")
+
+
+def raise_terminated(signum, frame):  # noqa: ARG001
     raise Terminated(f"signal {signum}")
 
 
