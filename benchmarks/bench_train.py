@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: our ResNet50 vs ``keras.applications.ResNet50``, and the tf.data input pipeline vs memory.
 
-Three measurements, printed side by side in one run (all in this process, same TensorFlow session):
+Four measurements, printed side by side in one run (all in this process, same TensorFlow session):
 
 (a) **model** — training images/s of ``kfer.model.build_resnet(S, 7, head_units=0,
     kernel_initializer="glorot_uniform")`` (default depth [3, 4, 6, 3] and width 64, i.e. the same backbone as
@@ -33,6 +33,18 @@ Three measurements, printed side by side in one run (all in this process, same T
     memory with the same shuffle; the script first checks that both give the same batches (first epoch, pixel
     for pixel). Target: pipeline / memory >= 0.95 (PASS/FAIL).
 
+(d) **tuning input pipeline (on-the-fly augmentation)** — at ``--d-size`` (224) gray, ``--d-n-images`` (512) PNGs
+    written where the crop stage writes them, a ``splits.csv`` (all train) and the ``augment`` stage run on them
+    (``kfer.augment.run_augment``, ``augment.copies`` copies each, params.yaml's). One pass (1 epoch, no model) of
+    ``make_dataset(params, trial_table(params), training=True, augment=OnTheFlyAugment(params, trial, strength))``
+    (as a tuning trial) against ``make_dataset(params, train_table(params), training=True)`` (the stage's
+    manifest, as ``kfer train``): the same rows, order and batches; the script first checks the bytes (first
+    epoch, pixel for pixel). A third contender, ``identity-fn``, maps a numpy function that returns its input
+    (the ``tf.numpy_function`` overhead). Printed: img/s and CPU ms per row of each, ``augment_image``'s
+    single-thread µs per image split into its steps (generator, draws, the H×W float64 standard-normal field,
+    ``cv2.warpAffine``, noise + renormalization), its speed from 1 vs ``decode_workers`` Python threads (the GIL
+    test) and the CPU bound on the ratio. Target: on-the-fly / files >= 0.8 (PASS/FAIL).
+
 Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
 ``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
 segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
@@ -43,10 +55,11 @@ and re-run (``--max-other``, default 3 CPU-s; ``--tries``, default 3; before a r
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_train.py [--size 64] [--batch 32] [--steps 12] [--rounds 3]
-        [--parts a,b,c] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
+        [--parts a,b,c,d] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
         [--small-blocks 1,1,1,1] [--small-width 16] [--c-size 224] [--c-n-images 512] [--c-models small]
-        [--c-n-images-default 64] [--c-epochs 1] [--decode-workers auto|N] [--no-op-determinism]
-        [--threads INTRA,INTER] [--wait-idle S] [--max-other CPU_S] [--tries N]
+        [--c-n-images-default 64] [--c-epochs 1] [--d-size 224] [--d-n-images 512] [--d-breakdown 128]
+        [--decode-workers auto|N] [--no-op-determinism] [--threads INTRA,INTER] [--wait-idle S]
+        [--max-other CPU_S] [--tries N]
 
 ``kfer.train.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
 to measure without it: it cannot be switched off again within a process).
@@ -306,10 +319,13 @@ def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs, labels
 
 
-def write_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None) -> tuple:
+def write_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None,
+                  under: str = "augmented") -> tuple:
     """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels).
 
-    ``size`` defaults to ``--size``; ``--decode-workers`` (if given) sets ``train.decode_workers``."""
+    ``size`` defaults to ``--size``; ``--decode-workers`` (if given) sets ``train.decode_workers``. The PNGs go
+    to ``<paths.<under>>/train/<label>/`` (``under="cropped"``: where the crop stage writes, so that the augment
+    stage can run on them)."""
     import pandas as pd
 
     from kfer import files
@@ -329,7 +345,7 @@ def write_project(root: Path, args, model_over: dict, n_images: int, size: int |
     imgs, labels = _fake_faces(n_images, size, args.seed)
     names = params.class_names
     rows = []
-    img_dir = params.path(params.paths.augmented) / "train"
+    img_dir = params.path(getattr(params.paths, under)) / "train"
     for i, (img, lab) in enumerate(zip(imgs, labels, strict=True)):
         p = img_dir / names[lab] / f"img{i:05d}.png"
         if not p.exists():
@@ -479,6 +495,156 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
             "n": n, "epochs": epochs, "png_kb": float(png_kb.mean())}
 
 
+# --- (d) on-the-fly augmentation (tuning) vs pre-augmented files at 224 px ----------------------------------------
+def _augment_breakdown(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies: int, strength: float) -> dict:
+    """Single-thread µs per augmented image at this size: ``augment_image`` whole, and its steps timed one by
+    one as it runs them (generator, warp draws + sigma, the H×W standard-normal field, the warp, the noise and
+    renormalization). Every (image, copy 1..copies) once, after one untimed pass."""
+    from kfer import augment as A
+
+    work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
+    h, w = imgs.shape[1:3]
+    steps = dict.fromkeys(("rng_for", "draws", "normal", "warp", "noise"), 0.0)
+    for timed in (False, True):
+        t_whole = time.perf_counter()
+        for img, key, k in work:
+            A.augment_image(img, A.rng_for(seed, key, k), cfg, strength)
+        t_whole = time.perf_counter() - t_whole
+        for img, key, k in work:
+            t0 = time.perf_counter()
+            rng = A.rng_for(seed, key, k)
+            t1 = time.perf_counter()
+            p = A.sample_warp(rng, h, w, cfg, strength)
+            sigma = float(rng.uniform(cfg.noise_sigma[0], cfg.noise_sigma[1])) * strength
+            t2 = time.perf_counter()
+            z = rng.standard_normal((h, w))
+            t3 = time.perf_counter()
+            out = A._warp(img, p, cfg.fill_mode)
+            t4 = time.perf_counter()
+            A._add_noise(out, sigma, z, overwrite=True)  # as augment_image calls it
+            t5 = time.perf_counter()
+            if timed:
+                for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                    steps[name] += dt
+    n = len(work)
+    return {"whole": 1e6 * t_whole / n, **{k: 1e6 * v / n for k, v in steps.items()}, "n": n}
+
+
+def _gil_scaling(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies: int, strength: float,
+                 threads: int) -> tuple[float, float]:
+    """augment_image images/s from 1 Python thread and from ``threads`` threads (the same work split between
+    them): if the GIL serialized it, more threads would not go faster. One thread is timed before and after the
+    threads (the faster of the two is kept: a warm-up or a slower clock would flatter the threads)."""
+    import threading
+
+    from kfer.augment import augment_image, rng_for
+
+    work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
+
+    def run(part):
+        for img, key, k in part:
+            augment_image(img, rng_for(seed, key, k), cfg, strength)
+
+    out = []
+    for t in (1, threads, 1):
+        pool = [threading.Thread(target=run, args=(work[i::t],)) for i in range(t)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        out.append(len(work) / (time.perf_counter() - t0))
+    return max(out[0], out[2]), out[1]
+
+
+def part_d(args, tf, root: Path) -> dict:
+    """The tuning input pipeline (on-the-fly augmentation) vs the training one (files the augment stage wrote),
+    one pass each, no model."""
+    from kfer import files
+    from kfer.augment import run_augment
+    from kfer.train import decode_workers, make_dataset, train_table
+    from kfer.tune import OnTheFlyAugment, trial_table
+
+    S = args.d_size
+    params, table, imgs, labels = write_project(root, args, {}, args.d_n_images, size=S, under="cropped")
+    cfg = params.augment
+    strength = float(cfg.strength)
+    splits = table.assign(group=[f"p{i % 20:02d}" for i in range(len(table))], split="train")
+    splits.to_csv(params.path(params.paths.splits), index=False)  # what the split stage would write
+    with Segment() as s_aug:
+        run_augment(params)
+    trial = trial_table(params)  # cropped rows × (1 + copies), as a tuning trial reads them
+    stage = train_table(params)  # the augment stage's manifest: the same rows, files
+    n, B, workers = len(trial), params.train.batch_size, decode_workers(params)
+    assert len(stage) == n and list(stage["label"]) == list(trial["label"])
+    fn = OnTheFlyAugment(params, trial, strength)
+    print(f"== (d) tuning input pipeline (on-the-fly augmentation) vs pre-augmented files at {S} px ==")
+    print(f"settings: {len(table)} PNGs {S}x{S} gray in {root}, augment.copies {cfg.copies} at strength {strength:g} "
+          f"= {n} rows per pass; the augment stage wrote the {len(table) * cfg.copies} copies in {s_aug.wall:.1f} s; "
+          f"train.decode_workers {params.train.decode_workers!r} = {workers} parallel call(s) per map; batch {B}; "
+          f"one pass (1 epoch) of make_dataset(training=True), no model, {args.rounds} alternating rounds")
+    print("  contenders: on-the-fly = make_dataset(params, trial_table(params), training=True, augment="
+          "OnTheFlyAugment(params, trial, strength)) (as a tuning trial); files = make_dataset(params, "
+          "train_table(params), training=True) (the augment stage's manifest, as kfer train); identity-fn = "
+          "on-the-fly's pipeline with a numpy function that returns its input (the tf.numpy_function overhead)")
+
+    same = all(np.array_equal(xa.numpy(), xb.numpy()) and np.array_equal(ya.numpy(), yb.numpy())
+               for (xa, ya), (xb, yb) in zip(make_dataset(params, trial, training=True, augment=fn),
+                                             make_dataset(params, stage, training=True), strict=True))
+    print(f"  same batches as the augment stage's files (first epoch, pixel for pixel): {'yes' if same else 'NO'}")
+
+    def identity(image, index):
+        return image
+
+    feeds = {"on-the-fly": make_dataset(params, trial, training=True, augment=fn),
+             "files": make_dataset(params, stage, training=True),
+             "identity-fn": make_dataset(params, trial, training=True, augment=identity)}
+
+    def iterate(ds):
+        with Segment() as s:
+            k = sum(int(xb.shape[0]) for xb, _ in ds)
+        assert k == n
+        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
+
+    for ds in feeds.values():
+        iterate(ds)  # warm (file cache, tracing)
+    res = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds, "d 1 pass")
+    med = {k: _median(v) for k, v in res.items()}
+    cpu = {k: 1e3 * statistics.median(r["own"] for r in v) / n for k, v in res.items()}  # ms of CPU per row
+    ratio = med["on-the-fly"] / med["files"]
+
+    keys = list(table["path"])
+    k_sample = min(len(keys), args.d_breakdown)
+    sample = np.stack([files.read_image_gray(params.path(p)) for p in keys[:k_sample]])
+    cost = _augment_breakdown(cfg, params.seed, keys[:k_sample], sample, cfg.copies, strength)
+    one, many = _gil_scaling(cfg, params.seed, keys[:k_sample], sample, cfg.copies, strength, workers)
+    cores = {k: statistics.median(r["own"] / r["wall"] for r in v) for k, v in res.items()}
+    aug_share = cfg.copies / (cfg.copies + 1)
+    # on-the-fly does the files pipeline's work per row plus augment_image on `aug_share` of the rows: on the
+    # same cores its speed is at most files' × these (CPU-bound: both keep the cores busy)
+    bound = cpu["files"] / (cpu["files"] + aug_share * cost["whole"] / 1e3)
+    bound_normal = cpu["files"] / (cpu["files"] + aug_share * cost["normal"] / 1e3)
+    print("  one pass, median img/s: " + ", ".join(f"{k} {med[k]:.0f} (range {_spread(res[k])})" for k in feeds))
+    print("  CPU per row (this process, all threads): " + ", ".join(f"{k} {cpu[k]:.3f} ms" for k in feeds)
+          + f"; tf.numpy_function overhead {cpu['identity-fn'] - cpu['files']:+.3f} ms/row; cores busy: "
+          + ", ".join(f"{k} {cores[k]:.2f}" for k in feeds))
+    print(f"  augment_image at {S} px, one thread, {cost['n']} images: {cost['whole']:.0f} µs/image = "
+          + " + ".join(f"{k} {cost[k]:.0f}" for k in ("rng_for", "draws", "normal", "warp", "noise"))
+          + " µs (normal: rng.standard_normal((H, W)), float64 ziggurat; warp: cv2.warpAffine + flip; noise: "
+          "add, min-max renormalize, round)")
+    print(f"  GIL: augment_image {one:.0f} img/s from 1 Python thread, {many:.0f} img/s from {workers} "
+          f"({many / one:.2f}x; numpy's normal fill, its ufuncs and cv2 release the GIL)")
+    print(f"  CPU bound: {aug_share:.2f} of the rows are augmented; the files pipeline's CPU per row plus "
+          f"augment_image's gives on-the-fly/files <= {bound:.2f} when both keep the same cores busy; the "
+          f"float64 normal field alone (fixed by the bytes) <= {bound_normal:.2f}")
+    print(f"  on-the-fly/files = {ratio:.3f} (target >= 0.8: {'PASS' if ratio >= 0.8 else 'FAIL'}); "
+          f"same bytes as the augment stage: {'yes' if same else 'NO'}")
+    print()
+    return {"ips": med, "ratio": ratio, "cpu": cpu, "cost": cost, "gil": (one, many), "bound": bound,
+            "bound_normal": bound_normal, "cores": cores,
+            "same": same, "res": res, "n": n, "workers": workers}
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
@@ -491,7 +657,8 @@ def _workers(text: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b,c", help="any of a, b, c, comma-separated (default a,b,c; 'abc' too)")
+    ap.add_argument("--parts", default="a,b,c,d",
+                    help="any of a, b, c, d, comma-separated (default a,b,c,d; 'abcd' too)")
     ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
@@ -510,8 +677,13 @@ def main(argv=None) -> int:
     ap.add_argument("--c-models", default="small", help="(c) small, default or small,default (default small)")
     ap.add_argument("--c-n-images-default", type=int, default=64, help="(c) number of PNGs, default model (64)")
     ap.add_argument("--c-epochs", type=int, default=1, help="(c) epochs per timed fit (default 1)")
+    ap.add_argument("--d-size", type=int, default=224, help="(d) image side (default 224)")
+    ap.add_argument("--d-n-images", type=int, default=512,
+                    help="(d) number of PNGs; each pass reads them with augment.copies copies (default 512)")
+    ap.add_argument("--d-breakdown", type=int, default=128,
+                    help="(d) images (x augment.copies) timed one by one for the cost breakdown (default 128)")
     ap.add_argument("--decode-workers", type=_workers, default=None,
-                    help="(b, c) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
+                    help="(b, c, d) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
     ap.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                     help="(b) fit without class_weight (run_train passes it by default)")
     ap.add_argument("--no-op-determinism", dest="op_determinism", action="store_false")
@@ -525,8 +697,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b, c)")
     args = ap.parse_args(argv)
     parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b,c", "abc", "c", ...
-    if not parts or parts - set("abc"):
-        ap.error(f"--parts: expected a, b and/or c, got {args.parts!r}")
+    if not parts or parts - set("abcd"):
+        ap.error(f"--parts: expected a, b, c and/or d, got {args.parts!r}")
 
     import tensorflow as tf
 
@@ -547,7 +719,8 @@ def main(argv=None) -> int:
     a = part_a(args, tf, keras) if "a" in parts else None
     b: dict[str, dict] = {}
     c: dict[str, dict] = {}
-    if parts & {"b", "c"}:
+    d: dict | None = None
+    if parts & {"b", "c", "d"}:
         tmp = Path(tempfile.mkdtemp(prefix="kfer-bench-train-"))
         try:
             if "b" in parts:
@@ -556,6 +729,8 @@ def main(argv=None) -> int:
             if "c" in parts:
                 for variant in [v.strip() for v in args.c_models.split(",") if v.strip()]:
                     c[variant] = part_c(args, tf, keras, tmp / f"c-{variant}", variant)
+            if "d" in parts:
+                d = part_d(args, tf, tmp / "d")
         finally:
             if args.keep:
                 print(f"kept {tmp}")
@@ -589,6 +764,16 @@ def main(argv=None) -> int:
               f"target >= 0.95  {'PASS' if r['ratio'] >= 0.95 else 'FAIL'}   decode_workers {r['workers']}, "
               f"same batches {'yes' if r['same'] else 'NO'}; no model: pipeline {r['alone']['pipeline']:.0f}, "
               f"memory {r['alone']['memory']:.0f} img/s")
+    if d:
+        all_other += [x["other"] for rs in d["res"].values() for x in rs]
+        ips, cost = d["ips"], d["cost"]
+        print(f"(d) 1 pass {args.d_size} px, no model: on-the-fly {ips['on-the-fly']:8.1f}   files "
+              f"{ips['files']:8.1f}   on-the-fly/files {d['ratio']:.3f}  target >= 0.8  "
+              f"{'PASS' if d['ratio'] >= 0.8 else 'FAIL'}   (CPU bound {d['bound']:.2f}, normal field alone "
+              f"{d['bound_normal']:.2f}; same bytes "
+              f"{'yes' if d['same'] else 'NO'}; augment_image {cost['whole']:.0f} µs/image, of which normal "
+              f"{cost['normal']:.0f}, warp {cost['warp']:.0f}, noise {cost['noise']:.0f}; CPU/row on-the-fly "
+              f"{d['cpu']['on-the-fly']:.3f} ms, files {d['cpu']['files']:.3f} ms)")
     if all_other:
         print(f"other processes' CPU during timed segments: max {max(all_other):.1f} CPU-s, "
               f"total {sum(all_other):.1f} CPU-s"

@@ -244,6 +244,48 @@ def test_zero_sigma_adds_no_noise_and_no_stretch():
     assert _add_noise(const, 0.0, np.ones(const.shape)).tobytes() == const.tobytes()
 
 
+def _reference_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray) -> np.ndarray:
+    """The noise step as first written (whole-array expressions, temporaries): the bytes the stage is pinned to."""
+    if sigma <= 0:
+        return img
+    x = img.astype(np.float64) + sigma * standard_normal
+    lo, hi = float(x.min()), float(x.max())
+    if hi > lo:
+        x = (x - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), sigma=st.sampled_from([0.0, 1e-9, 0.7, 3.0, 250.0, 1e6]),
+       kind=st.sampled_from(["random", "constant", "smooth"]), seed=st.integers(0, 2**16))
+def test_in_place_noise_gives_the_reference_bytes(h, w, sigma, kind, seed):
+    rng = np.random.default_rng(seed)
+    img = {"random": lambda: rng.integers(0, 256, (h, w), dtype=np.uint8),
+           "constant": lambda: np.full((h, w), int(rng.integers(0, 256)), np.uint8),
+           "smooth": lambda: smooth_image(h, w)}[kind]()
+    z = rng.standard_normal((h, w))
+    expected = _reference_noise(img, sigma, z)
+    kept = z.copy()
+    assert _add_noise(img, sigma, z).tobytes() == expected.tobytes()
+    assert np.array_equal(z, kept)  # overwrite=False leaves the field alone
+    out = _add_noise(img, sigma, z, overwrite=True)  # uses z as its work buffer
+    assert out.dtype == np.uint8 and out.shape == img.shape and out.tobytes() == expected.tobytes()
+    assert not np.shares_memory(out, z)
+
+
+@pytest.mark.parametrize("fill_mode", ["nearest", "constant"])
+def test_augment_image_is_the_warp_then_the_reference_noise(fill_mode):
+    """augment_image = the draws in their documented order, _warp, then the noise step as first written."""
+    cfg = AugmentCfg(fill_mode=fill_mode)
+    img = smooth_image(56, 56)
+    for k in range(1, 6):
+        rng = rng_for(3, "faces/a.png", k)
+        p = sample_warp(rng, 56, 56, cfg, 1.0)
+        sigma = float(rng.uniform(*cfg.noise_sigma))
+        expected = _reference_noise(_warp(img, p, fill_mode), sigma, rng.standard_normal((56, 56)))
+        assert augment_image(img, rng_for(3, "faces/a.png", k), cfg).tobytes() == expected.tobytes()
+
+
 # --- the stage ---------------------------------------------------------------------------------------------
 
 CLASSES = ["joy", "anger", "sadness"]
@@ -295,7 +337,10 @@ def test_run_augment_end_to_end(tmp_path):
     assert report["skipped"] == {"missing": 1, "unreadable": 1}
     assert report["per_class"] == {name: (9 if name in CLASSES else 0) for name in params.class_names}
     assert report["strength"] == 1.0 and report["copies"] == 2
-    assert json.loads((tmp_path / "metrics" / "augment.json").read_text(encoding="utf-8")) == report
+    assert json.loads(params.path(params.paths.augment_report).read_text(encoding="utf-8")) == report
+    # the DVC metrics: headline numbers only
+    assert json.loads(params.path(params.paths.augment_headline).read_text(encoding="utf-8")) == {
+        "images": 3 * n_good, "skipped": 2}
 
     man = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
     assert list(man.columns) == ["path", "source", "label", "group", "copy"]
@@ -357,7 +402,8 @@ def test_run_augment_exception_leaves_no_output(tmp_path, monkeypatch):
     assert calls["n"] == 5
     assert not out.exists()
     assert not list(out.parent.glob(".augmented.tmp-*"))
-    assert not (tmp_path / "metrics" / "augment.json").exists()
+    assert not params.path(params.paths.augment_report).exists()
+    assert not params.path(params.paths.augment_headline).exists()
 
     # A previous complete output survives a failed re-run untouched.
     monkeypatch.setattr(augment, "augment_image", real)
