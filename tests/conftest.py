@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ def shared_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real-image data not available: {path} is absent (set KFER_SHARED_DATA to its folder)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """``mlflow.pyfunc.load_model`` prepends the model's code folder (a partial copy of kfer) to sys.path for
+    good; a later test's spawned workers would import that copy. Each test starts from the same sys.path."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 def write_params(root: Path, *overrides: dict | None):

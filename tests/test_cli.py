@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -32,8 +37,9 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     assert p.model.kernel_initializer == "glorot_uniform"
     res = CliRunner().invoke(main, ["--params", str(REPO / "params.yaml"), "--set", "model.kernel_initializer=zeros",
                                     "crop"])
-    assert res.exit_code == 1 and "kernel_initializer" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "kernel_initializer" in res.output and "Traceback" not in res.output
     assert res.output.startswith("Error: invalid ")  # a user's mistake: a message, not a traceback
+    assert len(res.output.strip().splitlines()) == 1
     res = CliRunner().invoke(main, ["--set", "no-equals-sign", "crop"])
     assert res.exit_code != 0 and "KEY=VALUE" in res.output
 
@@ -44,7 +50,7 @@ def test_mlproject_defaults_equal_params_yaml():
     checked = 0
     for entry in project["entry_points"].values():
         for name, spec in (entry.get("parameters") or {}).items():
-            m = re.search(r"--set ([\w.]+)=\{" + name + r"\}", entry["command"])
+            m = re.search(r"(?:--set|-S) ([\w.]+)=\{" + name + r"\}", entry["command"])
             if not m:
                 continue
             node = params
@@ -53,3 +59,125 @@ def test_mlproject_defaults_equal_params_yaml():
             assert str(node) == str(spec["default"]) or float(node) == float(spec["default"]), m.group(1)
             checked += 1
     assert checked >= 7
+
+
+# --- a user's mistake is one line naming the key or file, exit status 2, no traceback (kfer -v shows it) --------
+
+def _repo_params(**edits) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for dotted, value in edits.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for k in parents:
+            node = node[k]
+        if value is _DROP:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return raw
+
+
+_DROP = object()
+_GOOD = (REPO / "params.yaml").read_text(encoding="utf-8")
+PARAMS_MISTAKES = {
+    "unknown key": (_repo_params(**{"crop.imagesize": 64}),
+                    "unknown key crop.imagesize (did you mean crop.image_size?)"),
+    "unknown top-level key": (_repo_params(seeds=1), "unknown key seeds (did you mean seed?)"),
+    "wrong type": (_repo_params(**{"crop.image_size": "big"}),
+                   "crop.image_size: input should be a valid integer, unable to parse string as an integer "
+                   "(got 'big')"),
+    "not a choice": (_repo_params(**{"model.kernel_initializer": "zeros"}),
+                     "model.kernel_initializer: input should be 'he_normal', 'glorot_uniform', 'he_uniform' or "
+                     "'lecun_normal' (got 'zeros')"),
+    "a rule": (_repo_params(**{"split.train": 0.9}), "split ratios must sum to 1, got 1.2"),
+    "missing key": (_repo_params(**{"paths.raw": _DROP}), "missing key paths.raw"),
+    "bad regex": (_repo_params(**{"data.group": {"source": "regex", "pattern": "(["}}),
+                  "data.group.pattern '([' is not a valid regular expression: unterminated character set at "
+                  "position 1"),
+    "regex without group": (_repo_params(**{"data.sources": {"fer": {"group": {"source": "regex",
+                                                                                "pattern": "x"}}}}),
+                            "data.sources.fer.group.pattern 'x' needs a capture group"),
+    "several": (_repo_params(**{"crop.imagesize": 64, "train.epochs": 0}),
+                "unknown key crop.imagesize (did you mean crop.image_size?); train.epochs: input should be greater "
+                "than or equal to 1 (got 0)"),
+    "YAML syntax": (_GOOD.replace("seed: 42", "seed: [42", 1),
+                    "line 8, column 1: invalid YAML: expected ',' or ']', but got '?' (while parsing a flow sequence "
+                    "that starts at line 5, column 7)"),
+    "YAML tab": ("seed: 1\n\tclasses: []\n", "line 2, column 1: invalid YAML: found character '\\t' that "
+                                               "cannot start any token"),
+    "not a mapping": ("- seed\n", "the file must be a mapping of keys (seed:, paths:, ...), not a list"),
+}
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", list(PARAMS_MISTAKES))
+def test_a_params_mistake_is_one_line_naming_the_key(tmp_path, kind):
+    content, expected = PARAMS_MISTAKES[kind]
+    path = tmp_path / "params.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, allow_unicode=True),
+                    encoding="utf-8")
+    res = CliRunner().invoke(main, ["--params", str(path), "crop"])
+    assert res.exit_code == 2, res.output
+    line = _one_error_line(res.stderr)
+    assert expected in line and str(path) in line, line
+
+
+def test_a_missing_params_file_and_a_bad_override_are_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["--params", str(tmp_path / "nope.yaml"), "split"])
+    assert res.exit_code == 2
+    assert _one_error_line(res.stderr) == (f"Error: {tmp_path / 'nope.yaml'} not found: run kfer from the repository "
+                                           "root or pass --params")
+    res = CliRunner().invoke(main, ["--params", str(REPO / "params.yaml"), "--set", "crop.imagesize=3", "split"])
+    assert res.exit_code == 2
+    assert "unknown key crop.imagesize (did you mean crop.image_size?)" in _one_error_line(res.stderr)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(_GOOD.replace("seed: 42", "seed: [42", 1), encoding="utf-8")
+    res = CliRunner().invoke(main, ["-v", "--params", str(path), "crop"])
+    assert res.exit_code == 2
+    assert "Traceback (most recent call last)" in res.stderr and "yaml.parser.ParserError" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"Error: {path} line 8, column 1: invalid YAML")
+
+
+def _kfer(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "kfer.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_real_cli_prints_one_line_and_exits_2(tmp_path):
+    (tmp_path / "params.yaml").write_text(_GOOD.replace("  image_size:", "  imagesize:", 1), encoding="utf-8")
+    proc = _kfer(tmp_path, "crop")
+    assert proc.returncode == 2, proc.stderr
+    assert _one_error_line(proc.stderr) == ("Error: invalid params.yaml: unknown key crop.imagesize (did you mean "
+                                            "crop.image_size?)")
+
+
+@pytest.mark.parametrize("stage, missing, maker", [
+    ("crop", "data/raw", "`dvc pull data.dvc`"),
+    ("split", "data/cropped/manifest.csv", "`dvc repro crop` (or `kfer crop`)"),
+    ("augment", "data/splits.csv", "`dvc repro split` (or `kfer split`)"),
+    ("evaluate", "models/model.keras", "`kfer train` (dvc repro train)"),
+])
+def test_an_earlier_stage_not_run_is_one_line_naming_the_file_and_the_stage(tmp_path, stage, missing, maker):
+    (tmp_path / "params.yaml").write_text(_GOOD, encoding="utf-8")
+    proc = _kfer(tmp_path, stage)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line("\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith(("Error", "Trace"))))
+    assert f"{tmp_path / missing} not found: run {maker}" in line, line
+
+
+def test_train_before_augment_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(_GOOD, encoding="utf-8")
+    res = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "train"])
+    assert res.exit_code == 2, res.output
+    line = _one_error_line("\n".join(ln for ln in res.stderr.splitlines() if ln.startswith(("Error", "Trace"))))
+    assert line == (f"Error: augmented manifest {tmp_path / 'data/augmented/manifest.csv'} not found: run "
+                    "`dvc repro augment` (or `kfer augment`) first")

@@ -115,6 +115,7 @@ def test_crop_stage_counts_every_bad_file_and_converts_modes(tmp_path, make_para
     assert set(report["box_source"]) <= {"matched", "annotation"} and sum(report["box_source"].values()) == 12
     assert report["annotation_boxes"]["unmatched_annotation_used"] == report["box_source"].get("annotation", 0)
     assert json.loads(params.path(params.paths.crop_report).read_text()) == report
+    assert json.loads(params.path(params.paths.crop_headline).read_text()) == {"images": 12, "skipped": 5}  # DVC
     for r in rows.values():
         if r["status"] == "ok":
             img = cv2.imread(str(tmp_path / r["path"]), cv2.IMREAD_UNCHANGED)
@@ -217,7 +218,7 @@ def test_nothing_usable_is_one_line_from_the_cli_and_keeps_the_old_output(tmp_pa
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error")]
     assert len(err) == 1 and "empty_file 4" in err[0] and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "data" / "cropped").rglob("*")) == before

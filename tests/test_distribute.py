@@ -37,7 +37,7 @@ def test_tf_config_stops_kfer_train_at_once_with_one_line(project):
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kfer.cli", "train"], cwd=project.root, capture_output=True,
                           text=True, env=_env(TF_CONFIG=tf_config), timeout=120)
-    assert proc.returncode == 1, proc.stderr  # kfer's exit status for a user's mistake
+    assert proc.returncode == 2, proc.stderr  # kfer's exit status for a user's mistake
     lines = [x for x in proc.stderr.splitlines() if x.startswith("Error:") or "Traceback" in x]
     assert len(lines) == 1 and "does not train across machines" in lines[0], proc.stderr
     assert "keras-team/keras#20585" in lines[0]

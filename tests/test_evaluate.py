@@ -141,6 +141,8 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     written = json.loads(params.path(params.paths.eval_metrics).read_text(encoding="utf-8"))
     assert written == result
     assert set(written) == {"test_accuracy", "test_macro_f1", "test_images", "per_class"}
+    assert json.loads(params.path(params.paths.eval_headline).read_text(encoding="utf-8")) == {  # DVC metrics
+        "test_accuracy": written["test_accuracy"], "test_macro_f1": written["test_macro_f1"]}
     assert written["test_images"] == len(Y_TRUE)
     assert written["test_accuracy"] == pytest.approx(EXPECTED_ACCURACY)
     assert written["test_macro_f1"] == pytest.approx(EXPECTED_MACRO_F1)

@@ -118,3 +118,101 @@ def test_failure_inside_atomic_dir_keeps_the_previous_output(tmp_path):
         raise KeyboardInterrupt
     assert (tmp_path / "r.json").read_text(encoding="utf-8") == '{\n  "v": "old"\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
+
+
+# --- parallel_map: ordered, chunked, lazy; a dead worker fails the stage instead of hanging ----------------------
+
+_TAG = None
+
+
+def _init_tag(tag):
+    global _TAG
+    _TAG = tag
+
+
+def _tagged(x):
+    return x, _TAG, os.getpid()
+
+
+def _fail_on_5(x):
+    if x == 5:
+        raise KeyError("item 5")
+    return x
+
+
+def test_parallel_map_keeps_order_chunks_and_initializer():
+    out = list(files.parallel_map(_tagged, range(103), workers=2, chunksize=4, initializer=_init_tag,
+                                  initargs=("t",)))
+    assert [x for x, _, _ in out] == list(range(103)) and {t for _, t, _ in out} == {"t"}
+    for start in range(0, 103, 4):  # each chunk of 4 consecutive items ran in one worker
+        assert len({pid for _, _, pid in out[start:start + 4]}) == 1
+    assert os.getpid() not in {pid for _, _, pid in out}
+    serial = list(files.parallel_map(_tagged, range(5), workers=1, initializer=_init_tag, initargs=("s",)))
+    assert [(x, t) for x, t, _ in serial] == [(i, "s") for i in range(5)]
+
+
+def test_parallel_map_is_lazy_reraises_and_stops_early():
+    import itertools
+
+    results = files.parallel_map(abs, itertools.count(), workers=2, chunksize=8)  # an endless input
+    assert [next(results) for _ in range(20)] == list(range(20))
+    results.close()  # the caller stops early: the pool goes away, nothing hangs
+    with pytest.raises(KeyError, match="item 5"):
+        list(files.parallel_map(_fail_on_5, range(50), workers=2, chunksize=2))
+
+
+_KILLED_WORKER = """
+import os, signal, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kfer import files
+import victim
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    got = []
+    try:
+        for x in files.parallel_map(victim.die_on_37, range(10_000), workers=2, chunksize=4,
+                                    workers_param="crop.workers"):
+            got.append(x)
+    except files.WorkerDiedError as exc:
+        assert got == list(range(len(got))), got  # what came back before is in order
+        print(f"{time.monotonic() - t0:.1f}s {exc}")
+        sys.exit(0)
+    sys.exit("no error")
+"""
+
+
+def test_a_worker_killed_by_sigkill_fails_the_stage_instead_of_hanging(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "victim.py").write_text(
+        "import os, signal\n\ndef die_on_37(x):\n    if x == 37:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return x\n", encoding="utf-8")
+    (tmp_path / "main.py").write_text(_KILLED_WORKER, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(tmp_path / "main.py")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds, _, message = proc.stdout.strip().partition("s ")
+    assert float(seconds) < 30, proc.stdout  # multiprocessing.Pool.imap waited forever here
+    assert "a worker process died (killed by SIGKILL, e.g. by the OOM killer)" in message
+    assert "lower crop.workers (now 2 processes)" in message and "\n" not in message
+
+
+def test_a_dead_worker_is_one_line_from_the_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kfer import cli, crop
+
+    from .conftest import write_params
+
+    message = ("a worker process died (killed by SIGKILL, e.g. by the OOM killer) and the stage stopped: lower "
+               "crop.workers (now 2 processes) so that the workers fit in memory, or free memory")
+
+    def dying_crop(params):
+        raise files.WorkerDiedError(message)
+
+    monkeypatch.setattr(crop, "run_crop", dying_crop)
+    write_params(tmp_path)
+    res = CliRunner().invoke(cli.main, ["--params", str(tmp_path / "params.yaml"), "crop"])
+    assert res.exit_code == 1, res.output  # the stage failed (not a mistake in the params: those exit 2)
+    assert res.stderr.strip().splitlines() == [f"Error: {message}"]

@@ -103,5 +103,5 @@ def test_external_folder_without_labelled_photos_is_one_line(champion, tmp_path)
     folder = _folder(tmp_path / "nothing", {"contempt": [1, 2]})
     res = CliRunner().invoke(main, ["--params", str(params.root / "params.yaml"), "evaluate", "--external",
                                     str(folder), "--layout", "folders", "--detector", "none"])
-    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.output.startswith("Error: ") and "unknown_label 2" in res.output

@@ -47,6 +47,18 @@ def tiny_model(n_classes: int, seed: int):
     return build_resnet(IMAGE_SIZE, n_classes, blocks=(1, 1), base_width=4, head_units=0, seed=seed)
 
 
+RAW_MD5, SPLITS_MD5 = "0123abcd0123abcd0123abcd0123abcd.dir", "89ab89ab89ab89ab89ab89ab89ab89ab"
+
+
+def write_lineage(root: Path, raw_md5: str = RAW_MD5, splits_md5: str | None = SPLITS_MD5) -> None:
+    """A data.dvc and a dvc.lock under root, as `dvc add` / `dvc repro` write them: the current data lineage."""
+    (root / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": raw_md5, "path": "data/raw"}]}))
+    stages = {"crop": {"outs": [{"path": "data/cropped", "md5": "4567ef014567ef014567ef014567ef01.dir"}]}}
+    if splits_md5:
+        stages["split"] = {"outs": [{"path": "data/splits.csv", "md5": splits_md5}]}
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+
 def blank_jpeg() -> bytes:
     import cv2
 
@@ -57,7 +69,8 @@ def blank_jpeg() -> bytes:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """The module's store: runs a (val 0.5, test 0.95), b (val 0.8, test 0.1), failed (val 0.99), nomodel (0.97)."""
+    """The module's store: runs a (val 0.5, test 0.95), b (val 0.8, test 0.1), failed (val 0.99), nomodel (0.97) on
+    the current data lineage (write_lineage), and other (val 0.9, a model) trained on another splits.csv."""
     import mlflow
 
     from kfer import tracking
@@ -67,6 +80,7 @@ def store(tmp_path_factory):
     old_env, old_cwd = os.environ.pop(ENV, None), Path.cwd()
     os.chdir(root)  # whatever MLflow writes to ./mlruns stays in the test folder
     try:
+        write_lineage(root)  # every run below gets these hashes as tags (tracking.lineage_tags)
         params = params_at(root)
         uri = tracking.tracking_uri(params)
         mlflow.set_tracking_uri(uri)
@@ -90,6 +104,13 @@ def store(tmp_path_factory):
         with tracking.tracked_run(params, "run-nomodel") as run:
             mlflow.log_metric("best_val_macro_f1", 0.97)
         runs["nomodel"] = run.info.run_id
+        other = {**lineage, "dvc.split.data/splits.csv": "ffff0000ffff0000ffff0000ffff0000"}  # another split
+        with tracking.tracked_run(params, "run-other-data", tags=other) as run:
+            uris = log_models(tiny_model(len(params.classes), 3), params)
+            mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"],
+                             tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
+            mlflow.log_metrics({"best_val_macro_f1": 0.9, "best_val_loss": 2.0})
+        runs["other"] = run.info.run_id
         yield {"params": params, "runs": runs, "uri": uri, "root": root}
     finally:
         mlflow.set_tracking_uri(None)  # forget the store (this also unsets the variable MLflow exported)
@@ -116,13 +137,15 @@ def test_register_picks_best_validation_run_and_is_idempotent(store):
     name = params.train.registered_model
     client = MlflowClient()
 
-    mv = register(params)  # b: best validation F1 (a has the better TEST F1; failed/nomodel are not eligible)
+    # b: best validation F1 (a has the better TEST F1; failed/nomodel are not eligible; other is on other data)
+    mv = register(params)
     assert mv.run_id == runs["b"] and int(mv.version) == 1
     assert mv.source == client.get_run(runs["b"]).data.tags["kfer.model_uri"]
     assert int(client.get_model_version_by_alias(name, CHAMPION).version) == 1
     assert mv.tags["best_val_macro_f1"] == "0.8" and mv.tags["test_macro_f1"] == "0.1"
     assert mv.tags["best_val_loss"] == "1.2" and "best_val_accuracy" in mv.tags
     assert mv.tags["data.data.md5"] == "0123abcd" and mv.tags["dvc.crop.data/cropped"] == "4567ef01"
+    assert mv.tags["dvc.data.dvc"] == RAW_MD5 and mv.tags["dvc.split.data/splits.csv"] == SPLITS_MD5
     assert "git.commit" in mv.tags and mv.tags["kfer.selected_by"] == "best_val_macro_f1"
 
     assert int(register(params).version) == 1  # idempotent: no second version for the same run
@@ -153,6 +176,67 @@ def test_register_picks_best_validation_run_and_is_idempotent(store):
     model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
     assert model.metadata.run_id == runs["b"]
     assert model.unwrap_python_model().predict_bgr(np.full((90, 120, 3), 200, np.uint8)) == []
+
+
+def test_register_picks_among_runs_of_the_current_data_lineage(store, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from kfer.cli import main
+    from kfer.registry import CHAMPION, RegistryError, best_run, data_lineage, register
+
+    params, runs = store["params"], store["runs"]
+    name = params.train.registered_model
+    client = MlflowClient()
+    assert data_lineage(params) == {"dvc.data.dvc": RAW_MD5, "dvc.split.data/splits.csv": SPLITS_MD5}
+    assert best_run(params).info.run_id == runs["b"]  # other (0.9) beats b (0.8) but saw another split
+    assert best_run(params, any_data=True).info.run_id == runs["other"]
+    assert best_run(params, "best_val_loss", any_data=True).info.run_id == runs["a"]
+
+    # the CLI: --any-data widens the choice to every run; without it, back to the current lineage
+    params_file = store["root"] / f"params-{abs(hash(json.dumps(None, sort_keys=True)))}.yaml"
+    assert params_file.is_file()
+    res = CliRunner().invoke(main, ["--params", str(params_file), "register", "--any-data"])
+    assert res.exit_code == 0, res.output
+    mv = client.get_model_version_by_alias(name, CHAMPION)
+    assert mv.run_id == runs["other"] and mv.tags["kfer.selected_by"] == "best_val_macro_f1 (any data)"
+    res = CliRunner().invoke(main, ["--params", str(params_file), "register"])
+    assert res.exit_code == 0, res.output
+    assert client.get_model_version_by_alias(name, CHAMPION).run_id == runs["b"]
+
+    # the tuned (or an explicit) run is registered whatever its data, with a warning when it is not current
+    summary = params.path(params.paths.tune_summary)
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({"best_run_id": runs["other"], "best_trial": 3, "study_name": "s",
+                                   "metric": "val_macro_f1"}), encoding="utf-8")
+    try:
+        with caplog.at_level(logging.WARNING, logger="kfer.registry"):
+            assert register(params, tuned=True).run_id == runs["other"]
+        assert any("not trained on the current data" in r.getMessage() and runs["other"] in r.getMessage()
+                   for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kfer.registry"):
+            assert register(params, run_id=runs["a"]).run_id == runs["a"]  # current lineage: no warning
+        assert not [r for r in caplog.records if "not trained on the current data" in r.getMessage()]
+    finally:
+        summary.unlink()
+    assert register(params).run_id == runs["b"]
+
+    # a workspace whose dvc.lock names another splits.csv: no run matches, one line that names --any-data
+    monkeypatch.setenv(ENV, store["uri"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_lineage(elsewhere, splits_md5="1111222211112222111122221111aaaa")
+    moved = params_at(elsewhere)
+    with pytest.raises(RegistryError, match="none of the 3 eligible runs") as err:
+        register(moved)
+    assert "--any-data" in str(err.value) and "\n" not in str(err.value)
+    assert best_run(moved, any_data=True).info.run_id == runs["other"]
+    write_lineage(elsewhere, splits_md5=None)  # no split stage in dvc.lock: the lineage is unknown
+    with pytest.raises(RegistryError, match="cannot tell the current data lineage.*--any-data"):
+        register(params_at(elsewhere))
 
 
 def test_register_without_eligible_runs(store, tmp_path):

@@ -69,9 +69,8 @@ def logged(make_params, monkeypatch):
 
     params = make_params({"crop": {"image_size": IMAGE_SIZE}})
     isolate_store(params, monkeypatch)
-    face = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     with tracking.tracked_run(params, "serving-test") as run:
-        uris = log_models(tiny_model(len(params.classes)), params, example_face=face)
+        uris = log_models(tiny_model(len(params.classes)), params)
         mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"], tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
     yield params, uris, run.info.run_id
     mlflow.set_tracking_uri(None)  # forget this test's store (monkeypatch then restores the environment)
@@ -98,15 +97,23 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
     # explicit, pinned requirements (not inferred); the photo model carries its own crop code
     photo_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"]))
     reqs = (photo_dir / "requirements.txt").read_text().split()
-    assert any(r.startswith(("tensorflow-cpu==", "tensorflow==")) for r in reqs), reqs
+    # tensorflow (serves on CPU and GPU), never tensorflow-cpu (no GPU), whichever of the two is installed here
+    assert any(r.startswith("tensorflow==") for r in reqs) and not any("tensorflow-cpu" in r for r in reqs), reqs
     for prefix in ("keras==", "numpy==", "pandas==", "pillow==", "opencv-python-headless==4.", "cvlib==0.2.7",
                    "setuptools<81", "mlflow=="):
         assert any(r.startswith(prefix) for r in reqs), (prefix, reqs)
-    assert (photo_dir / "code" / "kfer" / "faces.py").is_file()
+    # only the code serving imports, not the pipeline stages nor the demos
+    code = photo_dir / "code" / "kfer"
+    assert sorted(f.name for f in code.iterdir() if f.name != "__pycache__") == [
+        "__init__.py", "faces.py", "images.py", "model.py", "serving.py"]
     assert json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))["crop"][
         "image_size"] == IMAGE_SIZE
     keras_dir = Path(mlflow.artifacts.download_artifacts(uris["keras_model_uri"]))
-    assert (keras_dir / "input_example.json").is_file()
+    # a generated input example (no dataset face), the same for every model
+    example = json.loads((keras_dir / "input_example.json").read_text(encoding="utf-8"))
+    from kfer.serving import example_faces
+
+    np.testing.assert_allclose(np.asarray(example, np.float32), example_faces(IMAGE_SIZE, 1))
     kreqs = (keras_dir / "requirements.txt").read_text().split()
     assert any(r.startswith("keras==") for r in kreqs) and not any(r.startswith("cvlib") for r in kreqs)
 
@@ -138,6 +145,59 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
         photo.predict(pd.DataFrame({"photo": [good]}))
     with pytest.raises(MlflowException, match=r"needs a column 'image'"):  # the model's own check
         inner.predict(None, pd.DataFrame({"photo": [good]}))
+
+
+def test_serving_modules_are_only_what_serving_imports():
+    from kfer.serving import serving_modules
+
+    assert serving_modules() == ["faces", "images", "model", "serving"]
+
+
+LOAD_IN_FRESH_PROCESS = r"""
+import base64, importlib.util, json, sys
+from pathlib import Path
+
+import numpy as np
+
+model_dir, src = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+sys.path = [p for p in sys.path if not p or Path(p).resolve() != src]  # the repository's kfer is not importable
+assert importlib.util.find_spec("kfer") is None, "kfer importable before the model is loaded"
+import cv2
+import mlflow.pyfunc
+import pandas as pd
+
+model = mlflow.pyfunc.load_model(str(model_dir))
+ramp = np.linspace(30, 220, 160, dtype=np.uint8)
+photo = np.stack([np.tile(ramp, (120, 1))] * 3, axis=-1)  # a generated photo: no face
+ok, buf = cv2.imencode(".png", photo)
+out = model.predict(pd.DataFrame({"image": [base64.b64encode(buf.tobytes()).decode()]}))
+probs = model.unwrap_python_model().classify_faces(np.full((2, int(sys.argv[3]), int(sys.argv[3])), 128, np.uint8))
+import kfer
+print(json.dumps({"kfer": str(Path(kfer.__file__).resolve()), "rows": len(out), "columns": list(out.columns),
+                  "probs": probs.sum(axis=1).tolist(),
+                  "modules": sorted(m for m in sys.modules if m.startswith("kfer"))}))
+"""
+
+
+def test_logged_photo_model_loads_in_a_fresh_process_from_its_own_code(logged, tmp_path):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    params, uris, _ = logged
+    model_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"], dst_path=str(tmp_path / "m")))
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, "PYTHONPATH")}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(model_dir), str(src), str(IMAGE_SIZE)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(got["kfer"]).is_relative_to(model_dir.resolve() / "code" / "kfer"), got["kfer"]
+    assert got["rows"] == 0 and got["columns"][:2] == ["image", "face"]
+    np.testing.assert_allclose(got["probs"], [1.0, 1.0], rtol=1e-5)
+    assert not {"kfer.train", "kfer.demo", "kfer.tune", "kfer.config"} & set(got["modules"]), got["modules"]
 
 
 def test_photo_model_on_real_photos(face_photos, logged):

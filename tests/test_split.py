@@ -228,8 +228,11 @@ def test_run_split_end_to_end(tmp_path, caplog):
     assert df.groupby("group")["split"].nunique().max() == 1
     assert set(df["split"]) == {"train", "val", "test"}
 
-    on_disk = json.loads((tmp_path / "metrics" / "split.json").read_text(encoding="utf-8"))
+    on_disk = json.loads(params.path(params.paths.split_report).read_text(encoding="utf-8"))
     assert on_disk == report
+    # the DVC metrics: headline numbers only
+    assert json.loads(params.path(params.paths.split_headline).read_text(encoding="utf-8")) == {
+        "images": len(ok), "persons": 12}
     assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "warnings"]
     assert report["seed"] == 42 and report["ratios"] == R
     assert report["counts"] == {s: int((df.split == s).sum()) for s in R}

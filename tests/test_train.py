@@ -64,6 +64,9 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
 
     for key in ("model", "train_run", "train_metrics", "history"):
         assert params.path(getattr(params.paths, key)).exists(), key
+    full = json.loads(params.path(params.paths.train_metrics).read_text())
+    assert json.loads(params.path(params.paths.train_headline).read_text()) == {  # the DVC metrics
+        "val_accuracy": full["best_val_accuracy"], "val_macro_f1": full["best_val_macro_f1"]}
     run_info = json.loads(params.path(params.paths.train_run).read_text())
     assert run_info["run_id"] == result["run_id"]
     assert tracking.tracking_uri(params).endswith(str(params.root / "mlflow.db"))

@@ -168,19 +168,35 @@ def sample_warp(rng: np.random.Generator, h: int, w: int, cfg: AugmentCfg, s: fl
 # --- noise -------------------------------------------------------------------------------------------------
 
 
-def _add_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray) -> np.ndarray:
+def _add_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Add N(0, sigma) noise (0..255 units) in float64, min-max renormalize to [0, 255], round to uint8.
 
     ``sigma == 0`` returns the image unchanged (no renormalization). A constant result (max == min) cannot be
     stretched and is only rounded and clipped.
+
+    ``overwrite=True`` lets the function use ``standard_normal`` (when it is float64, writeable and of the
+    image's shape) as its work buffer, destroying it: every later step runs in place, with no H×W float64
+    temporaries (at 224 px the step costs ~75 µs instead of ~105). Every step is the same IEEE operation either
+    way (``sigma·z`` then ``+ img``, ``(x - lo)`` then ``· 255/(hi - lo)``, round half to even), so the bytes
+    do not depend on it. After the stretch every value is in [0, 255·(1 + 2⁻⁵²)²] (``x - lo >= 0`` exactly;
+    the largest is ``(hi - lo)·fl(255/(hi - lo))``), which rounds into 0..255: only an unstretched (constant)
+    result needs the clip.
     """
     if sigma <= 0:
         return img
-    x = img.astype(np.float64) + sigma * standard_normal
+    if (overwrite and standard_normal.dtype == np.float64 and standard_normal.shape == img.shape
+            and standard_normal.flags.writeable):
+        x = np.multiply(standard_normal, sigma, out=standard_normal)
+        np.add(x, img, out=x)  # == img.astype(float64) + sigma·z: the addition commutes exactly
+    else:
+        x = img.astype(np.float64) + sigma * standard_normal
     lo, hi = float(x.min()), float(x.max())
     if hi > lo:
-        x = (x - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        np.subtract(x, lo, out=x)
+        np.multiply(x, 255.0 / (hi - lo), out=x)
+        return np.rint(x, out=x).astype(np.uint8)
+    np.rint(x, out=x)
+    return np.clip(x, 0, 255, out=x).astype(np.uint8)
 
 
 # --- one image ---------------------------------------------------------------------------------------------
@@ -221,7 +237,7 @@ def augment_image(
     sigma = float(rng.uniform(cfg.noise_sigma[0], cfg.noise_sigma[1])) * s
     standard_normal = rng.standard_normal((h, w))
     out = _warp(np.ascontiguousarray(img), p, cfg.fill_mode)
-    return _add_noise(out, sigma, standard_normal)
+    return _add_noise(out, sigma, standard_normal, overwrite=True)  # the field is ours: its buffer is reused
 
 
 # --- the stage ---------------------------------------------------------------------------------------------
@@ -323,6 +339,7 @@ def run_augment(params: Params) -> dict:
             chunksize=chunksize,
             initializer=_init_worker,
             initargs=(cfg, s, params.seed),
+            workers_param="augment.workers",
         )
         # manifest rows are written as results arrive (in input order), not collected: memory stays flat
         with contextlib.closing(results), files.atomic_file(tmp / MANIFEST_NAME) as fh:
@@ -355,6 +372,8 @@ def run_augment(params: Params) -> dict:
         "copies": cfg.copies,
     }
     files.write_json(params.path(params.paths.augment_report), report)
+    files.write_json(params.path(params.paths.augment_headline),  # DVC metrics: train images written, skipped
+                     {"images": originals + augmented, "skipped": sum(skipped.values())})
     log.info(
         "augment: %d train images -> %d originals + %d augmented (copies=%d, strength=%g), %d skipped -> %s",
         n_train,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -34,21 +35,38 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
         *parents, leaf = key.strip().split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})",
+                                     param_hint="--set") from exc
     return out
 
 
+class _OneLine(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the message held
+        self.exit_code = exit_code
+
+
 class _Group(click.Group):
-    """Prints a user's mistake (:class:`kfer.config.UserError`: bad params, missing or unusable input) as one
-    line and exits 1, instead of a traceback."""
+    """Prints a failure kfer explains (:class:`kfer.config.KferError`) as one line ``Error: ...`` instead of a
+    traceback (``kfer -v`` prints it too) and exits with its status: 2 for a user's mistake
+    (:class:`kfer.config.UserError`: bad params, missing or unusable input, an earlier stage not run), 1 for a
+    stage that failed (a worker process died)."""
 
     def invoke(self, ctx: click.Context):
-        from .config import UserError
+        from .config import KferError, UserError
 
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (KferError, FileNotFoundError) as exc:
+            if isinstance(exc, FileNotFoundError) and not isinstance(exc, KferError) and exc.errno is not None:
+                raise  # the OS's, not a stage's "X not found: run `kfer <stage>` first": a bug, keep the traceback
+            if (ctx.obj or {}).get("verbose"):
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            code = exc.exit_code if isinstance(exc, KferError) else UserError.exit_code
+            raise _OneLine(str(exc), code) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +76,7 @@ class _Group(click.Group):
 )
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a param for this run only, e.g. --set train.epochs=3 (MLproject uses this).")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an error.")
 @click.pass_context
 def main(ctx: click.Context, params_path: str, sets: tuple[str, ...], verbose: bool) -> None:
     """kfer: Korean facial-expression recognition, from raw photos to a registered model.
@@ -69,7 +87,7 @@ def main(ctx: click.Context, params_path: str, sets: tuple[str, ...], verbose: b
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    ctx.obj = {"params": params_path, "overrides": _parse_sets(sets)}
+    ctx.obj = {"params": params_path, "overrides": _parse_sets(sets), "verbose": verbose}
 
 
 @main.command()
@@ -212,20 +230,21 @@ def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, worker
               help="Register the best trial of the last `kfer tune` study (its run id in paths.tune_summary).")
 @click.option("--metric", default=None,
               help="Validation metric that picks the best run (default: best_<train.monitor>; never a test metric).")
+@click.option("--any-data", is_flag=True,
+              help="Choose among runs on any data, not only those trained on the current raw data and splits.csv.")
 @click.pass_context
-def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | None) -> None:
+def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | None, any_data: bool) -> None:
     """Register the best run's photo model in the MLflow Model Registry and point alias `champion` at it.
 
-    The best run is chosen by a validation metric, never by test, among the `kfer train` runs; `--tuned` takes
-    the best trial of the last tuning study instead. Re-running for the same run reuses its version.
+    The best run is chosen by a validation metric, never by test, among the `kfer train` runs trained on the
+    current data lineage (the raw data hash and the splits.csv hash of data.dvc/dvc.lock; `--any-data`: all
+    runs); `--tuned` takes the best trial of the last tuning study instead. Re-running for the same run reuses
+    its version.
     """
-    from .registry import RegistryError
     from .registry import register as do_register
 
-    try:
-        mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None, tuned=tuned)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
+    mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None, tuned=tuned,
+                     any_data=any_data)  # a RegistryError is a user's mistake: one line, exit 2
     click.echo(f"{mv.name} version {mv.version} (run {mv.run_id}) is now @champion")
 
 

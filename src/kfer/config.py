@@ -6,19 +6,33 @@ the repository root (the folder holding params.yaml); :meth:`Params.path` resolv
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from . import selection
 
 PARAMS_FILE = "params.yaml"
 
 
-class UserError(ValueError):
-    """A mistake the user can fix (bad params, missing or unusable input): the CLI prints it as one line."""
+class KferError(Exception):
+    """A failure the CLI prints as one line ``Error: ...`` (the traceback only with ``kfer -v``), exiting with
+    :attr:`exit_code`."""
+
+    exit_code = 1
+
+
+class UserError(KferError, ValueError):
+    """A mistake the user can fix (bad params, missing or unusable input): the CLI prints it as one line and
+    exits 2."""
+
+    exit_code = 2
 
 
 class MissingInputError(UserError, FileNotFoundError):
@@ -54,6 +68,13 @@ class PathsCfg(_Strict):
     tune_best: Path = Path("tune/best_params.yaml")
     tune_summary: Path = Path("tune/summary.json")
     train_backup: Path = Path(".kfer/train-backup")
+    # headline DVC metrics: a few numbers per stage (`dvc metrics show`); the full reports above are plain files
+    crop_headline: Path = Path("metrics/crop.json")
+    split_headline: Path = Path("metrics/split.json")
+    augment_headline: Path = Path("metrics/augment.json")
+    train_headline: Path = Path("metrics/train.json")
+    eval_headline: Path = Path("metrics/eval.json")
+    tune_headline: Path = Path("metrics/tune.json")
 
 
 class GroupCfg(_Strict):
@@ -66,7 +87,11 @@ class GroupCfg(_Strict):
         if self.source == "regex":
             if not self.pattern:
                 raise ValueError("data.group.pattern is required when data.group.source is 'regex'")
-            rx = re.compile(self.pattern)
+            try:
+                rx = re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"data.group.pattern {self.pattern!r} is not a valid regular expression: "
+                                 f"{exc}") from None
             if rx.groups < 1:
                 raise ValueError(f"data.group.pattern {self.pattern!r} needs a capture group")
         return self
@@ -88,12 +113,20 @@ class SourceCfg(_Strict):
     split: Literal["auto", "train"] = "auto"
 
 
+#: params.yaml's data.label_map: AI Hub's Korean folder names and FER2013's English ones onto the class names
+DEFAULT_LABEL_MAP = {
+    "기쁨": "joy", "당황": "embarrassment", "분노": "anger", "불안": "anxiety", "상처": "hurt", "슬픔": "sadness",
+    "중립": "neutral", "happy": "joy", "surprise": "embarrassment", "angry": "anger", "fear": "anxiety",
+    "sad": "sadness",
+}
+
+
 class DataCfg(_Strict):
     layout: Layout = "auto"
     labels_glob: str = "**/*.json"
     vote_tie: Literal["uploader", "skip"] = "uploader"
     on_bad_label_file: Literal["error", "skip"] = "error"
-    label_map: dict[str, str] = Field(default_factory=dict)
+    label_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LABEL_MAP))
     group: GroupCfg = GroupCfg()
     sources: dict[str, SourceCfg] = Field(default_factory=dict)
 
@@ -114,7 +147,7 @@ class DataCfg(_Strict):
 
 
 class CropCfg(_Strict):
-    image_size: int = Field(96, ge=8, le=1024)
+    image_size: int = Field(64, ge=8, le=1024)
     grayscale: bool = True
     box: Literal["match", "annotation", "detector"] = "match"  # crop policy for annotated photos (faces.py)
     match_iou: float = Field(0.3, ge=0.0, le=1.0)  # match: least IoU of a detector box with the annotation
@@ -186,7 +219,7 @@ class ModelCfg(_Strict):
 class TrainCfg(_Strict):
     experiment: str = "kfer"
     registered_model: str = "kfer-resnet50"
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     monitor: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
@@ -235,7 +268,7 @@ class TrainCfg(_Strict):
 
     @property
     def monitor_mode(self) -> str:
-        return "min" if self.monitor.endswith("loss") else "max"
+        return selection.mode(self.monitor)
 
 
 Initializer = Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal"]
@@ -279,7 +312,8 @@ class PrunerCfg(_Strict):
 
 
 class TuneCfg(_Strict):
-    n_trials: int = Field(20, ge=1)          # budget: COMPLETE + PRUNED trials in the study
+    n_trials: int = Field(3, ge=1)           # budget: COMPLETE + PRUNED trials in the study
+    epochs: int | None = Field(3, ge=1)      # epochs per trial; None: train.epochs
     timeout_s: float | None = Field(None, gt=0)
     workers: int = Field(1, ge=1)
     storage: str | None = None               # None: sqlite:///<paths.optuna_db>
@@ -295,7 +329,7 @@ class TuneCfg(_Strict):
 
     @property
     def direction(self) -> str:
-        return "minimize" if self.metric.endswith("loss") else "maximize"
+        return selection.direction(self.metric)
 
 
 class Params(_Strict):
@@ -338,6 +372,29 @@ class Params(_Strict):
         p = Path(p)
         return p if p.is_absolute() else self._root / p
 
+    @property
+    def store_root(self) -> Path:
+        """Where the MLflow and Optuna stores live: the root, except inside a ``dvc exp run --temp`` or queued
+        experiment, which runs in a copy of the repository under ``<repo>/.dvc/tmp/exps/`` that DVC deletes
+        afterwards; there the stores are the main repository's (DVC names it in ``DVC_ROOT``), so no run is
+        lost with the copy."""
+        main = os.environ.get("DVC_ROOT")
+        root = self._root.resolve()
+        if not main:
+            return self._root
+        main_path = Path(main).resolve()
+        temp = main_path / ".dvc" / "tmp"
+        if not root.is_relative_to(temp):
+            return self._root
+        copy = next((d for d in (root, *root.parents) if (d / ".dvc").is_dir() and d != main_path), None)
+        return main_path / root.relative_to(copy) if copy is not None and root.is_relative_to(copy) else main_path
+
+    def store_path(self, p: Path | str) -> Path:
+        """A store path of ``paths`` (``mlflow_db``, ``mlflow_artifacts``, ``optuna_db``) resolved against
+        :attr:`store_root`."""
+        p = Path(p)
+        return p if p.is_absolute() else self.store_root / p
+
     def rel(self, p: Path | str) -> str:
         """A path as stored in manifests: relative to the root, POSIX separators."""
         p = Path(p)
@@ -368,21 +425,109 @@ class Params(_Strict):
 def load_params(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Params:
     """Read and validate params.yaml (default: ./params.yaml, DVC's convention).
 
-    ``overrides`` is a nested dict merged over the file (used by tests and tuning).
+    ``overrides`` is a nested dict merged over the file (used by tests and tuning). Every mistake in the file is
+    a :class:`UserError` of one line naming the file and the dotted key (or the YAML line and column).
     """
     p = Path(path) if path is not None else Path(os.environ.get("KFER_PARAMS", PARAMS_FILE))
     if not p.exists():
         raise MissingInputError(f"{p} not found: run kfer from the repository root or pass --params")
-    with open(p, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+    if p.is_dir():
+        raise UserError(f"{p} is a folder, not a params file: pass --params path/to/params.yaml")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error(p, exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as UTF-8") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"invalid {p}: the file must be a mapping of keys (seed:, paths:, ...), "
+                        f"not a {type(raw).__name__}")
     if overrides:
         raw = _deep_merge(raw, overrides)
     try:
         params = Params.model_validate(raw)
-    except Exception as exc:  # pydantic's message lists every bad field
-        raise UserError(f"invalid {p}:\n{exc}") from exc
+    except ValidationError as exc:
+        raise UserError(f"invalid {p}: {validation_message(exc)}") from exc
     params._root = p.resolve().parent
     return params
+
+
+def _yaml_error(p: Path, exc: yaml.YAMLError) -> str:
+    """One line: the file, the line and column of the problem, and what YAML found there."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{p}" if mark is None else f"{p} line {mark.line + 1}, column {mark.column + 1}"
+    what = getattr(exc, "problem", None) or str(exc)
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        what += f" ({context}" + (f" that starts at line {cmark.line + 1}, column {cmark.column + 1})"
+                                  if cmark is not None else ")")
+    return " ".join(f"{where}: invalid YAML: {what}".split())
+
+
+def _model_at(parts: tuple) -> type[BaseModel] | None:
+    """The params model at a dotted location (``("data", "sources", "x", "group")`` -> GroupCfg), if any."""
+    tp: object = Params
+    for part in (*parts, None):
+        while get_origin(tp) in (Union, types.UnionType):  # X | None
+            tp = next((a for a in get_args(tp) if a is not type(None)), None)
+        if part is None:
+            break
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                return None
+            tp = field.annotation
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) in (list, tuple):
+            tp = get_args(tp)[0]
+        else:
+            return None
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_line(err: dict) -> str:
+    parts = tuple(err["loc"])
+    key = ".".join(map(str, parts))
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        model = _model_at(parts[:-1])
+        close = difflib.get_close_matches(str(parts[-1]), list(model.model_fields), n=1) if model else []
+        parent = ".".join(map(str, parts[:-1]))
+        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+        return f"unknown key {key}{hint}"
+    if kind == "missing":
+        return f"missing key {key}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key or 'the file'} must be a mapping of keys (got {_short(err.get('input'))})"
+    if kind in ("value_error", "assertion_error"):
+        msg = msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg
+        first, _, rest = msg.partition(" ")
+        names = first.split(".")
+        if parts and len(names) > 1 and parts[-1] in names:  # the message names its key as at data.group
+            i = names.index(parts[-1])
+            if tuple(names[: i + 1]) != tuple(map(str, parts)):  # ... but the model sits at data.sources.x.group
+                msg = ".".join([*map(str, parts), *names[i + 1:]]) + (f" {rest}" if rest else "")
+                first = msg.partition(" ")[0]
+        if not key or first == key or first.startswith(key + "."):
+            return msg
+        return f"{key}: {msg}"
+    msg = msg[:1].lower() + msg[1:]
+    return f"{key or 'the file'}: {msg} (got {_short(err.get('input'))})"
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: one clause per error naming its dotted key, joined with '; '."""
+    lines = list(dict.fromkeys(_error_line(e) for e in exc.errors()))
+    return "; ".join(" ".join(line.split()) for line in lines)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

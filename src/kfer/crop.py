@@ -6,7 +6,8 @@ Output (built in a temporary folder, renamed into place when complete)::
     <paths.cropped>/manifest.csv     one row per path under the raw folder: photos, skipped files (status =
                                      reason, detail = its text), label files, broken links
     <paths.crop_report>              counts by status, box source, label source and class; label files and
-                                     their encodings; annotation boxes clamped or not used (DVC metrics)
+                                     their encodings; annotation boxes clamped or not used
+    <paths.crop_headline>            DVC metrics: images (faces written), skipped (files not cropped)
 
 Photos are read with :meth:`kfer.faces.FaceCropper.crop_bytes`, which cuts the box ``crop.box`` chooses: by
 default the detector's box that matches the annotation, i.e. the face as ``kfer predict`` cuts it. Detection
@@ -125,7 +126,8 @@ def run_crop(params: Params, raw_root: Path | None = None) -> dict:
         # order), not collected: what the stage holds per photo is its record, not its row or outcome
         items = ((str(r.raw), r.box, str(tmp / names[r.rel]), r.detector) for r in records if r.rel in names)
         results = files.parallel_map(
-            _crop_one, items, workers, cfg.chunksize, initializer=_init_worker, initargs=(cropper,)
+            _crop_one, items, workers, cfg.chunksize, initializer=_init_worker, initargs=(cropper,),
+            workers_param="crop.workers",
         )
         with contextlib.closing(results), open(tmp / MANIFEST, "w", encoding="utf-8", newline="") as fh:
             w = csv.DictWriter(fh, MANIFEST_COLUMNS)
@@ -145,10 +147,10 @@ def run_crop(params: Params, raw_root: Path | None = None) -> dict:
                 raise RuntimeError("crop: more results than photos")  # a bug, never bad input
         report = _report(params, result, tally, workers)
         if report["ok"] == 0:
-            files.write_json(params.path(params.paths.crop_report), report)
+            _write_reports(params, report)
             raise UserError(_nothing_usable(params, report))
 
-    files.write_json(params.path(params.paths.crop_report), report)
+    _write_reports(params, report)
     for reason, n in sorted(report["skipped"].items()):
         log.warning("crop: skipped %d file(s): %s", n, reason)
     for name, info in report["label_files"].items():
@@ -236,6 +238,13 @@ class _Tally:
             return {}
         return {"matched_to_detector": self.matched, "unmatched_annotation_used": self.match_tried - self.matched,
                 "match_iou_mean": round(self.match_iou_sum / self.matched, 4) if self.matched else None}
+
+
+def _write_reports(params: Params, report: dict) -> None:
+    """The full report (a plain file) and its headline numbers (the DVC metrics ``paths.crop_headline``)."""
+    files.write_json(params.path(params.paths.crop_report), report)
+    files.write_json(params.path(params.paths.crop_headline),
+                     {"images": report["ok"], "skipped": report["total"] - report["ok"]})
 
 
 def _report(params: Params, result: ReadResult, tally: _Tally, workers: int) -> dict:

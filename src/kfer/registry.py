@@ -1,7 +1,10 @@
 """``kfer register``: put the best training run's photo model in the Model Registry under the alias ``champion``.
 
 The best run is chosen by a VALIDATION metric (``best_<train.monitor>``, logged by the training stage) among the
-FINISHED runs of ``train.experiment`` that logged a photo model (tag :data:`kfer.tracking.MODEL_URI_TAG`).
+FINISHED runs of ``train.experiment`` that logged a photo model (tag :data:`kfer.tracking.MODEL_URI_TAG`) and were
+trained on the current data lineage (:func:`data_lineage`: the same raw data and the same ``splits.csv`` as the
+workspace's ``*.dvc`` files and ``dvc.lock``), so that their validation metrics were measured on the same faces;
+``any_data`` (``kfer register --any-data``) drops that condition.
 Test metrics are copied onto the version for information only; they never choose. Registering the same run
 again reuses its version (no duplicate) and only re-points the alias and refreshes the tags.
 """
@@ -10,14 +13,15 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from . import tracking
-from .config import Params
+from . import selection, tracking
+from .config import Params, UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +29,11 @@ CHAMPION = "champion"
 RUN_ID_TAG = "kfer.run_id"
 SELECTED_BY_TAG = "kfer.selected_by"
 LINEAGE_PREFIXES = ("git.", "data.", "dvc.")
+ANY_DATA_FLAG = "--any-data"
 _MODEL_ID_URI = re.compile(r"^models:/(m-[0-9a-f]+)/?$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError):
     """Nothing (or nothing valid) to register; the message says why."""
 
 
@@ -42,12 +47,40 @@ def selection_metric(params: Params, metric: str | None = None) -> tuple[str, bo
     if not (name.startswith("best_val_") or name.startswith("val_")):
         raise RegistryError(f"refusing to select by {name!r}: use a validation metric (best_val_* or val_*), "
                             "never a test metric")
-    return name, not name.endswith("loss")
+    return name, not selection.lower_is_better(name)
 
 
 def _eligible(run: Run) -> bool:
     return run.info.status == RunStatus.to_string(RunStatus.FINISHED) and bool(
         run.data.tags.get(tracking.MODEL_URI_TAG))
+
+
+def data_lineage(params: Params) -> dict[str, str]:
+    """The current data lineage: the run tags (see :func:`kfer.tracking.lineage_tags`) that a run must carry, with
+    these values, for its validation metrics to be comparable with a run trained now.
+
+    They are the raw data hash of every ``*.dvc`` file at the root (``dvc.data.dvc``) and the hash of
+    ``paths.splits`` in ``dvc.lock`` (``dvc.split.data/splits.csv``): the same photos and the same persons in the
+    validation split. Code and training params are not part of it (choosing among them is the point). Raises
+    :class:`RegistryError` when ``dvc.lock`` records no hash of ``paths.splits`` (nothing to compare with).
+    """
+    tags = tracking.lineage_tags(params)
+    splits = Path(params.paths.splits).as_posix()  # as dvc.yaml's ${paths.splits} writes it into dvc.lock
+    raw = {k: v for k, v in tags.items() if k.startswith("dvc.") and k.endswith(".dvc") and "/" not in k}
+    split = {k: v for k, v in tags.items() if k.startswith("dvc.") and k.endswith(f".{splits}") and k not in raw}
+    if not split:
+        raise RegistryError(f"cannot tell the current data lineage: {params.rel(params.root / 'dvc.lock')} records "
+                            f"no hash of {splits} (run `dvc repro split`), or pass {ANY_DATA_FLAG}")
+    return {**raw, **split}
+
+
+def on_lineage(run: Run, lineage: dict[str, str]) -> bool:
+    """Whether ``run`` was trained on ``lineage`` (every tag present with the same value)."""
+    return all(run.data.tags.get(k) == v for k, v in lineage.items())
+
+
+def _describe(lineage: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v[:8]}" for k, v in sorted(lineage.items()))
 
 
 def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
@@ -62,8 +95,10 @@ def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
             return runs
 
 
-def best_run(params: Params, metric: str | None = None, client: MlflowClient | None = None) -> Run:
-    """The FINISHED run with a photo model and the best ``metric`` (ties: the most recent)."""
+def best_run(params: Params, metric: str | None = None, client: MlflowClient | None = None,
+             any_data: bool = False) -> Run:
+    """The FINISHED run with a photo model and the best ``metric`` (ties: the most recent), among the runs of the
+    current data lineage (:func:`data_lineage`) unless ``any_data``."""
     client = client or MlflowClient()
     name, higher = selection_metric(params, metric)
     exp = client.get_experiment_by_name(params.train.experiment)
@@ -74,6 +109,17 @@ def best_run(params: Params, metric: str | None = None, client: MlflowClient | N
     if not runs:
         raise RegistryError(f"no FINISHED run of experiment {params.train.experiment!r} has a logged photo "
                             f"model (tag {tracking.MODEL_URI_TAG}); train a model first")
+    if not any_data:
+        lineage = data_lineage(params)
+        current = [r for r in runs if on_lineage(r, lineage)]
+        if not current:
+            raise RegistryError(f"none of the {len(runs)} eligible runs of {params.train.experiment!r} was trained "
+                                f"on the current data ({_describe(lineage)}): train one, or pass {ANY_DATA_FLAG} "
+                                "to choose among runs on any data")
+        if len(current) < len(runs):
+            log.info("register: %d of %d eligible runs are on the current data lineage (%s); the others are "
+                     "ignored (%s includes them)", len(current), len(runs), _describe(lineage), ANY_DATA_FLAG)
+        runs = current
     scored = [r for r in runs if name in r.data.metrics]
     if not scored:
         raise RegistryError(f"none of the {len(runs)} eligible runs of {params.train.experiment!r} logged "
@@ -135,13 +181,28 @@ def tuned_run(params: Params) -> tuple[str, str]:
                                     f"{summary.get('study_name')} by {summary.get('metric')}")
 
 
+def _warn_other_lineage(params: Params, run: Run, selected_by: str) -> None:
+    """An explicitly chosen run (``--run-id``, ``--tuned``) is registered whatever its data; say so when that data
+    is not the current lineage (nothing is said when the current lineage is unknown)."""
+    try:
+        lineage = data_lineage(params)
+    except RegistryError:
+        return
+    if not on_lineage(run, lineage):
+        theirs = {k: run.data.tags.get(k, "-") for k in lineage}
+        log.warning("register: run %s (%s) was not trained on the current data (%s; the run has %s): registering "
+                    "it anyway", run.info.run_id, selected_by, _describe(lineage), _describe(theirs))
+
+
 def register(params: Params, run_id: str | None = None, metric: str | None = None,
-             tuned: bool = False) -> ModelVersion:
+             tuned: bool = False, any_data: bool = False) -> ModelVersion:
     """Register a run's photo model under ``train.registered_model`` and point the alias ``champion`` at it.
 
-    Without ``run_id`` the best eligible run is chosen (see :func:`best_run`); with ``tuned`` the best trial of
-    the last ``kfer tune`` study (see :func:`tuned_run`). Idempotent: a run that already has a version reuses
-    it. Returns the (refreshed) model version.
+    Without ``run_id`` the best eligible run of the current data lineage is chosen (of any data with
+    ``any_data``; see :func:`best_run`); with ``tuned`` the best trial of the last ``kfer tune`` study (see
+    :func:`tuned_run`). An explicit or tuned run is registered whatever its data (a warning says when it is not
+    the current lineage). Idempotent: a run that already has a version reuses it. Returns the (refreshed) model
+    version.
     """
     import mlflow
 
@@ -154,17 +215,26 @@ def register(params: Params, run_id: str | None = None, metric: str | None = Non
     if tuned:
         run_id, selected_by = tuned_run(params)
     if run_id is None:
-        run = best_run(params, metric, client)
+        run = best_run(params, metric, client, any_data=any_data)
         selected_by, _ = selection_metric(params, metric)
+        if any_data:
+            selected_by += " (any data)"
     else:
         try:
             run = client.get_run(run_id)
         except MlflowException as exc:
+            if tuned:  # e.g. a summary written on another machine, or a store deleted since
+                raise RegistryError(
+                    f"{params.rel(params.path(params.paths.tune_summary))} names run {run_id}, which is not in "
+                    f"this MLflow store ({client.tracking_uri}): run `dvc repro tune` (or `kfer tune`) here, "
+                    "then `kfer register --tuned`") from None
             raise RegistryError(f"run {run_id!r} not found in {client.tracking_uri}") from exc
         if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
             raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: refusing to register it")
         if not run.data.tags.get(tracking.MODEL_URI_TAG):
             raise RegistryError(f"run {run_id} has no photo model (tag {tracking.MODEL_URI_TAG})")
+        if not any_data:
+            _warn_other_lineage(params, run, selected_by)
     source = run.data.tags[tracking.MODEL_URI_TAG]
     rid = run.info.run_id
     tags = version_tags(run, selected_by)

@@ -5,7 +5,11 @@ Two MLflow models are logged by :func:`log_models` in the active run:
 * ``keras_model``: the bare classifier (Keras flavor) on face tensors ``float32 (N, S, S, C)``, raw 0..255;
 * ``model``: :class:`PhotoEmotionModel`, a pyfunc that takes a DataFrame with an ``image`` column of
   base64-encoded photos (JPEG/PNG/...), finds every face with :class:`kfer.faces.FaceCropper` — the very crop
-  code of the pipeline, carried inside the model through ``code_paths`` — and classifies each face.
+  code of the pipeline, carried inside the model through ``code_paths`` (only the modules serving imports, see
+  :func:`serving_modules`) — and classifies each face.
+
+Input examples are generated (a gray gradient, no person): no training or validation image is ever written into a
+model artifact.
 
 The pyfunc output has one row per face: ``image`` (input row), ``face`` (index in the photo, largest first),
 ``x0, y0, x1, y1`` (the square box cut, source pixels), ``confidence`` (detector), ``label``, ``label_ko``,
@@ -19,8 +23,10 @@ import base64
 import binascii
 import contextlib
 import importlib.metadata
+import ast
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -249,10 +255,14 @@ def _pin(name: str) -> str:
 
 
 def _tensorflow_requirement() -> str:
-    for name in ("tensorflow-cpu", "tensorflow"):
-        if _dist_version(name):
-            return _pin(name)
-    raise RuntimeError("neither tensorflow-cpu nor tensorflow is installed")
+    """``tensorflow==<installed version>``, also when ``tensorflow-cpu`` is what is installed here: the
+    ``tensorflow`` wheel of the same version serves on CPU and on GPU (given the host's CUDA libraries) and exists
+    for every platform, while ``tensorflow-cpu`` never uses a GPU and has no macOS wheel."""
+    for name in ("tensorflow", "tensorflow-cpu"):
+        version = _dist_version(name)
+        if version:
+            return f"tensorflow=={version}"
+    raise RuntimeError("neither tensorflow nor tensorflow-cpu is installed; cannot pin the model's requirements")
 
 
 def keras_requirements() -> list[str]:
@@ -305,6 +315,73 @@ def example_photo_b64(size: int = 64) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
+def example_faces(size: int, channels: int) -> np.ndarray:
+    """The Keras model's input example: one generated face-sized tensor ``float32 (1, size, size, channels)``,
+    raw 0..255 (a diagonal gray gradient, no person)."""
+    ramp = np.linspace(40.0, 215.0, size, dtype=np.float32)
+    img = (ramp[None, :] + ramp[:, None]) / 2.0
+    return np.repeat(img[None, :, :, None], channels, axis=-1).astype(np.float32)
+
+
+PACKAGE = __name__.rpartition(".")[0]  # "kfer"
+SERVING_ROOT = "serving"  # the module the pickled PhotoEmotionModel lives in
+
+
+def _package_imports(source: str) -> set[str]:
+    """Top-level ``kfer`` modules that a module's source imports, at module level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:  # from .x import y / from . import x
+                found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif node.level == 0 and node.module and node.module.split(".")[0] == PACKAGE:
+                parts = node.module.split(".")
+                found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+def serving_modules() -> list[str]:
+    """The ``kfer`` modules the photo model needs when it is served: :mod:`kfer.serving` and every ``kfer``
+    module it imports, transitively (read from their sources, so a new import is followed without a list to
+    keep). Names that are not a module file of the package (attributes of ``kfer/__init__``) are skipped."""
+    here = Path(__file__).resolve().parent
+    todo, seen = [SERVING_ROOT], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = here / f"{name}.py"
+        if not path.is_file():
+            if (here / name).is_dir():
+                raise RuntimeError(f"serving imports the subpackage {PACKAGE}.{name}: serving_modules only copies "
+                                   "plain modules")
+            continue
+        seen.add(name)
+        todo.extend(_package_imports(path.read_text(encoding="utf-8")) - seen)
+    return sorted(seen)
+
+
+def _serving_code(tmp: Path) -> Path:
+    """A ``kfer`` package under ``tmp`` with only :func:`serving_modules` and a minimal ``__init__``: the photo
+    model's ``code_paths`` (not the whole package with the pipeline stages and the demos)."""
+    from . import __version__
+
+    here = Path(__file__).resolve().parent
+    pkg = tmp / PACKAGE
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        f'"""{PACKAGE}: the modules the served photo model needs (copied by kfer.serving.log_models)."""\n\n'
+        f"__version__ = {__version__!r}\n", encoding="utf-8")
+    for name in serving_modules():
+        shutil.copy2(here / f"{name}.py", pkg / f"{name}.py")
+    return pkg
+
+
 @contextlib.contextmanager
 def _keras_input_example_dir():
     """Work around mlflow#16183 (open in 3.17): ``mlflow.keras.save_model`` writes the input example before it
@@ -328,11 +405,12 @@ def _keras_input_example_dir():
         keras_save._save_example = original
 
 
-def log_models(keras_model, params, example_face: np.ndarray | None = None) -> dict[str, str]:
+def log_models(keras_model, params) -> dict[str, str]:
     """Log the Keras classifier and the photo pyfunc in the active MLflow run.
 
-    ``example_face``: one face crop (S×S or S×S×C, uint8 or float) used as the Keras input example; a mid-gray
-    face is used when omitted. Returns ``{"model_uri": models:/m-..., "keras_model_uri": models:/m-...}``.
+    Input examples are generated (:func:`example_faces`, :func:`example_photo_b64`), never a dataset image; the
+    photo model carries only the code serving needs (:func:`serving_modules`). Returns
+    ``{"model_uri": models:/m-..., "keras_model_uri": models:/m-...}``.
     """
     from mlflow import keras as mlflow_keras
 
@@ -341,17 +419,7 @@ def log_models(keras_model, params, example_face: np.ndarray | None = None) -> d
     size = params.crop.image_size
     channels = 1 if params.crop.grayscale else 3
     n_classes = len(params.classes)
-    if example_face is None:
-        example = np.full((1, size, size, channels), 128.0, np.float32)
-    else:
-        example = np.asarray(example_face, dtype=np.float32)
-        if example.ndim == 2:
-            example = example[..., None]
-        if example.ndim == 3:
-            example = example[None]
-        if example.shape[1:] != (size, size, channels):
-            raise ValueError(f"example_face has shape {example.shape[1:]}, expected {(size, size, channels)}")
-        example = example[:1]
+    example = example_faces(size, channels)
 
     with _keras_input_example_dir():
         keras_info = mlflow_keras.log_model(
@@ -371,7 +439,7 @@ def log_models(keras_model, params, example_face: np.ndarray | None = None) -> d
             name=PHOTO_MODEL_NAME,
             python_model=PhotoEmotionModel(),
             artifacts={KERAS_ARTIFACT: str(keras_path), CONFIG_ARTIFACT: str(config_path)},
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(_serving_code(Path(tmp) / "code"))],
             signature=photo_signature(params.class_names),
             input_example=pd.DataFrame({INPUT_COLUMN: [example_photo_b64()]}),
             pip_requirements=photo_requirements(),

@@ -293,6 +293,8 @@ def run_split(params: Params) -> dict[str, Any]:
         }
     report["warnings"] = warnings
     write_json(params.path(params.paths.split_report), report)
+    write_json(params.path(params.paths.split_headline),  # DVC metrics: images split, persons
+               {"images": sum(report["counts"].values()), "persons": sum(report["groups"].values())})
     n = len(out)
     counts, persons = report["counts"], report["groups"]
     log.info(

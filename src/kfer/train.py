@@ -4,7 +4,8 @@ track everything in MLflow.
 Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies) and ``paths.splits`` (val rows,
 cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
 ``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
-into), ``paths.train_metrics`` and ``paths.history`` (per-epoch, for ``dvc plots``).
+into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
+(per-epoch, for ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import distribute, files, resume, tracking
+from . import distribute, files, resume, selection, tracking
 from .config import Params
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ def fit(
             steps = int(train_ds.cardinality()) // (cfg.epochs - first)
             cbs = callbacks(params, ckpt, extra_callbacks, steps)
             if backup:  # last: its on_train_begin restores what the others' on_train_begin reset
-                cbs.append(backup.callback(cbs, cfg.monitor, cfg.monitor_mode, seconds))
+                cbs.append(backup.callback(cbs, cfg.monitor, seconds))
             t0 = time.perf_counter()
             # shuffle=False: the tf.data pipeline orders each epoch (seeded); Keras ignores the flag but warns
             hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,
@@ -379,8 +380,7 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         # scored on a compiled copy: compiling `clean` itself would save an optimizer into the served model
         scores = compile_model(strip_for_serving(model, params), params).evaluate(val_ds, verbose=0,
                                                                                  return_dict=True)
-        best_epoch = int(history[cfg.monitor].idxmax() if cfg.monitor_mode == "max"
-                         else history[cfg.monitor].idxmin()) + 1
+        best_epoch = selection.best_epoch(history[cfg.monitor], cfg.monitor)
         metrics = {
             "best_val_loss": float(scores["loss"]),
             "best_val_accuracy": float(scores["accuracy"]),
@@ -402,8 +402,7 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
                                encoding="utf-8")
         mlflow.log_artifact(str(labels_json))
 
-        example = _example_face(params, val_df)
-        uris = serving.log_models(clean, params, example_face=example)
+        uris = serving.log_models(clean, params)  # generated input examples: no dataset face in the model
         mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"],
                          tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
 
@@ -416,6 +415,8 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         with files.atomic_file(params.path(params.paths.history)) as fh:
             history.to_csv(fh, index=False)
         files.write_json(params.path(params.paths.train_metrics), metrics)
+        files.write_json(params.path(params.paths.train_headline), {  # DVC metrics: the selected epoch's scores
+            "val_accuracy": metrics["best_val_accuracy"], "val_macro_f1": metrics["best_val_macro_f1"]})
         files.write_json(params.path(params.paths.train_run), {
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, **uris})
     backup.discard()  # the run ended well: its outputs are written
@@ -440,8 +441,3 @@ def log_datasets(params: Params, tables: dict) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             ds = mlflow.data.from_pandas(df, source=str(params.path(source).resolve()), name=name)
         mlflow.log_input(ds, context=context)
-
-
-def _example_face(params: Params, table: pd.DataFrame) -> np.ndarray:
-    img = files.read_image_gray(params.path(table["path"].iloc[0]))
-    return img[None, :, :, None].astype(np.float32)
