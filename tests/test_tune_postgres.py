@@ -120,7 +120,7 @@ def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
     params = project()
     budget = 4
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "--set", "train.epochs=1", "tune", "--storage",
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "--set", "tune.epochs=1", "tune", "--storage",
                              postgres_url, "--workers", "2", "--trials", str(budget)],
                             cwd=params.root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -146,7 +146,7 @@ def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
     assert summary["n_complete"] + summary["n_pruned"] == len(trials) and summary["n_running"] == 0
     workers = {t.user_attrs[tune.WORKER_ATTR] for t in trials}
     assert len(workers) == 2 and str(proc.pid) not in {w.split(":")[1] for w in workers}  # the two spawned workers
-    assert all(len(t.intermediate_values) == 1 for t in trials)  # --set train.epochs=1 reached the workers
+    assert all(len(t.intermediate_values) == 1 for t in trials)  # --set tune.epochs=1 reached the workers
 
     _, parents, children = _runs(params)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
