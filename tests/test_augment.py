@@ -20,6 +20,8 @@ from kfer import augment
 from kfer.augment import (
     WarpParams,
     _add_noise,
+    normal_table,
+    standard_normal_field,
     _affine_matrix,
     _warp,
     augment_image,
@@ -227,7 +229,7 @@ def test_horizontal_flip_only_when_enabled():
 
 def test_noise_is_min_max_renormalized():
     img = (smooth_image() // 4 + 60).astype(np.uint8)  # low contrast: 60..123
-    out = _add_noise(img, 3.0, np.random.default_rng(0).standard_normal(img.shape))
+    out = _add_noise(img, 3.0, standard_normal_field(np.random.default_rng(0), img.shape))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
     cfg = AugmentCfg(rotation_deg=0.0, shift=0.0, shear_deg=0.0, zoom=0.0, horizontal_flip=False, noise_sigma=(4, 4))
     out = augment_image(img, rng_for(0, "n", 1), cfg)
@@ -235,6 +237,20 @@ def test_noise_is_min_max_renormalized():
     # the noise is small: after undoing the stretch the image is close to the input
     stretched = (img.astype(float) - img.min()) * 255.0 / (img.max() - img.min())
     assert np.abs(out - stretched).mean() < 25
+
+
+def test_noise_field_is_a_quantized_standard_normal():
+    z = normal_table().astype(np.float64)
+    assert len(z) == 1 << 16 and np.all(np.diff(z) > 0) and np.allclose(z, -z[::-1], atol=1e-6)
+    assert abs(z.mean()) < 1e-9 and abs((z**2).mean() - 1) < 1e-4 and abs((z**4).mean() - 3) < 2e-3
+    field = standard_normal_field(np.random.default_rng(5), (224, 224))
+    assert field.dtype == np.float32 and field.shape == (224, 224) and field.flags.writeable
+    assert abs(field.mean()) < 0.02 and abs(field.std() - 1) < 0.02
+    # the share within 1 and 2 sigma is the normal's (68.27%, 95.45%): a uniform or skewed field fails
+    assert abs(np.mean(np.abs(field) < 1) - 0.6827) < 0.01 and abs(np.mean(np.abs(field) < 2) - 0.9545) < 0.005
+    again = standard_normal_field(np.random.default_rng(5), (224, 224))
+    assert again.tobytes() == field.tobytes()  # a pure function of the generator's state
+    assert standard_normal_field(np.random.default_rng(6), (224, 224)).tobytes() != field.tobytes()
 
 
 def test_zero_sigma_adds_no_noise_and_no_stretch():
@@ -245,13 +261,14 @@ def test_zero_sigma_adds_no_noise_and_no_stretch():
 
 
 def _reference_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray) -> np.ndarray:
-    """The noise step as first written (whole-array expressions, temporaries): the bytes the stage is pinned to."""
+    """The noise step in whole-array float32 expressions with temporaries: the bytes the stage is pinned to."""
     if sigma <= 0:
         return img
-    x = img.astype(np.float64) + sigma * standard_normal
-    lo, hi = float(x.min()), float(x.max())
+    x = img.astype(np.float32) + np.float32(sigma) * standard_normal.astype(np.float32)
+    lo, hi = x.min(), x.max()
     if hi > lo:
-        x = (x - lo) * (255.0 / (hi - lo))
+        x = (x - lo) * (np.float32(255.0) / (hi - lo))
+        assert x.dtype == np.float32
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -263,7 +280,7 @@ def test_in_place_noise_gives_the_reference_bytes(h, w, sigma, kind, seed):
     img = {"random": lambda: rng.integers(0, 256, (h, w), dtype=np.uint8),
            "constant": lambda: np.full((h, w), int(rng.integers(0, 256)), np.uint8),
            "smooth": lambda: smooth_image(h, w)}[kind]()
-    z = rng.standard_normal((h, w))
+    z = standard_normal_field(rng, (h, w))
     expected = _reference_noise(img, sigma, z)
     kept = z.copy()
     assert _add_noise(img, sigma, z).tobytes() == expected.tobytes()
@@ -282,7 +299,7 @@ def test_augment_image_is_the_warp_then_the_reference_noise(fill_mode):
         rng = rng_for(3, "faces/a.png", k)
         p = sample_warp(rng, 56, 56, cfg, 1.0)
         sigma = float(rng.uniform(*cfg.noise_sigma))
-        expected = _reference_noise(_warp(img, p, fill_mode), sigma, rng.standard_normal((56, 56)))
+        expected = _reference_noise(_warp(img, p, fill_mode), sigma, standard_normal_field(rng, (56, 56)))
         assert augment_image(img, rng_for(3, "faces/a.png", k), cfg).tobytes() == expected.tobytes()
 
 

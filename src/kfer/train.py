@@ -70,9 +70,10 @@ def make_dataset(
     """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
 
     Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)); ``batch_size`` defaults to ``train.batch_size``
-    (pass the global batch under a distribution strategy). ``augment(image_uint8, key_uint64)`` is an optional
-    numpy function applied per image (on-the-fly augmentation for tuning). The per-image maps run
-    ``train.decode_workers`` calls in parallel, in order (``deterministic=True``): the batches do not depend on it.
+    (pass the global batch under a distribution strategy). ``augment(image_uint8, row)`` is an optional numpy
+    function applied to every image (on-the-fly augmentation for tuning; ``row`` is its row of ``table``), called
+    for a whole batch at a time in one ``tf.numpy_function``. The maps run ``train.decode_workers`` calls in
+    parallel, in order (``deterministic=True``): the batches do not depend on it.
 
     ``training``: one pass over the table per epoch for epochs ``first_epoch`` … ``train.epochs - 1``, in one
     dataset (fit it with :func:`steps_per_epoch` batches per epoch). Epoch ``e`` visits every row in an order
@@ -99,21 +100,25 @@ def make_dataset(
         img = tf.ensure_shape(img, (size, size, channels))
         return img, labels_t[idx], idx
 
+    def augment_batch(images, rows):
+        # one Python call per batch, not per image: tf.numpy_function costs ~0.2 ms of CPU a call
+        # (benchmarks/bench_train.py part d, identity-fn)
+        return np.stack([np.asarray(augment(img, row), dtype=np.uint8) for img, row in zip(images, rows)])
+
     def aug(img, label, idx):
-        out = tf.numpy_function(augment, [img, idx], tf.uint8, stateful=False)
-        return tf.ensure_shape(out, (size, size, channels)), label, idx
+        out = tf.numpy_function(augment_batch, [img, idx], tf.uint8, stateful=False)
+        return tf.ensure_shape(out, (None, size, size, channels)), label, idx
 
     def one_pass(rows):
-        ds = rows.map(decode, num_parallel_calls=workers, deterministic=True)
+        ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
         if augment is not None:
             ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
-        if alpha > 0:  # mixup seeds each batch from its rows: keep the row index through batching
-            ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
-                        num_parallel_calls=workers, deterministic=True).batch(batch)
+        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+                    num_parallel_calls=workers, deterministic=True)
+        if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
             return ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
                           deterministic=True)
-        return ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
-                      num_parallel_calls=workers, deterministic=True).batch(batch)
+        return ds.map(lambda x, y, idx: (x, y), num_parallel_calls=workers, deterministic=True)
 
     n = len(paths)
     if training:
