@@ -7,8 +7,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -156,7 +154,7 @@ def _objective(trial, ctx: Context) -> float:
 
     values = suggest(trial, ctx.params)
     p = with_values(ctx.params, values)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = tracking.owner_tag()  # host:pid:start, as the runs' kfer.owner tag
     trial.set_user_attr(WORKER_ATTR, worker)
     tags = {PARENT_TAG: ctx.parent_run_id, "kfer.stage": "tune-trial", STUDY_TAG: ctx.study_name,
             TRIAL_TAG: str(trial.number), "kfer.worker": worker}
