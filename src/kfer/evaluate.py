@@ -30,6 +30,8 @@ ones, ``crop.box: match``). Absent when there is no training run to load the mod
 
 * ``confusion_matrix.png``: row-normalized confusion matrix, labels "joy 기쁨";
 * ``misclassified.png``: the (up to) 32 most confident mistakes, captioned "true → pred p=0.83";
+* ``gradcam.png``: Grad-CAM heat maps of the predicted class (:func:`kfer.explain.evaluation_grid`) on up to 8
+  correct and 8 wrong test faces, the most confident of each true class in turn;
 * ``per_class.csv``: class, ko, precision, recall, f1, support;
 * ``predictions.csv``: path, actual, predicted, confidence, one row per test image in split-file order
   (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual), and photo_predicted: the photo
@@ -70,7 +72,7 @@ PHOTO_MISSED_LABEL = "(missed)"
 PER_CLASS_COLUMNS = ["class", "ko", "precision", "recall", "f1", "support"]
 PER_SOURCE_COLUMNS = ["source", "n", "persons", "accuracy", "macro_f1"]
 NO_SOURCE = "(none)"  # the name of test rows without a source when other rows have one
-EVAL_FILES = ("confusion_matrix.png", "misclassified.png", "per_class.csv", "predictions.csv")
+EVAL_FILES = ("confusion_matrix.png", "gradcam.png", "misclassified.png", "per_class.csv", "predictions.csv")
 ARTIFACT_DIR = "eval"
 
 
@@ -236,9 +238,9 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 # --- outputs -----------------------------------------------------------------------------------------
 def _write_eval_dir(
     params: Params, out: Path, test: pd.DataFrame, y_true: np.ndarray, probs: np.ndarray,
-    metrics: dict[str, Any], photo_answers: list[str],
+    metrics: dict[str, Any], photo_answers: list[str], model,
 ) -> None:
-    from kfer import plots
+    from kfer import explain, plots
 
     names = params.class_names
     labels = [plots.class_label(c.name, c.ko) for c in params.classes]
@@ -283,6 +285,8 @@ def _write_eval_dir(
                "(actual → predicted)") if len(wrong) else None,
         empty_text=f"no misclassified test images ({len(y_true)} of {len(y_true)} correct)",
     )
+    explain.evaluation_grid(model, lambda i: read_image_gray(params.path(test["path"].iloc[i])), y_true, y_pred,
+                            conf, labels, out / explain.GRID_FILE)
 
 
 def _train_run(params: Params):
@@ -421,7 +425,7 @@ def run_evaluate(params: Params) -> dict[str, Any]:
 
     eval_dir = params.path(params.paths.eval_dir)
     with atomic_dir(eval_dir) as tmp:
-        _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics}, answers)
+        _write_eval_dir(params, tmp, test, y_true, probs, {**full, **metrics}, answers, model)
     metrics_path = params.path(params.paths.eval_metrics)
     write_json(metrics_path, metrics)
     write_json(params.path(params.paths.eval_headline),  # DVC metrics: a few numbers, no per-class table

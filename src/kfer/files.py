@@ -173,6 +173,18 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     Path(path).write_bytes(buf.tobytes())
 
 
+def write_image(path: str | os.PathLike, img: np.ndarray, encode_params: Iterable[int] = ()) -> Path:
+    """Encode ``img`` (BGR or gray uint8) in the format of the path's extension (``.png``, ``.jpg``…) and write it
+    atomically (:func:`atomic_file`); non-ASCII paths work. Returns the path."""
+    out = Path(path)
+    ok, buf = cv2.imencode(out.suffix, img, list(encode_params))
+    if not ok:
+        raise OSError(f"cannot encode the image for {out}")
+    with atomic_file(out, "wb") as fh:
+        fh.write(buf.tobytes())
+    return out
+
+
 def read_image_gray(path: str | os.PathLike) -> np.ndarray:
     """Read an 8-bit grayscale image (PNG written by the pipeline); works with non-ASCII paths."""
     data = np.fromfile(str(path), dtype=np.uint8)

@@ -127,10 +127,18 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         ``probability`` and ``probabilities`` {class name: p} in class order. ``whole_image``: the photo is one
         pre-cropped face (FER2013, CK+): no detection, the whole image (its centred square) is classified.
         """
+        return self.predict_bytes_with_crops(data, whole_image)[0]
+
+    def predict_bytes_with_crops(self, data: bytes, whole_image: bool = False
+                                 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+        """:meth:`predict_bytes` and, in the same order, each face's crop: the uint8 ``(S, S)`` (grayscale) or
+        ``(S, S, 3)`` pixels the classifier saw (for explanations, ``kfer predict --explain``)."""
         self._check_loaded()
         if whole_image:
-            return self._describe([self.cropper.with_detector("none").crop_bytes(data)])
-        return self._describe(self.cropper.crop_all_bytes(data))
+            crops = [self.cropper.with_detector("none").crop_bytes(data)]
+        else:
+            crops = self.cropper.crop_all_bytes(data)
+        return self._describe(crops), [c.image for c in crops]
 
     def predict_bgr(self, bgr: np.ndarray) -> list[dict[str, Any]]:
         """:meth:`predict_bytes` for decoded BGR uint8 pixels (e.g. video frames)."""
