@@ -114,9 +114,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    from .files import atomic_file  # a figure appears whole or not at all
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", facecolor="white")
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", facecolor="white")
     return path
 
 
@@ -238,4 +240,52 @@ def image_grid(
                 ax.set_title(cap, fontsize=8)
         if title:
             fig.suptitle(title)
+        return _save(fig, path)
+
+
+def plot_timeline(
+    tracks: dict[int, tuple[np.ndarray, np.ndarray]],
+    class_labels: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Emotions over time",
+    step_s: float | None = None,
+    max_panels: int = 6,
+) -> Path:
+    """Each tracked face's class probabilities over time (a video, :mod:`kfer.video`): one panel per face id,
+    one line per class (``class_labels``, e.g. "joy 기쁨"), the shared legend once.
+
+    ``tracks``: id -> (times in s ``(n,)``, probabilities ``(n, n_classes)``). Lines break where a face was
+    not seen for more than 1.5 ``step_s`` (the sampling interval). At most ``max_panels`` faces are drawn, those
+    seen on the most frames; the title says how many were left out.
+    """
+    order = sorted(tracks, key=lambda k: (-len(tracks[k][0]), k))
+    shown = sorted(order[:max_panels])
+    omitted = len(order) - len(shown)
+    colors = matplotlib.colormaps["tab10"].colors
+    with _style():
+        fig = _new_figure(9.0, 1.0 + 1.9 * max(1, len(shown)))
+        if not shown:
+            ax = fig.add_subplot()
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no face found", ha="center", va="center", fontsize=14)
+        axes = fig.subplots(len(shown), 1, squeeze=False, sharex=True)[:, 0] if shown else []
+        for ax, tid in zip(axes, shown, strict=True):
+            t, p = (np.asarray(a, dtype=float) for a in tracks[tid])
+            p = p.reshape(len(t), -1)
+            if step_s and len(t) > 1:  # NaN rows in the gaps: matplotlib breaks the lines there
+                gap = np.flatnonzero(np.diff(t) > 1.5 * step_s) + 1
+                t = np.insert(t, gap, np.nan)
+                p = np.insert(p, gap, np.nan, axis=0)
+            for k, label in enumerate(class_labels):
+                ax.plot(t, p[:, k], color=colors[k % len(colors)], linewidth=1.4, marker="o", markersize=2,
+                        label=label)
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylabel("p")
+            ax.set_title(f"face #{tid} ({np.isfinite(t).sum()} frames)", fontsize=10, loc="left")
+            ax.grid(True, alpha=0.3)
+        if shown:
+            axes[-1].set_xlabel("time (s)")
+            handles, labels = axes[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(class_labels)), fontsize=8)
+        fig.suptitle(title + (f" — {omitted} more face(s) not shown" if omitted else ""))
         return _save(fig, path)
