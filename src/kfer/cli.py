@@ -249,28 +249,68 @@ def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | 
 
 
 @main.command()
-@click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("photos", nargs=-1, metavar="PHOTO_OR_VIDEO...",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_uri", default=None,
               help="Model URI (default: models:/<train.registered_model>@champion).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--annotate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write <photo>.pred.jpg with boxes and labels into this folder.")
+              help="Write <photo>.pred.jpg (videos: <video>.pred.mp4) with boxes and labels into this folder.")
+@click.option("--explain", "explain_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Photos: write each face's Grad-CAM overlay (what the model looked at for its "
+                                  "answer) as DIR/<photo>.face<i>.cam.png.")
+@click.option("--camera", default=None, metavar="SOURCE",
+              help="Also analyse a camera (index, e.g. 0) or a stream URL until Ctrl-C; shown in a window when "
+                   "there is a display.")
+@click.option("--every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Videos and camera: analyse every N-th frame (default: about 5 per second).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              help="Videos and camera: folder for <name>.faces.csv and <name>.timeline.png (default: the "
+                   "current folder).")
 @click.pass_context
 def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None, as_json: bool,
-            annotate_dir: Path | None) -> None:
-    """Find every face in PHOTO... and tell its expression (box, label, class probabilities).
+            annotate_dir: Path | None, explain_dir: Path | None, camera: str | None, every: int | None,
+            out_dir: Path) -> None:
+    """Find every face in PHOTO_OR_VIDEO... and tell its expression (box, label, class probabilities).
 
-    Uses the same crop code as the pipeline and the registered champion model unless --model is given.
+    Files ending in .mp4 .avi .mov .mkv .webm .m4v are videos: every N-th frame is analysed, each face keeps one
+    id while it moves, and a CSV (frame, time, face id, box, label, probabilities) and a timeline plot are
+    written per video (see --out). Uses the same crop code as the pipeline and the registered champion model
+    unless --model is given.
     """
-    from .predict import format_results, predict_photos
+    from .predict import format_results, load_photo_model, predict_photos
+    from .video import check_videos, is_video, predict_videos
 
+    videos = [p for p in photos if is_video(p)]
+    photos = tuple(p for p in photos if not is_video(p))
+    if not (photos or videos or camera is not None):
+        raise click.UsageError("give at least one PHOTO_OR_VIDEO, or --camera SOURCE")
+    check_videos(videos)  # an unreadable video: one line, exit 2, before the model loads
+    params = _params(ctx)
     try:
-        results = predict_photos(list(photos), model_uri, _params(ctx), annotate_dir=annotate_dir)
+        model = load_photo_model(model_uri, params)
+        results = predict_photos(list(photos), model_uri, params, annotate_dir=annotate_dir, model=model,
+                                 explain_dir=explain_dir)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(format_results(results, as_json=as_json))
+    if not videos and camera is None:
+        click.echo(format_results(results, as_json=as_json))
+        ctx.exit(1 if any(r["error"] for r in results) else 0)
+    if results and not as_json:
+        click.echo(format_results(results))
+    summaries = []
+    for summary in predict_videos(videos, camera, model, out_dir, every, annotate_dir):
+        summaries.append(summary)
+        if not as_json:
+            click.echo(summary.line())
+    if as_json:
+        import json
+
+        click.echo(json.dumps(results + [s.as_dict() for s in summaries], ensure_ascii=False, indent=2))
     if any(r["error"] for r in results):
         ctx.exit(1)
+    if camera is None and any(s.interrupted for s in summaries):
+        ctx.exit(130)  # a video cut short by Ctrl-C (a camera stopped by Ctrl-C is the normal end)
 
 
 @main.command("demo-data")

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from .config import Params
+from .files import write_image
 from .images import ImageError, decode_image, read_bytes
 
 log = logging.getLogger(__name__)
 
 ANNOTATED_SUFFIX = ".pred.jpg"
+EXPLAINED_SUFFIX = ".cam.png"  # <photo stem>.face<i>.cam.png
 
 
 def default_model_uri(params: Params) -> str:
@@ -57,24 +59,31 @@ def load_photo_model(model_uri: str | None, params: Params):
 
 
 def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
-                   annotate_dir: Path | None = None, model=None) -> list[dict[str, Any]]:
+                   annotate_dir: Path | None = None, model=None,
+                   explain_dir: Path | None = None) -> list[dict[str, Any]]:
     """One result per photo, in order: ``{"photo", "n_faces", "faces", "error"}``.
 
     ``faces`` holds one dict per detected face, largest first (``face``, ``box`` [x0, y0, x1, y1],
     ``confidence``, ``label``, ``label_ko``, ``probability``, ``probabilities`` {class: p}); a photo without a
     face has ``faces == []``. An unreadable photo has ``error`` set (its reason) instead of stopping the
     others. With ``annotate_dir`` an annotated JPEG is written per readable photo (``annotated`` holds its
-    path). ``model`` (an already loaded PhotoEmotionModel) skips loading.
+    path). With ``explain_dir`` each face's Grad-CAM overlay (:mod:`kfer.explain`, the predicted class) is
+    written as ``<photo stem>.face<i>.cam.png`` and the face's ``explanation`` holds its path. ``model`` (an
+    already loaded PhotoEmotionModel) skips loading.
     """
     model = model or load_photo_model(model_uri, params)
     results = []
     used_names: set[str] = set()
+    used_stems: set[str] = set()
     for photo in photos:
         photo = Path(photo)
         result: dict[str, Any] = {"photo": str(photo), "n_faces": 0, "faces": [], "error": None}
         try:
             data = read_bytes(photo)
-            faces = model.predict_bytes(data)
+            if explain_dir is None:
+                faces = model.predict_bytes(data)
+            else:
+                faces, crops = model.predict_bytes_with_crops(data)
         except ImageError as exc:
             result["error"] = str(exc)
             log.warning("%s: %s", photo, exc)
@@ -82,6 +91,8 @@ def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
             continue
         result["n_faces"] = len(faces)
         result["faces"] = faces
+        if explain_dir is not None and faces:
+            _explain(model, faces, crops, Path(explain_dir), _unique_name(photo.stem, used_stems, ""))
         if annotate_dir is not None:
             out = Path(annotate_dir) / _unique_name(photo.stem, used_names)
             annotate(decode_image(data, checked=True), faces, out)  # predict_bytes checked the bytes
@@ -90,12 +101,23 @@ def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
     return results
 
 
-def _unique_name(stem: str, used: set[str]) -> str:
-    name, i = stem + ANNOTATED_SUFFIX, 1
+def _unique_name(stem: str, used: set[str], suffix: str = ANNOTATED_SUFFIX) -> str:
+    name, i = stem + suffix, 1
     while name in used:
-        name, i = f"{stem}-{i}{ANNOTATED_SUFFIX}", i + 1
+        name, i = f"{stem}-{i}{suffix}", i + 1
     used.add(name)
     return name
+
+
+def _explain(model, faces: list[dict[str, Any]], crops, out_dir: Path, stem: str) -> None:
+    """Write each face's Grad-CAM overlay, captioned with its label, and note its path in the face's dict."""
+    from . import explain
+
+    classes = [model.class_names.index(f["label"]) for f in faces]
+    for f, picture in zip(faces, explain.explain_faces(model.keras_model, crops, classes), strict=True):
+        out = out_dir / f"{stem}.face{f['face']}{EXPLAINED_SUFFIX}"
+        write_image(out, explain.captioned(picture, f"{f['label']} {f['probability']:.0%}"))
+        f["explanation"] = str(out)
 
 
 def format_results(results: list[dict[str, Any]], as_json: bool = False) -> str:
@@ -115,13 +137,24 @@ def format_results(results: list[dict[str, Any]], as_json: bool = False) -> str:
                          f"{f['label_ko']} ({f['label']}) {f['probability']:.1%}")
             ranked = sorted(f["probabilities"].items(), key=lambda kv: -kv[1])
             lines.append("    " + "  ".join(f"{k} {v:.1%}" for k, v in ranked))
+            if f.get("explanation"):
+                lines.append(f"    explanation: {f['explanation']}")
         if r.get("annotated"):
             lines.append(f"  annotated: {r['annotated']}")
     return "\n".join(lines)
 
 
 def annotate(bgr: np.ndarray, faces: list[dict[str, Any]], out_path: str | os.PathLike) -> Path:
-    """Draw each face's box and label on a copy of ``bgr`` and write it as JPEG (works with non-ASCII paths).
+    """Draw each face's box and label on a copy of ``bgr`` (:func:`draw_faces`) and write it as JPEG (works with
+    non-ASCII paths), atomically."""
+    import cv2
+
+    return write_image(out_path, draw_faces(bgr, faces), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def draw_faces(bgr: np.ndarray, faces: list[dict[str, Any]]) -> np.ndarray:
+    """A copy of ``bgr`` with each face's box and label: photos (:func:`annotate`) and video frames
+    (:mod:`kfer.video`) alike. A face with a ``face_id`` (a video's track) is labelled ``#<id> <label> <p>``.
 
     Labels are the English class names: OpenCV's Hershey fonts have no Hangul glyphs.
     """
@@ -134,15 +167,9 @@ def annotate(bgr: np.ndarray, faces: list[dict[str, Any]], out_path: str | os.Pa
     for f in faces:
         x0, y0, x1, y1 = (int(v) for v in f["box"])
         cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), thick)
-        text = f"{f['label']} {f['probability']:.0%}"
+        text = ("" if f.get("face_id") is None else f"#{f['face_id']} ") + f"{f['label']} {f['probability']:.0%}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         ty = y0 - base - 2 if y0 - th - base - 2 >= 0 else min(h - 1, y1 + th + 2)
         cv2.rectangle(img, (x0, ty - th - 2), (min(w - 1, x0 + tw + 2), ty + base), (0, 255, 0), cv2.FILLED)
         cv2.putText(img, text, (x0 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise RuntimeError(f"cannot encode the annotated image for {out_path}")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(buf.tobytes())
-    return out
+    return img
