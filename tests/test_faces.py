@@ -155,6 +155,17 @@ def test_box_policy_match_takes_the_detection_that_overlaps_the_annotation():
         FaceCropper(box="median")
 
 
+def test_a_face_found_twice_is_one_face():
+    from kfer.faces import Detection, drop_nested
+
+    big, inner, beside = Detection((0, 0, 100, 100), 0.9), Detection((20, 20, 70, 70), 0.95), \
+        Detection((90, 0, 150, 60), 0.8)  # beside: 1/6 of it inside big, another face
+    assert drop_nested([big, inner, beside]) == [big, beside]
+    edge = Detection((60, 60, 120, 120), 0.7)  # 4/9 inside: kept
+    assert drop_nested([big, edge]) == [big, edge]
+    assert drop_nested([]) == []
+
+
 @pytest.mark.realdata
 def test_detector_face_counts_on_real_photos():
     folder = shared_dir("face_detection")

@@ -263,3 +263,18 @@ def test_ctrl_c_mid_stream_leaves_a_complete_csv_and_the_summary(photo_model, vi
     assert res.exit_code == 0, res.output
     assert "stopped by Ctrl-C" in res.output and "2 analysed" in res.output
     assert {r["frame"] for r in _rows(tmp_path / "cli" / "두 사람.faces.csv")} == {"0", "2"}
+
+
+def test_large_faces_in_hd_video_are_one_track_each(photo_model, tmp_path):
+    """At 1280×720 with 200-px heads the SSD also finds a smaller box inside each face (97 of 150 frames):
+    without faces.drop_nested a third track appears."""
+    from kfer.demo import MovingFace, write_demo_video
+    from kfer.video import analyse_video
+
+    faces = [MovingFace(0, "joy", (160, 300), (480, 300), 0, 60, head_height=200),
+             MovingFace(1, "anger", (1100, 320), (800, 320), 10, 60, head_height=180)]
+    path = tmp_path / "hd.mp4"
+    write_demo_video(path, faces, 60, fps=30, size=(1280, 720))
+    summary = analyse_video(path, photo_model[2], tmp_path, progress=False, timeline=False)
+    assert summary.frames_analysed == 10 and summary.tracks == 2
+    assert summary.faces == 10 + 8  # face B enters at frame 10: analysed frames 12, 18, ..., 54
