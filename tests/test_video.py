@@ -278,3 +278,11 @@ def test_large_faces_in_hd_video_are_one_track_each(photo_model, tmp_path):
     summary = analyse_video(path, photo_model[2], tmp_path, progress=False, timeline=False)
     assert summary.frames_analysed == 10 and summary.tracks == 2
     assert summary.faces == 10 + 8  # face B enters at frame 10: analysed frames 12, 18, ..., 54
+
+
+def test_missing_camera_is_one_line_error(photo_model):
+    res = _kfer(photo_model, "--camera", "97")
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "camera 97" in errors[0] and "no such camera" in errors[0]
+    assert "Traceback" not in res.output

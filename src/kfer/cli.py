@@ -286,6 +286,9 @@ def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None,
     if not (photos or videos or camera is not None):
         raise click.UsageError("give at least one PHOTO_OR_VIDEO, or --camera SOURCE")
     check_videos(videos)  # an unreadable video: one line, exit 2, before the model loads
+    if explain_dir is not None and (videos or camera is not None):
+        click.echo("Note: --explain writes overlays for the faces of photos; videos and cameras are not "
+                   "explained", err=True)
     params = _params(ctx)
     try:
         model = load_photo_model(model_uri, params)

@@ -195,6 +195,9 @@ def open_capture(source: int | str | os.PathLike) -> cv2.VideoCapture:
         what = text
     if not cap.isOpened():
         cap.release()
+        if isinstance(source, int):
+            raise VideoError(f"{what}: OpenCV cannot open it (no such camera, no permission, or an OpenCV build "
+                             "without camera support)")
         raise VideoError(f"{what}: OpenCV cannot open it as a video (not a video, corrupt or unsupported; "
                          f"kfer reads {', '.join(VIDEO_EXTENSIONS)} files, camera indexes and stream URLs)")
     return cap
