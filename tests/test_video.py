@@ -21,7 +21,7 @@ GAP = range(12, 15)  # frames without a face
 
 
 def _faces():
-    from kfer.demo import MovingFace
+    from kfer.demo_video import MovingFace
 
     def along(person, expr, x0, dx, y, ranges):  # one face moving dx px per frame, hidden outside ranges
         return [MovingFace(person, expr, (x0 + a * dx, y), (x0 + (b - 1) * dx, y), a, b, head_height=85)
@@ -32,7 +32,7 @@ def _faces():
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    from kfer.demo import write_demo_video
+    from kfer.demo_video import write_demo_video
 
     path = tmp_path_factory.mktemp("video") / "두 사람.mp4"  # non-ASCII on purpose
     info = write_demo_video(path, _faces(), N_FRAMES, FPS)
@@ -268,7 +268,7 @@ def test_ctrl_c_mid_stream_leaves_a_complete_csv_and_the_summary(photo_model, vi
 def test_large_faces_in_hd_video_are_one_track_each(photo_model, tmp_path):
     """At 1280×720 with 200-px heads the SSD also finds a smaller box inside each face (97 of 150 frames):
     without faces.drop_nested a third track appears."""
-    from kfer.demo import MovingFace, write_demo_video
+    from kfer.demo_video import MovingFace, write_demo_video
     from kfer.video import analyse_video
 
     faces = [MovingFace(0, "joy", (160, 300), (480, 300), 0, 60, head_height=200),
