@@ -303,6 +303,26 @@ def test_two_worker_processes_share_one_study(project):
     assert params.path(params.paths.tune_best).exists()
 
 
+def test_trials_started_at_once_past_the_budget_give_way():
+    """Two workers that count the study at the same moment both start a trial; the budget stays exact: the
+    RUNNING trials with the lowest numbers keep the free places, a later one ends FAIL without training."""
+    from kfer.tune.study import SURPLUS_ATTR, is_surplus
+    from kfer.tune.trials import SurplusTrial, _objective
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    done = study.ask()
+    study.tell(done, 1.0)
+    a, b, c = study.ask(), study.ask(), study.ask()  # three workers started at once; one place left of 2
+    assert [is_surplus(study, t.number, 2) for t in (a, b, c)] == [False, True, True]
+    assert [is_surplus(study, t.number, 3) for t in (a, b, c)] == [False, False, True]
+    assert not any(is_surplus(study, t.number, 4) for t in (a, b, c))
+    study.tell(a, 0.5)  # budget 2 reached: nobody else runs
+    assert is_surplus(study, b.number, 2) and not is_surplus(study, b.number, 3)
+    with pytest.raises(SurplusTrial, match="budget"):
+        _objective(c, None, budget=2)  # gives way before it trains (no context needed)
+    assert c.user_attrs[SURPLUS_ATTR] is True
+
+
 def test_gpu_assignment_round_robin_over_visible_gpus(monkeypatch):
     assert tune.gpu_assignment(4, ["0", "1"]) == ["0", "1", "0", "1"]
     assert tune.gpu_assignment(3, ["0"]) == ["0", "0", "0"]

@@ -23,6 +23,7 @@ BEST_RUN_TAG = "kfer.best_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 MODEL_URI_ATTR = "model_uri"
 WORKER_ATTR = "worker"
+SURPLUS_ATTR = "surplus"  # a trial that found the budget taken when it started: ended FAIL without training
 FINGERPRINT_ATTR = "kfer.fingerprint"
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -185,6 +186,17 @@ def counts(study) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
+
+
+def is_surplus(study, trial_number: int, budget: int) -> bool:
+    """Whether the just-started trial ``trial_number`` would take the study past ``budget`` COMPLETE + PRUNED
+    trials. Workers check the count before they start a trial; two that check at the same moment both start
+    one, and the RUNNING trials with the lowest numbers keep the free places: the others give way (the trial
+    numbers come from the storage, so exactly the right number gives way, whatever the timing)."""
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    running = sorted(t.number for t in trials if t.state.name == "RUNNING")
+    return trial_number not in running[:max(budget - done, 0)]
 
 
 def fail_stale(study) -> None:

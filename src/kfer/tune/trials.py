@@ -20,7 +20,7 @@ from .. import selection, tracking
 from ..config import Params, _deep_merge
 from .data import OnTheFlyAugment, trial_table
 from .study import (MAX_CONSECUTIVE_FAILURES, MODEL_URI_ATTR, PARENT_TAG, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
-                    TRIAL_TAG, WORKER_ATTR, TuneError, counts, fail_stale)
+                    SURPLUS_ATTR, TRIAL_TAG, WORKER_ATTR, TuneError, counts, fail_stale, is_surplus)
 
 log = logging.getLogger("kfer.tune")
 
@@ -147,11 +147,19 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
     return value
 
 
-def _objective(trial, ctx: Context) -> float:
+class SurplusTrial(RuntimeError):
+    """The trial started when the budget was already taken (see :func:`kfer.tune.study.is_surplus`)."""
+
+
+def _objective(trial, ctx: Context, budget: int | None = None) -> float:
     import keras
     import mlflow
     import optuna
 
+    if budget is not None and is_surplus(trial.study, trial.number, budget):
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        raise SurplusTrial(f"trial {trial.number} started when another worker's trial had taken the last place of "
+                           f"the budget ({budget}): ended without training")
     values = suggest(trial, ctx.params)
     p = with_values(ctx.params, values)
     worker = tracking.owner_tag()  # host:pid:start, as the runs' kfer.owner tag
@@ -195,7 +203,9 @@ def work(ctx: Context, study, budget: int, deadline: float | None) -> int:
     """Run trials until the study has ``budget`` COMPLETE + PRUNED trials or ``deadline`` passes.
 
     While other workers' running trials would fill the budget, wait: they finish, or their heartbeat goes
-    stale and they end FAIL, and the budget is then completed here. Returns the number of trials run.
+    stale and they end FAIL, and the budget is then completed here. A trial started at the same moment as
+    another worker's last one gives way (:func:`kfer.tune.study.is_surplus`): the budget is exact. Returns the
+    number of trials run.
     """
     from optuna.trial import TrialState
 
@@ -221,8 +231,10 @@ def work(ctx: Context, study, budget: int, deadline: float | None) -> int:
             continue
         waiting = False
         finished: list = []
-        study.optimize(lambda t: _objective(t, ctx), n_trials=1, catch=(Exception,),
+        study.optimize(lambda t: _objective(t, ctx, budget), n_trials=1, catch=(Exception,),
                        callbacks=[lambda s, t: finished.append(t)], gc_after_trial=True)
+        if finished and finished[-1].user_attrs.get(SURPLUS_ATTR):
+            continue  # not run, not a failure: the loop now waits for the budget's running trials
         ran += 1
         if finished and finished[-1].state == TrialState.FAIL:
             fails += 1
