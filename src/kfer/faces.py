@@ -162,9 +162,13 @@ def detection_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _intersection_area(a, b) -> float:
+    return box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
 def box_iou(a, b) -> float:
     """Intersection over union of two (x0, y0, x1, y1) boxes; 0 when either is empty."""
-    inter = box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    inter = _intersection_area(a, b)
     union = box_area(a) + box_area(b) - inter
     return inter / union if union > 0 else 0.0
 
@@ -204,9 +208,8 @@ def detect_faces(bgr: np.ndarray, threshold: float = 0.5, min_inside: float = 0.
 
 def _inside(small, big) -> float:
     """The share of ``small``'s area that lies inside ``big``."""
-    inter = box_area((max(small[0], big[0]), max(small[1], big[1]), min(small[2], big[2]), min(small[3], big[3])))
     area = box_area(small)
-    return inter / area if area > 0 else 0.0
+    return _intersection_area(small, big) / area if area > 0 else 0.0
 
 
 def drop_nested(dets: list[Detection], inside: float = NESTED_INSIDE) -> list[Detection]:
