@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import logging
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -174,20 +176,13 @@ def sample_warp(rng: np.random.Generator, h: int, w: int, cfg: AugmentCfg, s: fl
 NOISE_LEVELS = 1 << 16
 
 
+@functools.cache
 def normal_table() -> np.ndarray:
     """float32 ``Φ⁻¹((i + 0.5) / NOISE_LEVELS)`` for i = 0 … NOISE_LEVELS - 1 (computed once per process)."""
-    table = _NORMAL_TABLE.get("z")
-    if table is None:
-        import statistics
-
-        inv_cdf = statistics.NormalDist().inv_cdf
-        table = np.array([inv_cdf((i + 0.5) / NOISE_LEVELS) for i in range(NOISE_LEVELS)], dtype=np.float32)
-        table.flags.writeable = False
-        _NORMAL_TABLE["z"] = table
+    inv_cdf = statistics.NormalDist().inv_cdf
+    table = np.array([inv_cdf((i + 0.5) / NOISE_LEVELS) for i in range(NOISE_LEVELS)], dtype=np.float32)
+    table.flags.writeable = False
     return table
-
-
-_NORMAL_TABLE: dict[str, np.ndarray] = {}
 
 
 def standard_normal_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
