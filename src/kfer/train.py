@@ -113,12 +113,13 @@ def make_dataset(
         ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
         if augment is not None:
             ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
-        ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
-                    num_parallel_calls=workers, deterministic=True)
         if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
+            ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+                        num_parallel_calls=workers, deterministic=True)
             return ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
                           deterministic=True)
-        return ds.map(lambda x, y, idx: (x, y), num_parallel_calls=workers, deterministic=True)
+        return ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+                      num_parallel_calls=workers, deterministic=True)
 
     n = len(paths)
     if training:
