@@ -216,3 +216,13 @@ def test_a_dead_worker_is_one_line_from_the_cli(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli.main, ["--params", str(tmp_path / "params.yaml"), "crop"])
     assert res.exit_code == 1, res.output  # the stage failed (not a mistake in the params: those exit 2)
     assert res.stderr.strip().splitlines() == [f"Error: {message}"]
+
+
+def test_tmp_sibling_keeps_the_extension_and_is_cleaned_as_stale(tmp_path):
+    from kfer.files import clean_stale_tmp, tmp_sibling
+
+    target = tmp_path / "clip.pred.mp4"
+    partial = tmp_sibling(target)
+    assert partial.parent == tmp_path and partial.suffix == ".mp4" and partial.name.startswith(".clip.pred.mp4.tmp-")
+    partial.write_bytes(b"half a video")
+    assert clean_stale_tmp(target) == 1 and not partial.exists()

@@ -66,6 +66,13 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}{TMP_MARK}"
 
 
+def tmp_sibling(target: str | os.PathLike) -> Path:
+    """A temporary name next to ``target`` that keeps its extension (for writers that pick the format by it, as
+    ``cv2.VideoWriter``), in the pattern :func:`clean_stale_tmp` removes: ``.<name>.tmp-<pid><suffix>``."""
+    target = Path(target)
+    return target.parent / f"{_tmp_prefix(target)}{os.getpid()}{target.suffix}"
+
+
 def clean_stale_tmp(target: Path) -> int:
     """Remove temporary siblings left by a killed run of the stage that writes ``target``."""
     target = Path(target)

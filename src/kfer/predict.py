@@ -92,16 +92,17 @@ def predict_photos(photos: list[Path], model_uri: str | None, params: Params,
         result["n_faces"] = len(faces)
         result["faces"] = faces
         if explain_dir is not None and faces:
-            _explain(model, faces, crops, Path(explain_dir), _unique_name(photo.stem, used_stems, ""))
+            _explain(model, faces, crops, Path(explain_dir), unique_name(photo.stem, used_stems, ""))
         if annotate_dir is not None:
-            out = Path(annotate_dir) / _unique_name(photo.stem, used_names)
+            out = Path(annotate_dir) / unique_name(photo.stem, used_names)
             annotate(decode_image(data, checked=True), faces, out)  # predict_bytes checked the bytes
             result["annotated"] = str(out)
         results.append(result)
     return results
 
 
-def _unique_name(stem: str, used: set[str], suffix: str = ANNOTATED_SUFFIX) -> str:
+def unique_name(stem: str, used: set[str], suffix: str = ANNOTATED_SUFFIX) -> str:
+    """``stem + suffix``, or ``stem-1 + suffix``, ``stem-2`` … when ``used`` holds it already (then added)."""
     name, i = stem + suffix, 1
     while name in used:
         name, i = f"{stem}-{i}{suffix}", i + 1

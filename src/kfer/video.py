@@ -36,7 +36,7 @@ import numpy as np
 
 from .config import UserError
 from .faces import box_iou
-from .files import atomic_file
+from .files import atomic_file, clean_stale_tmp, tmp_sibling
 from .images import ImageError
 
 log = logging.getLogger(__name__)
@@ -342,10 +342,11 @@ def analyse_video(source: int | str | os.PathLike, model, out_dir: str | os.Path
 
 
 def _open_writer(path: Path, fps: float, frame: np.ndarray) -> tuple[cv2.VideoWriter, Path]:
-    """A writer on a hidden temporary sibling of ``path`` (same extension: it picks the container), renamed
-    into place when the loop ends."""
+    """A writer on a temporary sibling of ``path`` (:func:`kfer.files.tmp_sibling`: hidden, same extension, which
+    picks the container), renamed into place when the loop ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    clean_stale_tmp(path)  # a killed run's partial video
+    partial = tmp_sibling(path)
     h, w = frame.shape[:2]
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*ANNOTATED_FOURCC), fps, (w, h))
     if not writer.isOpened():
@@ -367,23 +368,17 @@ def predict_videos(videos: list[Path], camera: str | None, model, out_dir: str |
     """``kfer predict``'s video part: each video file, then the camera (``--camera``: an index or a URL; a
     window when :func:`display_available`, unless ``show`` says otherwise). Yields one :class:`VideoSummary`
     per source; a Ctrl-C in a video stops there. Outputs of two videos with the same stem get ``-1``, ``-2``…"""
+    from .predict import unique_name
+
     used: set[str] = set()
-
-    def unique(stem: str) -> str:
-        name, i = stem, 1
-        while name in used:
-            name, i = f"{stem}-{i}", i + 1
-        used.add(name)
-        return name
-
     for video in videos:
-        summary = analyse_video(video, model, out_dir, every, annotate_dir, name=unique(source_name(video)))
+        summary = analyse_video(video, model, out_dir, every, annotate_dir, name=unique_name(source_name(video), used, ""))
         yield summary
         if summary.interrupted:
             return
     if camera is not None:
         source = parse_source(camera)
-        yield analyse_video(source, model, out_dir, every, annotate_dir, name=unique(source_name(source)),
+        yield analyse_video(source, model, out_dir, every, annotate_dir, name=unique_name(source_name(source), used, ""),
                             show=display_available() if show is None else show)
 
 
