@@ -36,11 +36,13 @@ Four measurements, printed side by side in one run (all in this process, same Te
 (d) **tuning input pipeline (on-the-fly augmentation)** — at ``--d-size`` (224) gray, ``--d-n-images`` (512) PNGs
     written where the crop stage writes them, a ``splits.csv`` (all train) and the ``augment`` stage run on them
     (``kfer.augment.run_augment``, ``augment.copies`` copies each, params.yaml's). One pass (1 epoch, no model) of
-    ``make_dataset(params, trial_table(params), training=True, augment=OnTheFlyAugment(params, trial, strength))``
-    (as a tuning trial) against ``make_dataset(params, train_table(params), training=True)`` (the stage's
-    manifest, as ``kfer train``): the same rows, order and batches; the script first checks the bytes (first
-    epoch, pixel for pixel). A third contender, ``identity-fn``, maps a numpy function that returns its input
-    (the ``tf.numpy_function`` overhead). Printed: img/s and CPU ms per row of each, ``augment_image``'s
+    ``make_dataset(params, trial_table(params), training=True, augment=OnTheFlyAugment(params, trial, strength),
+    pixels=decoded_images(params, trial))`` (as a tuning trial: the train split decoded once per study) and the
+    same decoding each row's PNG (``on-the-fly-png``, ``tune.pixel_cache: false``) against
+    ``make_dataset(params, train_table(params), training=True)`` (the stage's manifest, as ``kfer train``): the
+    same rows, order and batches; the script first checks the bytes (first epoch, pixel for pixel). A fourth
+    contender, ``identity-fn``, maps a numpy function that returns its input (the ``tf.numpy_function``
+    overhead). Printed: img/s and CPU ms per row of each, ``augment_image``'s
     single-thread µs per image split into its steps (generator, draws, the H×W quantized standard-normal field,
     ``cv2.warpAffine``, noise + renormalization), its speed from 1 vs ``decode_workers`` Python threads (the GIL
     test) and the CPU bound on the ratio. Target: on-the-fly / files >= 0.8 (PASS/FAIL).
@@ -563,7 +565,7 @@ def part_d(args, tf, root: Path) -> dict:
     from kfer import files
     from kfer.augment import run_augment
     from kfer.train import decode_workers, make_dataset, train_table
-    from kfer.tune import OnTheFlyAugment, trial_table
+    from kfer.tune import OnTheFlyAugment, decoded_images, trial_table
 
     S = args.d_size
     params, table, imgs, labels = write_project(root, args, {}, args.d_n_images, size=S, under="cropped")
@@ -578,28 +580,35 @@ def part_d(args, tf, root: Path) -> dict:
     n, B, workers = len(trial), params.train.batch_size, decode_workers(params)
     assert len(stage) == n and list(stage["label"]) == list(trial["label"])
     fn = OnTheFlyAugment(params, trial, strength)
+    with Segment() as s_store:
+        pixels = decoded_images(params, trial)  # what a study builds once (tune.pixel_cache)
     print(f"== (d) tuning input pipeline (on-the-fly augmentation) vs pre-augmented files at {S} px ==")
     print(f"settings: {len(table)} PNGs {S}x{S} gray in {root}, augment.copies {cfg.copies} at strength {strength:g} "
           f"= {n} rows per pass; the augment stage wrote the {len(table) * cfg.copies} copies in {s_aug.wall:.1f} s; "
           f"train.decode_workers {params.train.decode_workers!r} = {workers} parallel call(s) per map; batch {B}; "
-          f"one pass (1 epoch) of make_dataset(training=True), no model, {args.rounds} alternating rounds")
+          f"one pass (1 epoch) of make_dataset(training=True), no model, {args.rounds} alternating rounds; the "
+          f"study decoded the {len(table)} train images once into {pixels[0].filename} in {s_store.wall:.2f} s")
     print("  contenders: on-the-fly = make_dataset(params, trial_table(params), training=True, augment="
-          "OnTheFlyAugment(params, trial, strength)) (as a tuning trial); files = make_dataset(params, "
-          "train_table(params), training=True) (the augment stage's manifest, as kfer train); identity-fn = "
-          "on-the-fly's pipeline with a numpy function that returns its input (the tf.numpy_function overhead, one "
-          "call per batch)")
+          "OnTheFlyAugment(params, trial, strength), pixels=decoded_images(params, trial)) (as a tuning trial "
+          "with tune.pixel_cache: true, the default); on-the-fly-png = the same decoding each row's PNG "
+          "(tune.pixel_cache: false); files = make_dataset(params, train_table(params), training=True) (the "
+          "augment stage's manifest, as kfer train); identity-fn = on-the-fly-png's pipeline with a numpy "
+          "function that returns its input (the tf.numpy_function overhead, one call per batch)")
 
-    same = all(np.array_equal(xa.numpy(), xb.numpy()) and np.array_equal(ya.numpy(), yb.numpy())
-               for (xa, ya), (xb, yb) in zip(make_dataset(params, trial, training=True, augment=fn),
-                                             make_dataset(params, stage, training=True), strict=True))
-    print(f"  same batches as the augment stage's files (first epoch, pixel for pixel): {'yes' if same else 'NO'}")
+    feeds = {"on-the-fly": make_dataset(params, trial, training=True, augment=fn, pixels=pixels),
+             "on-the-fly-png": make_dataset(params, trial, training=True, augment=fn),
+             "files": make_dataset(params, stage, training=True)}
+    same = {k: all(np.array_equal(xa.numpy(), xb.numpy()) and np.array_equal(ya.numpy(), yb.numpy())
+                   for (xa, ya), (xb, yb) in zip(feeds[k], feeds["files"], strict=True))
+            for k in ("on-the-fly", "on-the-fly-png")}
+    print("  same batches as the augment stage's files (first epoch, pixel for pixel): "
+          + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))
+    same = all(same.values())
 
     def identity(image, index):
         return image
 
-    feeds = {"on-the-fly": make_dataset(params, trial, training=True, augment=fn),
-             "files": make_dataset(params, stage, training=True),
-             "identity-fn": make_dataset(params, trial, training=True, augment=identity)}
+    feeds["identity-fn"] = make_dataset(params, trial, training=True, augment=identity)
 
     def iterate(ds):
         with Segment() as s:
@@ -621,8 +630,9 @@ def part_d(args, tf, root: Path) -> dict:
     one, many = _gil_scaling(cfg, params.seed, keys[:k_sample], sample, cfg.copies, strength, workers)
     cores = {k: statistics.median(r["own"] / r["wall"] for r in v) for k, v in res.items()}
     aug_share = cfg.copies / (cfg.copies + 1)
-    # on-the-fly does the files pipeline's work per row plus augment_image on `aug_share` of the rows: on the
-    # same cores its speed is at most files' × these (CPU-bound: both keep the cores busy)
+    # on-the-fly-png does the files pipeline's work per row plus augment_image on `aug_share` of the rows: on
+    # the same cores its speed is at most files' × this (CPU-bound: both keep the cores busy); on-the-fly reads
+    # decoded pixels instead, so the bound does not hold for it
     bound = cpu["files"] / (cpu["files"] + aug_share * cost["whole"] / 1e3)
     bound_normal = cpu["files"] / (cpu["files"] + aug_share * cost["normal"] / 1e3)
     print("  one pass, median img/s: " + ", ".join(f"{k} {med[k]:.0f} (range {_spread(res[k])})" for k in feeds))
@@ -635,14 +645,15 @@ def part_d(args, tf, root: Path) -> dict:
           "table; warp: cv2.warpAffine + flip; noise: float32 add, min-max renormalize, round)")
     print(f"  GIL: augment_image {one:.0f} img/s from 1 Python thread, {many:.0f} img/s from {workers} "
           f"({many / one:.2f}x; numpy's normal fill, its ufuncs and cv2 release the GIL)")
-    print(f"  CPU bound: {aug_share:.2f} of the rows are augmented; the files pipeline's CPU per row plus "
-          f"augment_image's gives on-the-fly/files <= {bound:.2f} when both keep the same cores busy; the "
-          f"normal field alone <= {bound_normal:.2f}")
+    print(f"  CPU bound of on-the-fly-png: {aug_share:.2f} of the rows are augmented; the files pipeline's CPU "
+          f"per row plus augment_image's gives on-the-fly-png/files <= {bound:.2f} when both keep the same cores "
+          f"busy (measured {med['on-the-fly-png'] / med['files']:.3f}); the normal field alone <= "
+          f"{bound_normal:.2f}. on-the-fly decodes each image once per study, not 1 + copies times an epoch")
     print(f"  on-the-fly/files = {ratio:.3f} (target >= 0.8: {'PASS' if ratio >= 0.8 else 'FAIL'}); "
           f"same bytes as the augment stage: {'yes' if same else 'NO'}")
     print()
     return {"ips": med, "ratio": ratio, "cpu": cpu, "cost": cost, "gil": (one, many), "bound": bound,
-            "bound_normal": bound_normal, "cores": cores,
+            "bound_normal": bound_normal, "cores": cores, "store_s": s_store.wall,
             "same": same, "res": res, "n": n, "workers": workers}
 
 
@@ -770,7 +781,8 @@ def main(argv=None) -> int:
         ips, cost = d["ips"], d["cost"]
         print(f"(d) 1 pass {args.d_size} px, no model: on-the-fly {ips['on-the-fly']:8.1f}   files "
               f"{ips['files']:8.1f}   on-the-fly/files {d['ratio']:.3f}  target >= 0.8  "
-              f"{'PASS' if d['ratio'] >= 0.8 else 'FAIL'}   (CPU bound {d['bound']:.2f}, normal field alone "
+              f"{'PASS' if d['ratio'] >= 0.8 else 'FAIL'}   (on-the-fly-png {ips['on-the-fly-png']:.1f} = "
+              f"{ips['on-the-fly-png'] / ips['files']:.3f}, CPU bound {d['bound']:.2f}; normal field alone "
               f"{d['bound_normal']:.2f}; same bytes "
               f"{'yes' if d['same'] else 'NO'}; augment_image {cost['whole']:.0f} µs/image, of which normal "
               f"{cost['normal']:.0f}, warp {cost['warp']:.0f}, noise {cost['noise']:.0f}; CPU/row on-the-fly "

@@ -133,6 +133,52 @@ def test_on_the_fly_augmentation_is_the_augment_stage(project):
     img = files.read_image_gray(params.path(table["path"][1]))[..., None]
     np.testing.assert_array_equal(zero(img, np.int64(1)), img)
 
+    # as a trial reads them (tune.pixel_cache): from the decoded store, the same batches as kfer train's files
+    fn = tune.OnTheFlyAugment(params, table, params.augment.strength)
+    pixels = tune.decoded_images(params, table)
+    stage_table = pd.read_csv(params.path(params.paths.augmented) / "manifest.csv", dtype=str,
+                              keep_default_na=False)
+    n_batches = 0
+    for (xa, ya), (xb, yb) in zip(make_dataset(params, table, training=True, augment=fn, pixels=pixels),
+                                  make_dataset(params, stage_table, training=True), strict=True):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+        n_batches += 1
+    assert n_batches == params.train.epochs * -(-len(table) // params.train.batch_size)
+
+
+def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(project):
+    params = project()
+    table = tune.trial_table(params)
+    folder = params.path(params.paths.tune_pixels)
+    old_umask = os.umask(0o027)
+    try:
+        store, which = tune.decoded_images(params, table)
+    finally:
+        os.umask(old_umask)
+    (first,) = folder.glob("*.npy")
+    assert first.stat().st_mode & 0o777 == 0o640  # the umask, as every output
+    unique = list(dict.fromkeys(table["path"]))
+    assert store.shape == (len(unique), 32, 32, 1) and not store.flags.writeable
+    for i in (0, 1, len(table) - 1):
+        np.testing.assert_array_equal(store[which[i], :, :, 0], files.read_image_gray(params.path(table["path"][i])))
+    mtime = first.stat().st_mtime_ns
+    tune.decoded_images(params, table)  # reused, not rebuilt
+    assert first.stat().st_mtime_ns == mtime and list(folder.glob("*.npy")) == [first]
+
+    victim = params.path(unique[3])
+    img = files.read_image_gray(victim)
+    files.write_png(victim, 255 - img)  # a new crop rewrote one image: a new store, the old one removed
+    store, which = tune.decoded_images(params, table)
+    (second,) = folder.glob("*.npy")
+    assert second != first
+    np.testing.assert_array_equal(store[3, :, :, 0], 255 - img)
+
+    victim.write_bytes(b"not a png")  # a broken image: one clear line, no store left behind
+    with pytest.raises(tune.TuneError, match=re.escape(unique[3]) + ".*cannot decode"):
+        tune.decoded_images(params, table)
+    assert not list(folder.glob("*.npy")) and not list(folder.glob(".*tmp*"))
+
 
 def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     # objective val_loss: the diverging trial's loss (~1e11) is far above the others' (~2) from the first epoch,

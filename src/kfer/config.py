@@ -68,6 +68,7 @@ class PathsCfg(_Strict):
     tune_best: Path = Path("tune/best_params.yaml")
     tune_summary: Path = Path("tune/summary.json")
     train_backup: Path = Path(".kfer/train-backup")
+    tune_pixels: Path = Path(".kfer/tune-pixels")  # tune: the train split decoded once (tune.pixel_cache)
     # headline DVC metrics: a few numbers per stage (`dvc metrics show`); the full reports above are plain files
     crop_headline: Path = Path("metrics/crop.json")
     split_headline: Path = Path("metrics/split.json")
@@ -326,6 +327,7 @@ class TuneCfg(_Strict):
     heartbeat_interval: int = Field(60, ge=1)
     grace_period: int = Field(180, ge=1)
     retry_stale: int = Field(1, ge=0)
+    pixel_cache: bool = True                 # decode the train split once per study (paths.tune_pixels)
 
     @property
     def direction(self) -> str:

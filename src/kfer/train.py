@@ -66,6 +66,7 @@ def make_dataset(
     seed: int | None = None,
     batch_size: int | None = None,
     first_epoch: int = 0,
+    pixels: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
 
@@ -74,6 +75,11 @@ def make_dataset(
     function applied to every image (on-the-fly augmentation for tuning; ``row`` is its row of ``table``), called
     for a whole batch at a time in one ``tf.numpy_function``. The maps run ``train.decode_workers`` calls in
     parallel, in order (``deterministic=True``): the batches do not depend on it.
+
+    ``pixels`` = (images, which): the decoded images (uint8 (M, S, S, C), e.g. the memory-mapped store of
+    :func:`kfer.tune.data.decoded_images`) and, per row of ``table``, its index in them. The rows' pixels are then
+    read from there in the batch's numpy function instead of decoding a PNG per row: the same batches, byte for
+    byte, when the store holds the decoded files.
 
     ``training``: one pass over the table per epoch for epochs ``first_epoch`` … ``train.epochs - 1``, in one
     dataset (fit it with :func:`steps_per_epoch` batches per epoch). Epoch ``e`` visits every row in an order
@@ -109,9 +115,30 @@ def make_dataset(
         out = tf.numpy_function(augment_batch, [img, idx], tf.uint8, stateful=False)
         return tf.ensure_shape(out, (None, size, size, channels)), label, idx
 
+    if pixels is not None:
+        store, which = pixels
+        which = np.asarray(which, dtype=np.int64)
+        if len(which) != len(paths) or store.shape[1:] != (size, size, channels):
+            raise ValueError(f"pixels: {len(which)} rows of {store.shape[1:]} images for a table of {len(paths)} "
+                             f"rows of {(size, size, channels)}")
+
+        def gather_batch(rows):  # the store's pages are read here, in parallel calls (numpy releases the GIL)
+            out = np.empty((len(rows), size, size, channels), np.uint8)
+            for j, row in enumerate(rows):
+                img = store[which[row]]
+                out[j] = img if augment is None else augment(img, row)
+            return out
+
+        def gather(idx):
+            out = tf.numpy_function(gather_batch, [idx], tf.uint8, stateful=False)
+            return tf.ensure_shape(out, (None, size, size, channels)), tf.gather(labels_t, idx), idx
+
     def one_pass(rows):
-        ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
-        if augment is not None:
+        if pixels is not None:
+            ds = rows.batch(batch).map(gather, num_parallel_calls=workers, deterministic=True)
+        else:
+            ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
+        if augment is not None and pixels is None:
             ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
         if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
             ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),

@@ -51,7 +51,7 @@ import time
 from .. import tracking
 from ..config import Params
 from .apply import apply_best
-from .data import OnTheFlyAugment, trial_table
+from .data import OnTheFlyAugment, decoded_images, trial_table
 from .report import finish
 from .study import (BEST_RUN_TAG, FINGERPRINT_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR, STATE_TAG, STUDY_TAG, TRIAL_TAG,
                     WORKER_ATTR, TuneError, counts, fingerprint, open_study, portable_url, redact,
@@ -61,7 +61,8 @@ from .workers import gpu_assignment, parse_visible_devices, spawn_workers, visib
 
 __all__ = [
     "BEST_RUN_TAG", "FINGERPRINT_ATTR", "MODEL_URI_ATTR", "RUN_ID_ATTR", "SEARCHED", "STATE_TAG", "STUDY_TAG",
-    "TRIAL_TAG", "WORKER_ATTR", "OnTheFlyAugment", "TuneError", "apply_best", "fingerprint", "gpu_assignment",
+    "TRIAL_TAG", "WORKER_ATTR", "OnTheFlyAugment", "TuneError", "apply_best", "decoded_images", "fingerprint",
+    "gpu_assignment",
     "nested_values", "open_study", "parse_visible_devices", "portable_url", "redact", "run_tune", "spawn_workers",
     "storage_url", "suggest", "trial_table", "visible_gpu_ids", "with_values", "work",
 ]

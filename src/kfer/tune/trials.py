@@ -18,7 +18,7 @@ import pandas as pd
 
 from .. import selection, tracking
 from ..config import Params, _deep_merge
-from .data import OnTheFlyAugment, trial_table
+from .data import OnTheFlyAugment, decoded_images, trial_table
 from .study import (MAX_CONSECUTIVE_FAILURES, MODEL_URI_ATTR, PARENT_TAG, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
                     SURPLUS_ATTR, TRIAL_TAG, WORKER_ATTR, TuneError, counts, fail_stale, is_surplus)
 
@@ -77,6 +77,7 @@ class Context:
     parent_run_id: str
     train_df: pd.DataFrame
     val_df: pd.DataFrame
+    pixels: tuple[np.ndarray, np.ndarray] | None = None  # train_df's images decoded (tune.pixel_cache)
 
 
 def _reporter(trial, metric: str, epochs: int):
@@ -119,7 +120,8 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
 
     metric = p.tune.metric
     table = ctx.train_df
-    train_ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength))
+    train_ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength),
+                            pixels=ctx.pixels)
     val_ds = make_dataset(p, ctx.val_df, training=False)
     weights = class_weights(p, table) if p.train.class_weights else None
     reporter = _reporter(trial, metric, p.train.epochs)
@@ -251,5 +253,7 @@ def context(params: Params, study_name: str, parent_run_id: str) -> Context:
     val_df = split_table(params, "val")
     if val_df.empty:
         raise TuneError("the val split is empty: check split ratios (split.val) and the split report")
-    return Context(params, study_name, parent_run_id, trial_table(params), val_df)
+    table = trial_table(params)
+    pixels = decoded_images(params, table) if params.tune.pixel_cache else None
+    return Context(params, study_name, parent_run_id, table, val_df, pixels)
 
