@@ -24,6 +24,7 @@ log = logging.getLogger("kfer.tune")
 #: Free disk space kept beyond the store's size when it is built.
 DISK_MARGIN = 256 << 20
 
+
 def trial_table(params: Params) -> pd.DataFrame:
     """The train split of ``splits.csv``, each image as copy 0 (itself) and copies 1..``augment.copies``.
 
@@ -72,13 +73,15 @@ class OnTheFlyAugment:
 
 
 def _decode(path: str, channels: int) -> np.ndarray:
+    """H×W×channels uint8 as ``tf.io.decode_png`` gives it (``make_dataset``'s file path): RGB order for colour."""
+    if channels == 1:
+        return files.read_image_gray(path)[:, :, None]
     import cv2
 
-    data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise OSError("cannot decode image")
-    return img[:, :, None] if channels == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        raise OSError(f"cannot decode image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def pixel_store_key(params: Params, paths: list[str]) -> str:
@@ -149,8 +152,9 @@ def _build_store(params: Params, paths: list[str], target: Path, shape: tuple[in
             path = params.path(paths[i])
             try:
                 img = _decode(os.fspath(path), channels)
-            except OSError as exc:
-                raise TuneError(f"train image {paths[i]}: {exc}: run `dvc repro split` (or kfer crop) again") from None
+            except OSError:
+                raise TuneError(f"train image {paths[i]}: cannot decode it: run `dvc repro split` (or kfer crop) "
+                                "again") from None
             if img.shape != (size, size, channels):
                 raise TuneError(f"train image {paths[i]} is {img.shape[1]}x{img.shape[0]}, not the crop size "
                                 f"{size}x{size} of params.yaml: run `dvc repro split` (or kfer crop) again")
