@@ -330,7 +330,7 @@ def run(args, root: Path) -> int:
         return 0
     if not args.score_only:
         times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment", "train", "evaluate")}
-        times["register"] = kfer(root, "register", log=log)
+        times["register"] = kfer(root, "register", "--any-data", log=log)  # the project is not a DVC repository
         wall = time.perf_counter() - t_start
         # what the stages cost, kept before scoring: a failure there can be re-scored with --score-only
         (root / "real_faces.json").write_text(json.dumps({"times_s": times, "wall_s": wall}), encoding="utf-8")
@@ -340,8 +340,8 @@ def run(args, root: Path) -> int:
         print(f"\nfer column skipped: {origin}")
     table = score(root, peer)
     scored = time.perf_counter() - t_start
-    crop = json.loads((root / "metrics" / "crop.json").read_text(encoding="utf-8"))
-    train = json.loads((root / "metrics" / "train.json").read_text(encoding="utf-8"))
+    crop = json.loads((root / "reports" / "crop.json").read_text(encoding="utf-8"))  # the full reports
+    train = json.loads((root / "reports" / "train.json").read_text(encoding="utf-8"))
     print(f"\ncrop: {crop['ok']} faces of {crop['total']} files; skipped {crop['skipped']}; per source "
           f"{crop.get('per_source')}")
     print(f"train: {train['train_images']} train images, {train['epochs_run']} epochs, {train['train_seconds']:.0f} s "
