@@ -309,6 +309,12 @@ def main(argv=None) -> int:
             print(f"\nproject kept in {root}")
 
 
+def recipe_report(params: dict, args) -> dict:
+    """What real_faces.json records of the run's settings."""
+    return {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
+            "blurred": args.blurred}
+
+
 def run(args, root: Path) -> int:
     t_start = time.perf_counter()
     log = root / "real_faces.log"
@@ -323,8 +329,7 @@ def run(args, root: Path) -> int:
           f"{json.dumps({k: v for k, v in params['train'].items() if k not in ('experiment', 'registered_model')})}")
     if args.ablate_only:
         times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment")}
-        report = {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
-                  "blurred": args.blurred, "times_s": times, "ablation": ablate(root, args, log)}
+        report = {**recipe_report(params, args), "times_s": times, "ablation": ablate(root, args, log)}
         print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min")
         (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         return 0
@@ -350,8 +355,7 @@ def run(args, root: Path) -> int:
     print(f"\npipeline wall time (crop → register): {wall / 60:.1f} min (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in times.items()) + "); target ≤ 60 min; scoring "
         + (f"{scored / 60:.1f} min" if args.score_only else f"{(scored - wall) / 60:.1f} min more"))
-    report = {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
-              "blurred": args.blurred, "times_s": times, "wall_s": wall, "table": table, "peer": origin}
+    report = {**recipe_report(params, args), "times_s": times, "wall_s": wall, "table": table, "peer": origin}
 
     if args.resnet50_steps:
         report["resnet50"] = time_resnet50(root, args.resnet50_steps)
