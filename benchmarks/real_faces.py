@@ -20,7 +20,9 @@ source              folders                                                perso
 Classes: the 6 AI Hub classes these sets have (상처 hurt has no counterpart; disgust and contempt are counted
 as ``unknown_label`` by the crop stage and left out). ``fer2013_blurred`` is used for training only
 (``--blurred train``, its ``data.sources`` split ``train``: never validated or tested on, so the checkpoint and
-the scores come from sharp faces), or not at all (``--blurred off``, the default: measured, see the README).
+the scores come from sharp faces), as a pretraining phase only (``--blurred pretrain``: split ``pretrain``,
+``train.pretrain_epochs`` = ``--pretrain-epochs``, then the sharp faces with a fresh optimizer), or not at all
+(``--blurred off``). Measured: see the README.
 
 It runs the real stages in the project, each as the ``kfer`` command: crop → split → augment → train →
 evaluate → register (``@champion`` in the project's own MLflow store, ``mlflow.db``), timing each, then scores
@@ -39,7 +41,7 @@ prints each variant's val scores beside the full recipe's (a knob that does not 
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--blurred train|off] [--epochs N]
+    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--blurred train|pretrain|off] [--epochs N]
         [--image-size 48] [--stem compact] [--blocks 1,1,1] [--width 16] [--set KEY=VALUE ...]
         [--ablate label_smoothing,tta_flip,...] [--peer-wheel WHEEL | --no-peer]
 """
@@ -117,6 +119,9 @@ def make_project(root: Path, args) -> dict:
     names = {c["name"] for c in CLASSES}
     params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
     params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
+    if args.blurred == "pretrain":  # the blurred faces only in a first phase; the sharp ones after it
+        params["data"]["sources"]["fer2013_blurred"] = {**SOURCES["fer2013_blurred"][1], "split": "pretrain"}
+        params["train"]["pretrain_epochs"] = args.pretrain_epochs
     params = _deep_merge(params, args.overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return params
@@ -239,9 +244,12 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
-    ap.add_argument("--blurred", choices=["train", "off"], default="off",
+    ap.add_argument("--blurred", choices=["train", "pretrain", "off"], default="off",
                     help="FER2013's blurred train copy: not used (default: it made every sharp val score worse at "
-                         "the same training time), or for training only")
+                         "the same training time), for training only, or for a pretraining phase only")
+    ap.add_argument("--pretrain-epochs", type=int, default=1,
+                    help="with --blurred pretrain: train.pretrain_epochs (epochs over the blurred faces and their "
+                         "augment.copies copies)")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
     ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
     ap.add_argument("--stem", choices=["imagenet", "compact"], default=None, help="model.stem")
@@ -312,7 +320,7 @@ def main(argv=None) -> int:
 def recipe_report(params: dict, args) -> dict:
     """What real_faces.json records of the run's settings."""
     return {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
-            "blurred": args.blurred}
+            "blurred": params["data"]["sources"].get("fer2013_blurred", {}).get("split", "off")}
 
 
 def run(args, root: Path) -> int:

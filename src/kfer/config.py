@@ -110,8 +110,9 @@ class SourceCfg(_Strict):
     group: GroupCfg | None = None  # None: data.group
     detector: Detector | None = None  # None: crop.detector
     # auto: the source's persons are spread over split.train/val/test; train: all its images train, none are
-    # validated or tested on (a degraded source, e.g. FER2013's blurred copy, that should not pick the model)
-    split: Literal["auto", "train"] = "auto"
+    # validated or tested on (a degraded source, e.g. FER2013's blurred copy, that should not pick the model);
+    # pretrain: as train, but its images are trained on only in a first phase (train.pretrain_epochs)
+    split: Literal["auto", "train", "pretrain"] = "auto"
 
 
 #: params.yaml's data.label_map: AI Hub's Korean folder names and FER2013's English ones onto the class names
@@ -232,6 +233,9 @@ class TrainCfg(_Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # epochs over the train images of the data.sources with split: pretrain before the train.epochs over the
+    # others (a fresh optimizer between); 0 = no pretraining phase
+    pretrain_epochs: int = Field(0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0.0)
     class_weights: bool = True
     # false (float32) | float16 | bfloat16: the compute dtype of training; variables and the served model stay
@@ -361,7 +365,19 @@ class Params(_Strict):
             bad = {k: v for k, v in scfg.label_map.items() if v not in names}
             if bad:
                 raise ValueError(f"data.sources.{src}.label_map maps to names that are not classes: {bad}")
+        pre = self.pretrain_sources
+        if pre and not self.train.pretrain_epochs:
+            raise ValueError(f"data.sources {pre} have split: pretrain, but train.pretrain_epochs is 0 (set it, "
+                             "or give them split: train)")
+        if self.train.pretrain_epochs and not pre:
+            raise ValueError("train.pretrain_epochs is set but no data.sources entry has split: pretrain")
         return self
+
+    def updated(self, over: dict) -> Params:
+        """A validated copy with the nested dict ``over`` merged in (same root)."""
+        new = Params.model_validate(_deep_merge(self.model_dump(mode="json"), over))
+        new._root = self.root
+        return new
 
     # --- derived views -------------------------------------------------------------------------
     @property
@@ -404,6 +420,11 @@ class Params(_Strict):
             return p.resolve().relative_to(self._root.resolve()).as_posix()
         except ValueError:
             return p.as_posix()
+
+    @property
+    def pretrain_sources(self) -> list[str]:
+        """The ``data.sources`` with ``split: pretrain``: trained on in the first phase only."""
+        return sorted(name for name, src in self.data.sources.items() if src.split == "pretrain")
 
     @property
     def class_names(self) -> list[str]:

@@ -63,8 +63,12 @@ def _plain(v):
 class TrainBackup:
     """The backup folder of one ``kfer train``: read at start, written after every epoch, deleted at the end."""
 
-    def __init__(self, params: Params, fp: str) -> None:
+    def __init__(self, params: Params, fp: str, sub: str | None = None) -> None:
+        """``sub``: a phase's backup in that sub-folder of the run's (the pretraining phase: ``pretrain``, with
+        ``params`` = :func:`kfer.train.pretrain_params`); deleted with the run's."""
         self.dir = params.path(params.paths.train_backup)
+        if sub:
+            self.dir = self.dir / sub
         self.fingerprint = fp
         self.epochs = params.train.epochs
         self.state: dict | None = None
@@ -144,6 +148,15 @@ class TrainBackup:
     def callback(self, stateful: list, monitor: str, seconds_before: float):
         return _callback(self, stateful, monitor, seconds_before)
 
+    def restore_into(self, model) -> None:
+        """Load the last finished epoch's weights (and optimizer state) and dropout seed states into ``model``."""
+        state = self.state
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.dir / state["weights"])
+        for var, value in zip(_seed_variables(model), state["seeds"], strict=True):
+            var.assign(np.asarray(value, dtype=var.dtype))
+
 
 def _seed_variables(model) -> list:
     return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
@@ -165,11 +178,7 @@ def _callback(backup: TrainBackup, stateful: list, monitor: str, seconds_before:
             state = backup.state
             if not state or not state["epoch"]:
                 return
-            if not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(backup.dir / state["weights"])
-            for var, value in zip(_seed_variables(self.model), state["seeds"], strict=True):
-                var.assign(np.asarray(value, dtype=var.dtype))
+            backup.restore_into(self.model)
             for cb in stateful:
                 for attr, value in state["callbacks"].get(type(cb).__name__, {}).items():
                     setattr(cb, attr, value)

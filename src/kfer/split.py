@@ -249,11 +249,12 @@ def run_split(params: Params) -> dict[str, Any]:
     labels, groups = df["label"].tolist(), df["group"].tolist()
     # an image without a group is its own person (the "\x00" prefix keeps these apart from real names)
     keys = [g if g else f"\x00{p}" for g, p in zip(groups, df["path"], strict=True)]
-    # sources with data.sources.<name>.split = train go to train whole; the others share the ratios
-    train_only = {name for name, src in params.data.sources.items() if src.split == "train"}
+    # sources with data.sources.<name>.split = train or pretrain go to train whole; the others share the ratios
+    train_only = {name for name, src in params.data.sources.items() if src.split in ("train", "pretrain")}
     fixed = df["source"].isin(train_only).to_numpy()
     if "train" not in ratios and fixed.any():
-        raise ValueError(f"data.sources {sorted(train_only)} have split: train, but split has no train ratio")
+        raise ValueError(f"data.sources {sorted(train_only)} have split: train or pretrain, but split has no "
+                         "train ratio")
     rest = np.flatnonzero(~fixed)
     splits = np.full(len(df), "train", dtype=object)
     splits[rest] = assign_splits([labels[i] for i in rest], [keys[i] for i in rest], ratios, params.seed)

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,27 @@ def train_table(params: Params) -> pd.DataFrame:
 def split_table(params: Params, split: str) -> pd.DataFrame:
     df = files.read_table(params.path(params.paths.splits), ("path", "label", "split"), "splits file", "kfer split")
     return df[df["split"] == split].reset_index(drop=True)
+
+
+def phase_tables(params: Params, table: pd.DataFrame, datasets: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pretraining rows, the other rows) of a train table; ``datasets``: each row's ``data.sources`` name.
+    Rows of a source with ``split: pretrain`` are trained on in the first phase only (``train.pretrain_epochs``)."""
+    sources = params.pretrain_sources
+    if not sources:
+        return table.iloc[:0], table
+    pre = datasets.isin(sources).to_numpy()
+    return table[pre].reset_index(drop=True), table[~pre].reset_index(drop=True)
+
+
+def manifest_datasets(params: Params, manifest: pd.DataFrame) -> pd.Series:
+    """The ``data.sources`` name of each augmented-manifest row, from ``splits.csv`` (the manifest's ``source``
+    column is the cropped image a row was made from)."""
+    splits = files.read_table(params.path(params.paths.splits), ("path", "source"), "splits file", "kfer split")
+    out = manifest["source"].map(dict(zip(splits["path"], splits["source"], strict=True)))
+    if out.isna().any():
+        raise ValueError(f"{int(out.isna().sum())} rows of the augmented manifest are not in {params.paths.splits}:"
+                         " re-run kfer augment")
+    return out
 
 
 def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
@@ -258,9 +280,10 @@ def _StepLearningRate(params: Params, steps_per_epoch: int):  # noqa: N802 - a c
     return StepLR()
 
 
-def callbacks(params: Params, checkpoint: Path, extra: list | None = None, steps_per_epoch: int = 0) -> list:
-    """Schedule, LR logging, early stopping, best checkpoint, then ``extra``. ``steps_per_epoch`` (batches per
-    epoch) is needed by the warm-up and the cosine schedule, which set the rate per batch."""
+def callbacks(params: Params, checkpoint: Path | None, extra: list | None = None, steps_per_epoch: int = 0) -> list:
+    """Schedule, LR logging, early stopping, best checkpoint (unless ``checkpoint`` is None), then ``extra``.
+    ``steps_per_epoch`` (batches per epoch) is needed by the warm-up and the cosine schedule, which set the rate
+    per batch."""
     import keras
 
     cfg = params.train
@@ -277,8 +300,9 @@ def callbacks(params: Params, checkpoint: Path, extra: list | None = None, steps
     if cfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                  patience=cfg.early_stopping_patience, verbose=0))
-    cbs.append(keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,
-                                               save_best_only=True, verbose=0))
+    if checkpoint is not None:
+        cbs.append(keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,
+                                                   save_best_only=True, verbose=0))
     return cbs + (extra or [])
 
 
@@ -309,6 +333,60 @@ def strip_for_serving(model, params: Params | None = None):
     return with_flip_tta(clean) if params is not None and params.model.tta_flip else clean
 
 
+# --- pretraining ------------------------------------------------------------------------------------------
+
+def pretrain_params(params: Params) -> Params:
+    """The params of the pretraining phase: ``train.pretrain_epochs`` epochs, the same optimizer and learning
+    rate, a warm-up of ``train.warmup_epochs`` (at most all epochs but the last) and the cosine schedule when
+    ``train.lr_schedule`` is cosine, else a constant rate (plateau needs validation scores, and the
+    pretraining phase is not validated). No early stopping, no checkpoint: its last weights start the main phase."""
+    cfg = params.train
+    epochs = cfg.pretrain_epochs
+    return params.updated({"train": {
+        "epochs": epochs, "warmup_epochs": min(cfg.warmup_epochs, epochs - 1),
+        "lr_schedule": "cosine" if cfg.lr_schedule == "cosine" else "none", "early_stopping_patience": 0}})
+
+
+@dataclass
+class Pretraining:
+    """The first phase of :func:`fit`: ``dataset`` (:func:`make_dataset` of ``params`` =
+    :func:`pretrain_params`, from ``backup.epoch``), its class weights, its backup (a :class:`resume.TrainBackup`
+    of its own, resumed by epoch like the main phase) and extra callbacks (e.g. MLflow logging). ``fit`` fills in
+    ``history`` and ``seconds``."""
+
+    params: Params
+    dataset: object
+    class_weight: dict | None = None
+    backup: resume.TrainBackup | None = None
+    extra_callbacks: list = field(default_factory=list)
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seconds: float = 0.0
+
+
+def _pretrain(model, phase: Pretraining, verbose: int) -> None:
+    """Fit ``model`` for the pretraining phase (or restore its finished state from the backup)."""
+    pre, backup = phase.params, phase.backup
+    epochs = pre.train.epochs
+    if backup and backup.done:
+        backup.restore_into(model)
+        log.info("train: pretraining finished in an earlier attempt: its weights restored from %s", backup.dir)
+    else:
+        first = backup.epoch if backup else 0
+        steps = int(phase.dataset.cardinality()) // (epochs - first)
+        cbs = callbacks(pre, None, phase.extra_callbacks, steps)
+        if backup:
+            cbs.append(backup.callback(cbs, "loss", backup.seconds))
+        log.info("train: pretraining, %d epoch(s) of %d batches", epochs, steps)
+        t0 = time.perf_counter()
+        hist = model.fit(phase.dataset, epochs=epochs, steps_per_epoch=steps, initial_epoch=first,
+                         class_weight=phase.class_weight, shuffle=False, callbacks=cbs, verbose=verbose)
+        model._initial_epoch = None  # set by a resuming BackupAndRestore: Keras would start the main phase there
+        if not backup:
+            phase.history, phase.seconds = pd.DataFrame(hist.history), time.perf_counter() - t0
+    if backup:
+        phase.history, phase.seconds = backup.history(), backup.seconds
+
+
 # --- the stage ----------------------------------------------------------------------------------------------
 
 def fit(
@@ -321,12 +399,15 @@ def fit(
     verbose: int = 2,
     strategy=None,
     backup: resume.TrainBackup | None = None,
+    pretrain: Pretraining | None = None,
 ):
     """Build, compile and fit; returns (best model, history DataFrame, seconds). Used by train and tune.
 
     ``train_ds`` is :func:`make_dataset`'s training dataset (from ``backup.epoch`` when resuming). ``strategy``:
     made by the caller before its datasets (:func:`kfer.distribute.strategy`), else here. ``backup``: resume
-    from and back up into it (the history and seconds then cover every attempt)."""
+    from and back up into it (the history and seconds then cover every attempt). ``pretrain``: a first phase
+    on other rows (its own history and seconds); the main phase then starts from its weights with a fresh
+    optimizer. A resumed main phase (``backup.epoch`` > 0) restores its own weights and skips it."""
     import keras
 
     from .model import build_from_params
@@ -342,6 +423,10 @@ def fit(
         if cfg.xla and not model.jit_compile:
             log.warning("train.xla: Keras did not jit-compile this model (a layer does not support XLA)")
         first = backup.epoch if backup else 0
+        if pretrain is not None and not first and not (backup and backup.done):
+            _pretrain(model, pretrain, verbose)
+            with strategy.scope():  # a fresh optimizer (and schedule) for the main phase
+                model = compile_model(model, params, jit=cfg.xla)
         ckpt = backup.checkpoint_pattern() if backup else workdir / "best.keras"
         seconds = backup.seconds if backup else 0.0
         if backup and backup.done:
@@ -381,15 +466,22 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
     cfg = params.train
     strategy = distribute.strategy(params)  # first: refuses TF_CONFIG at once; made before any dataset
     batch = distribute.global_batch(params, strategy)
-    train_df = train_table(params)
+    manifest = train_table(params)
     val_df = split_table(params, "val")
+    pre_df, train_df = (phase_tables(params, manifest, manifest_datasets(params, manifest))
+                        if params.pretrain_sources else (manifest.iloc[:0], manifest))
     if train_df.empty:
         raise ValueError("the train set is empty: check the crop and split reports")
     if val_df.empty:
         raise ValueError("the val split is empty: check split ratios (split.val) and the split report")
-    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)",
-             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync)
-    backup = resume.TrainBackup(params, resume.fingerprint(params, train_df, val_df, batch))
+    if params.pretrain_sources and pre_df.empty:
+        raise ValueError(f"train.pretrain_epochs: the data.sources with split: pretrain "
+                         f"({', '.join(params.pretrain_sources)}) have no train images: check the crop report")
+    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)%s",
+             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync,
+             f"; first {cfg.pretrain_epochs} epoch(s) on {len(pre_df)} pretraining images" if len(pre_df) else "")
+    fp = resume.fingerprint(params, manifest, val_df, batch)
+    backup = resume.TrainBackup(params, fp)
     tags = {"kfer.stage": "train"}
     if backup.run_id:
         tags["kfer.resumed_after_epoch"] = str(backup.epoch)
@@ -405,9 +497,10 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         weights = class_weights(params, train_df) if cfg.class_weights else None
         train_ds = make_dataset(params, train_df, training=True, batch_size=batch, first_epoch=backup.epoch)
         val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
+        pretrain = _pretraining(params, pre_df, fp, batch, run.info.run_id) if len(pre_df) else None
         mlflow_cb = mlflow.keras.MlflowCallback()
         model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb], strategy=strategy,
-                                      backup=backup)
+                                      backup=backup, pretrain=pretrain)
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
         # scored on a compiled copy: compiling `clean` itself would save an optimizer into the served model
@@ -425,7 +518,14 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             "train_images": int(len(train_df)),
             "val_images": int(len(val_df)),
         }
-        mlflow.log_metrics(metrics)
+        if pretrain is not None:
+            last = pretrain.history.iloc[-1] if len(pretrain.history) else {}
+            metrics.update({"pretrain_images": int(len(pre_df)), "pretrain_epochs": int(len(pretrain.history)),
+                            "pretrain_seconds": round(pretrain.seconds, 2),
+                            "pretrain_loss": float(last.get("loss", float("nan"))),
+                            "pretrain_accuracy": float(last.get("accuracy", float("nan")))})
+        # pretrain_loss/accuracy are logged per epoch already (their last value is the report's)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("pretrain_loss", "pretrain_accuracy")})
 
         history_png = tmp / "training_curves.png"
         plots.plot_history(history, history_png)
@@ -461,6 +561,26 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         seconds, run.info.run_id,
     )
     return {**metrics, "run_id": run.info.run_id}
+
+
+def _pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id: str) -> Pretraining:
+    """The pretraining phase of ``kfer train``: its dataset (resumed by epoch from its backup in the ``pretrain``
+    sub-folder of the run's), class weights, and its per-epoch metrics logged to MLflow as ``pretrain_*``."""
+    import keras
+    import mlflow
+
+    pre = pretrain_params(params)
+    backup = resume.TrainBackup(pre, fp, sub="pretrain")
+    if backup.state is None or backup.run_id != run_id:
+        backup.begin(run_id)
+
+    class LogPretrain(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics({f"pretrain_{k}": float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+    return Pretraining(pre, make_dataset(pre, table, training=True, batch_size=batch, first_epoch=backup.epoch),
+                       class_weights(pre, table) if params.train.class_weights else None, backup, [LogPretrain()],
+                       history=backup.history(), seconds=backup.seconds)
 
 
 def log_datasets(params: Params, tables: dict) -> None:

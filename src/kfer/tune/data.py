@@ -28,11 +28,16 @@ DISK_MARGIN = 256 << 20
 def trial_table(params: Params) -> pd.DataFrame:
     """The train split of ``splits.csv``, each image as copy 0 (itself) and copies 1..``augment.copies``.
 
-    The same rows, in the same order, as the ``augment`` stage's manifest (which holds the files instead).
+    The same rows, in the same order, as the ``augment`` stage's manifest (which holds the files instead), less
+    the pretraining sources' (``split: pretrain``): trials train without the pretraining phase.
     """
-    from ..train import split_table
+    from ..train import phase_tables, split_table
 
     train = split_table(params, "train")
+    pre, train = phase_tables(params, train, train["source"])
+    if len(pre):
+        log.info("tune: trials leave out the %d pretraining images (%s): they train from scratch on the others",
+                 len(pre), ", ".join(params.pretrain_sources))
     train = train[train["label"].isin(params.class_names) & ~train["path"].duplicated()].reset_index(drop=True)
     if train.empty:
         raise TuneError("the train split is empty: check the crop and split reports")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import selection, tracking
-from ..config import Params, _deep_merge
+from ..config import Params
 from .data import OnTheFlyAugment, decoded_images, trial_table
 from .study import (MAX_CONSECUTIVE_FAILURES, MODEL_URI_ATTR, PARENT_TAG, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
                     SURPLUS_ATTR, TRIAL_TAG, WORKER_ATTR, TuneError, counts, fail_stale, is_surplus)
@@ -64,9 +64,7 @@ def with_values(params: Params, values: dict[str, Any]) -> Params:
     over.setdefault("train", {})["monitor"] = params.tune.metric
     if params.tune.epochs is not None:
         over["train"]["epochs"] = params.tune.epochs
-    new = Params.model_validate(_deep_merge(params.model_dump(mode="json"), over))
-    new._root = params.root
-    return new
+    return params.updated(over)
 
 
 
