@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Does the blurred FER2013 train copy help as pretraining? Two trainings side by side on one split.
 
-The project is the one ``real_faces.py --blurred train`` builds (its ``make_project``; crop and split run as the
-``kfer`` commands), so the blurred 28k sit in the train split beside the sharp train faces. The same model (the
+The project is the one ``real_faces.py --blurred pretrain`` builds (its ``make_project``; crop and split run as
+the ``kfer`` commands), so the blurred 28k sit in the train split beside the sharp train faces. The same model (the
 recipe of ``real_faces.py``) is trained twice, in memory, with kfer's own pieces (``kfer.model``,
 ``kfer.train.make_dataset`` with the tuning path's on-the-fly augmentation and decoded store, the recipe's
 optimizer, schedule, label smoothing and class weights):
@@ -38,12 +38,6 @@ import real_faces as rf  # noqa: E402
 BLURRED = "fer2013_blurred"
 
 
-def with_copies(df: pd.DataFrame, copies: int) -> pd.DataFrame:
-    out = df.loc[df.index.repeat(copies + 1), ["path", "label", "group"]].reset_index(drop=True)
-    out["copy"] = np.tile(np.arange(copies + 1), len(df))
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created, or reused)")
@@ -62,7 +56,7 @@ def main(argv=None) -> int:
 def run(root: Path, args) -> int:
     if not (root / "data" / "splits.csv").exists():
         root.mkdir(parents=True, exist_ok=True)
-        rf.make_project(root, argparse.Namespace(blurred="train", overrides={}))
+        rf.make_project(root, argparse.Namespace(blurred="pretrain", pretrain_epochs=args.pre_epochs, overrides={}))
         for stage in ("crop", "split"):
             rf.kfer(root, stage, log=root / "pretrain.log")
 
@@ -74,13 +68,14 @@ def run(root: Path, args) -> int:
     from kfer.model import build_from_params
     from kfer.train import callbacks, class_weights, compile_model, make_dataset
     from kfer.tune import OnTheFlyAugment, decoded_images
+    from kfer.tune.data import trial_table
 
     base = load_params(root / "params.yaml")
     names = base.class_names
     splits = pd.read_csv(root / "data" / "splits.csv", dtype=str, keep_default_na=False)
     train = splits[splits["split"] == "train"].reset_index(drop=True)
     blurred = train[train["source"] == BLURRED].reset_index(drop=True)
-    sharp = with_copies(train[train["source"] != BLURRED].reset_index(drop=True), base.augment.copies)
+    sharp = trial_table(base)  # the other train faces and their copies (the blurred source has split: pretrain)
     pre = blurred[["path", "label", "group"]].copy()
     pre["copy"] = np.arange(len(pre)) % 2  # every other blurred face augmented
     val = splits[splits["split"] == "val"].reset_index(drop=True)
@@ -99,8 +94,7 @@ def run(root: Path, args) -> int:
         return out
 
     def phase(model, table: pd.DataFrame, epochs: int, report: bool) -> float:
-        p = base.model_copy(update={"train": base.train.model_copy(update={"epochs": epochs})})
-        p._root = base.root
+        p = base.updated({"train": {"epochs": epochs}})
         ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength),
                           pixels=decoded_images(p, table))
         compile_model(model, p)  # a fresh optimizer per phase

@@ -6,6 +6,9 @@ cropped, never augmented). The test split is not read here. Outputs for DVC: ``p
 ``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
 into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
 (per-epoch, for ``dvc plots``).
+
+With ``train.pretrain_epochs`` the manifest rows of the ``data.sources`` with ``split: pretrain`` are trained on
+first, alone (:class:`Pretraining`, its own backup), and the other rows after, with a fresh optimizer.
 """
 
 from __future__ import annotations
