@@ -70,18 +70,29 @@ def test_pretraining_runs_first_on_its_rows_and_resumes_after_sigkill_in_either_
     assert [m.step for m in client.get_metric_history(run_id, "pretrain_loss")] == [0, 1]
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1, 2]
 
-    # killed in the pretraining phase, then in the main phase: each attempt continues where the last one ended
+    # killed in the pretraining phase, at the start of the main phase (pretraining finished, no main epoch yet),
+    # then later in the main phase: each attempt continues where the last one ended
     code, out = _train(killed.root, kill_at="Epoch 2/2")
     assert code == -signal.SIGKILL, "\n".join(out[-30:])
     backup = killed.path(killed.paths.train_backup)
     assert json.loads((backup / "pretrain" / "state.json").read_text())["epoch"] == 1
-    code, out = _train(killed.root, kill_at="Epoch 2/3")
+    code, out = _train(killed.root, kill_at="Epoch 1/3")
     assert code == -signal.SIGKILL, "\n".join(out[-30:])
-    assert _epoch_lines(out) == ["Epoch 2/2", "Epoch 1/3", "Epoch 2/3"], "\n".join(out)  # pretraining epoch 1 not redone
+    assert _epoch_lines(out) == ["Epoch 2/2", "Epoch 1/3"], "\n".join(out)  # pretraining epoch 1 not redone
+    assert json.loads((backup / "pretrain" / "state.json").read_text())["epoch"] == 2
+    code, out = _train(killed.root, kill_at="Epoch 3/3")
+    assert code == -signal.SIGKILL, "\n".join(out[-30:])
+    assert _epoch_lines(out) == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"], "\n".join(out)  # restored, not refit
+    assert any("pretraining finished in an earlier attempt" in line for line in out), "\n".join(out)
     code, out = _train(killed.root)
     assert code == 0, "\n".join(out[-30:])
-    assert _epoch_lines(out) == ["Epoch 2/3", "Epoch 3/3"]  # the finished pretraining is not redone either
+    assert _epoch_lines(out) == ["Epoch 3/3"]  # a resumed main phase does not pretrain again either
     assert not backup.exists()
+    killed_run = json.loads(killed.path(killed.paths.train_run).read_text())["run_id"]
+    killed_client = mlflow.MlflowClient(tracking.tracking_uri(killed))  # one MLflow run over the four attempts
+    assert killed_client.get_run(killed_run).data.tags["kfer.resumed_after_epoch"] == "2"
+    assert [m.step for m in killed_client.get_metric_history(killed_run, "pretrain_loss")] == [0, 1]
+    assert [m.step for m in killed_client.get_metric_history(killed_run, "val_loss")] == [0, 1, 2]
 
     pd.testing.assert_frame_equal(pd.read_csv(killed.path(killed.paths.history)),
                                   pd.read_csv(ref.path(ref.paths.history)), rtol=1e-5, atol=1e-6)
