@@ -245,8 +245,9 @@ def parse(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
     ap.add_argument("--blurred", choices=["train", "pretrain", "off"], default="off",
-                    help="FER2013's blurred train copy: not used (default: it made every sharp val score worse at "
-                         "the same training time), for training only, or for a pretraining phase only")
+                    help="FER2013's blurred train copy: not used (default: as training data it made every sharp val "
+                         "score worse at the same training time; as a pretraining phase at full length it gained "
+                         "nothing above the run-to-run spread), for training only, or for a pretraining phase only")
     ap.add_argument("--pretrain-epochs", type=int, default=1,
                     help="with --blurred pretrain: train.pretrain_epochs (epochs over the blurred faces and their "
                          "augment.copies copies)")
