@@ -605,7 +605,7 @@ def part_d(args, tf, root: Path) -> dict:
           + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))
     same = all(same.values())
 
-    def identity(image, index):
+    def identity(image, index, epoch):
         return image
 
     feeds["identity-fn"] = make_dataset(params, trial, training=True, augment=identity)

@@ -213,7 +213,7 @@ def test_decode_workers_change_speed_only(tmp_path, make_params):
     def batches(workers, training):
         params = project(workers)
         assert decode_workers(params) == (len(os.sched_getaffinity(0)) if workers == "auto" else workers)
-        flip = (lambda img, key: img[:, ::-1].copy()) if training else None  # through the augment map too
+        flip = (lambda img, key, epoch: img[:, ::-1].copy()) if training else None  # through the augment map too
         ds = make_dataset(params, table, training=training, augment=flip)
         # training: one dataset holds both epochs (each in its own order); val: one pass, read twice
         return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(1 if training else 2)]

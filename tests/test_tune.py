@@ -147,6 +147,48 @@ def test_on_the_fly_augmentation_is_the_augment_stage(project):
     assert n_batches == params.train.epochs * -(-len(table) // params.train.batch_size)
 
 
+def test_fresh_augmentation_draws_new_copies_every_epoch(project):
+    """train.fresh_augmentation: kfer train reads each manifest row's crop and augments it on the fly; epoch 1 is
+    byte for byte the stage's files, later epochs new draws of the copies (the originals unchanged), a run resumed
+    at epoch 2 sees the uninterrupted run's batches, and the option off trains on the files as they are."""
+    import tensorflow as tf
+
+    from kfer.train import augmentation, make_dataset, train_table
+
+    params = project({"train": {"fresh_augmentation": True, "epochs": 3}})
+    manifest = train_table(params)
+    rows, fn = augmentation(params, manifest)
+    assert list(rows["path"]) == list(manifest["source"]) and list(rows["copy"]) == list(manifest["copy"])
+    off_rows, off_fn = augmentation(project(), manifest)
+    assert off_fn is None and off_rows is manifest  # off: the stage's files as they are
+
+    def epochs(ds, n_epochs):
+        per = -(-len(rows) // params.train.batch_size)
+        xs = [x.numpy()[..., 0].astype(np.uint8) for x, _ in ds]
+        assert len(xs) == n_epochs * per
+        return [np.concatenate(xs[i * per:(i + 1) * per]) for i in range(n_epochs)]
+
+    fresh = epochs(make_dataset(params, rows, training=True, augment=fn), 3)
+    stage = epochs(make_dataset(params, manifest, training=True), 3)
+    np.testing.assert_array_equal(fresh[0], stage[0])  # epoch 1: the augment stage's files
+    copies = manifest["copy"].astype(int).to_numpy()
+    changed = []
+    for e in (1, 2):
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(rows), dtype=tf.int64),
+                                                         seed=[params.seed, e]).numpy()
+        for j, i in enumerate(order):
+            if copies[i] == 0:  # the original crop, every epoch
+                np.testing.assert_array_equal(fresh[e][j], stage[e][j])
+            else:
+                changed.append(not np.array_equal(fresh[e][j], stage[e][j]))
+    assert len(changed) == 2 * int((copies > 0).sum()) and np.mean(changed) > 0.9
+    assert not np.array_equal(fresh[1], fresh[2])  # epoch 3 draws again
+
+    resumed = epochs(make_dataset(params, rows, training=True, augment=fn, first_epoch=1), 2)
+    for a, b in zip(resumed, fresh[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(project):
     params = project()
     table = tune.trial_table(params)

@@ -267,6 +267,31 @@ def augment_image(
     return _add_noise(out, sigma, standard_normal, overwrite=True)  # the field is ours: its buffer is reused
 
 
+class OnTheFlyAugment:
+    """``fn(image_uint8, row, epoch)`` for :func:`kfer.train.make_dataset` over a table with ``path`` (the cropped
+    image, as in splits.csv) and ``copy`` columns: row ``i`` is the image itself (copy 0) or
+    :func:`augment_image` with ``rng_for(seed, path, copy)`` at ``strength``, byte for byte what the stage writes
+    for that strength. ``fresh`` (``train.fresh_augmentation``): in epoch ``e`` copy ``k`` is drawn as copy
+    ``k + e · augment.copies``, so every epoch sees new augmentations; epoch 0 sees the stage's."""
+
+    def __init__(self, params: Params, table: pd.DataFrame, strength: float, fresh: bool = False) -> None:
+        self.cfg = params.augment
+        self.seed = params.seed
+        self.strength = float(strength)
+        self.fresh = bool(fresh)
+        self.paths = list(table["path"])
+        self.copies = table["copy"].to_numpy(dtype=np.int64)
+
+    def __call__(self, image: np.ndarray, index, epoch=0) -> np.ndarray:
+        i = int(index)
+        k = int(self.copies[i])
+        if k == 0:
+            return np.asarray(image, dtype=np.uint8)
+        if self.fresh:
+            k += int(epoch) * self.cfg.copies
+        return augment_image(image, rng_for(self.seed, self.paths[i], k), self.cfg, self.strength)
+
+
 # --- the stage ---------------------------------------------------------------------------------------------
 
 _WORKER: dict = {}

@@ -237,6 +237,9 @@ class TrainCfg(_Strict):
     # others (a fresh optimizer between); 0 = no pretraining phase
     pretrain_epochs: int = Field(0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0.0)
+    # new augmented copies every epoch, made on the fly from the cropped originals (epoch 1: the augment stage's
+    # files); false: every epoch trains on the stage's files
+    fresh_augmentation: bool = False
     class_weights: bool = True
     # false (float32) | float16 | bfloat16: the compute dtype of training; variables and the served model stay
     # float32. true means float16.

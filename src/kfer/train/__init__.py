@@ -29,12 +29,12 @@ import pandas as pd
 
 from .. import distribute, files, resume, selection, tracking
 from ..config import Params
-from .data import (class_weights, decode_workers, label_indices, make_dataset, manifest_datasets, mixup,
-                   phase_tables, split_table, steps_per_epoch, train_table)
+from .data import (augmentation, class_weights, decode_workers, label_indices, make_dataset, manifest_datasets,
+                   mixup, phase_tables, split_table, steps_per_epoch, train_table)
 from .pretrain import Pretraining, pretrain_params, pretraining, run_pretraining
 from .schedule import callbacks, compile_model, lr_at, make_optimizer
 
-__all__ = ["Pretraining", "callbacks", "class_weights", "compile_model", "decode_workers", "fit", "label_indices",
+__all__ = ["Pretraining", "augmentation", "callbacks", "class_weights", "compile_model", "decode_workers", "fit", "label_indices",
            "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup", "phase_tables",
            "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table", "steps_per_epoch",
            "strip_for_serving", "train_table"]
@@ -163,7 +163,9 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             mlflow.log_params({"train.global_batch_size": batch, "train.replicas": strategy.num_replicas_in_sync})
             backup.begin(run.info.run_id)
         weights = class_weights(params, train_df) if cfg.class_weights else None
-        train_ds = make_dataset(params, train_df, training=True, batch_size=batch, first_epoch=backup.epoch)
+        rows, augment = augmentation(params, train_df)  # the stage's files, or new copies each epoch
+        train_ds = make_dataset(params, rows, training=True, augment=augment, batch_size=batch,
+                                first_epoch=backup.epoch)
         val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
         pretrain = pretraining(params, pre_df, fp, batch, run.info.run_id) if len(pre_df) else None
         mlflow_cb = mlflow.keras.MlflowCallback()

@@ -45,6 +45,19 @@ def manifest_datasets(params: Params, manifest: pd.DataFrame) -> pd.Series:
     return out
 
 
+def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Callable | None]:
+    """(rows, augment) for :func:`make_dataset` over rows of the augmented manifest: the stage's files as they are
+    (no augment), or with ``train.fresh_augmentation`` each row read from its cropped original (``source``) and
+    augmented on the fly with new draws every epoch (:class:`kfer.augment.OnTheFlyAugment`; epoch 0 is byte for
+    byte the stage's files)."""
+    if not params.train.fresh_augmentation:
+        return table, None
+    from ..augment import OnTheFlyAugment
+
+    rows = table.assign(path=table["source"]).reset_index(drop=True)
+    return rows, OnTheFlyAugment(params, rows, params.augment.strength, fresh=True)
+
+
 def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
     index = {name: i for i, name in enumerate(params.class_names)}
     unknown = sorted(set(labels) - set(index))
@@ -68,7 +81,7 @@ def make_dataset(
     params: Params,
     table: pd.DataFrame,
     training: bool,
-    augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    augment: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
     first_epoch: int = 0,
@@ -77,9 +90,10 @@ def make_dataset(
     """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
 
     Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)); ``batch_size`` defaults to ``train.batch_size``
-    (pass the global batch under a distribution strategy). ``augment(image_uint8, row)`` is an optional numpy
-    function applied to every image (on-the-fly augmentation for tuning; ``row`` is its row of ``table``), called
-    for a whole batch at a time in one ``tf.numpy_function``. The maps run ``train.decode_workers`` calls in
+    (pass the global batch under a distribution strategy). ``augment(image_uint8, row, epoch)`` is an optional
+    numpy function applied to every image (on-the-fly augmentation, :class:`kfer.augment.OnTheFlyAugment`; ``row``
+    is its row of ``table``, ``epoch`` the epoch's number, 0 outside training), called for a whole batch at a time
+    in one ``tf.numpy_function``. The maps run ``train.decode_workers`` calls in
     parallel, in order (``deterministic=True``): the batches do not depend on it.
 
     ``pixels`` = (images, which): the decoded images (uint8 (M, S, S, C), e.g. the memory-mapped store of
@@ -112,13 +126,13 @@ def make_dataset(
         img = tf.ensure_shape(img, (size, size, channels))
         return img, labels_t[idx], idx
 
-    def augment_batch(images, rows):
+    def augment_batch(images, rows, e):
         # one Python call per batch, not per image: tf.numpy_function costs ~0.2 ms of CPU a call
         # (benchmarks/bench_train.py part d, identity-fn)
-        return np.stack([np.asarray(augment(img, row), dtype=np.uint8) for img, row in zip(images, rows)])
+        return np.stack([np.asarray(augment(img, row, e), dtype=np.uint8) for img, row in zip(images, rows)])
 
-    def aug(img, label, idx):
-        out = tf.numpy_function(augment_batch, [img, idx], tf.uint8, stateful=False)
+    def aug(img, label, idx, e):
+        out = tf.numpy_function(augment_batch, [img, idx, e], tf.uint8, stateful=False)
         return tf.ensure_shape(out, (None, size, size, channels)), label, idx
 
     if pixels is not None:
@@ -128,24 +142,25 @@ def make_dataset(
             raise ValueError(f"pixels: {len(which)} rows of {store.shape[1:]} images for a table of {len(paths)} "
                              f"rows of {(size, size, channels)}")
 
-        def gather_batch(rows):  # the store's pages are read here, in parallel calls (numpy releases the GIL)
+        def gather_batch(rows, e):  # the store's pages are read here, in parallel calls (numpy releases the GIL)
             out = np.empty((len(rows), size, size, channels), np.uint8)
             for j, row in enumerate(rows):
                 img = store[which[row]]
-                out[j] = img if augment is None else augment(img, row)
+                out[j] = img if augment is None else augment(img, row, e)
             return out
 
-        def gather(idx):
-            out = tf.numpy_function(gather_batch, [idx], tf.uint8, stateful=False)
+        def gather(idx, e):
+            out = tf.numpy_function(gather_batch, [idx, e], tf.uint8, stateful=False)
             return tf.ensure_shape(out, (None, size, size, channels)), tf.gather(labels_t, idx), idx
 
-    def one_pass(rows):
+    def one_pass(rows, e):
         if pixels is not None:
-            ds = rows.batch(batch).map(gather, num_parallel_calls=workers, deterministic=True)
+            ds = rows.batch(batch).map(lambda idx: gather(idx, e), num_parallel_calls=workers, deterministic=True)
         else:
             ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
         if augment is not None and pixels is None:
-            ds = ds.map(aug, num_parallel_calls=workers, deterministic=True)
+            ds = ds.map(lambda img, label, idx: aug(img, label, idx, e), num_parallel_calls=workers,
+                        deterministic=True)
         if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
             ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
                         num_parallel_calls=workers, deterministic=True)
@@ -159,13 +174,13 @@ def make_dataset(
         def epoch(e):
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
-            return one_pass(tf.data.Dataset.from_tensor_slices(order))
+            return one_pass(tf.data.Dataset.from_tensor_slices(order), e)
 
         remaining = max(params.train.epochs - first_epoch, 0)
         ds = tf.data.Dataset.range(first_epoch, first_epoch + remaining).flat_map(epoch)
         ds = ds.apply(tf.data.experimental.assert_cardinality(remaining * steps_per_epoch(n, batch)))
     else:
-        ds = one_pass(tf.data.Dataset.range(n))
+        ds = one_pass(tf.data.Dataset.range(n), tf.constant(0, tf.int64))
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
     # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
     # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.

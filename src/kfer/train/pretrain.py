@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import resume
 from ..config import Params
-from .data import class_weights, make_dataset
+from .data import augmentation, class_weights, make_dataset
 from .schedule import callbacks
 
 log = logging.getLogger("kfer.train")
@@ -86,6 +86,8 @@ def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id
         def on_epoch_end(self, epoch, logs=None):
             mlflow.log_metrics({f"pretrain_{k}": float(v) for k, v in (logs or {}).items()}, step=epoch)
 
-    return Pretraining(pre, make_dataset(pre, table, training=True, batch_size=batch, first_epoch=backup.epoch),
+    rows, augment = augmentation(pre, table)
+    return Pretraining(pre, make_dataset(pre, rows, training=True, augment=augment, batch_size=batch,
+                                         first_epoch=backup.epoch),
                        class_weights(pre, table) if params.train.class_weights else None, backup, [LogPretrain()],
                        history=backup.history(), seconds=backup.seconds)

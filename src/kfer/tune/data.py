@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import files
+from ..augment import OnTheFlyAugment  # noqa: F401 - kfer.tune's name for it
 from ..config import Params
 from .study import TuneError
 
@@ -45,28 +46,6 @@ def trial_table(params: Params) -> pd.DataFrame:
     out = train.loc[train.index.repeat(k), ["path", "label", "group"]].reset_index(drop=True)
     out["copy"] = np.tile(np.arange(k), len(train))
     return out
-
-
-class OnTheFlyAugment:
-    """``fn(image_uint8, row_index)`` for :func:`kfer.train.make_dataset`: row ``i`` of :func:`trial_table` is
-    the image itself (copy 0) or :func:`kfer.augment.augment_image` with ``rng_for(seed, path, copy)`` at
-    ``strength``: byte for byte what the augment stage writes for that strength."""
-
-    def __init__(self, params: Params, table: pd.DataFrame, strength: float) -> None:
-        self.cfg = params.augment
-        self.seed = params.seed
-        self.strength = float(strength)
-        self.paths = list(table["path"])
-        self.copies = table["copy"].to_numpy(dtype=np.int64)
-
-    def __call__(self, image: np.ndarray, index) -> np.ndarray:
-        from ..augment import augment_image, rng_for
-
-        i = int(index)
-        k = int(self.copies[i])
-        if k == 0:
-            return np.asarray(image, dtype=np.uint8)
-        return augment_image(image, rng_for(self.seed, self.paths[i], k), self.cfg, self.strength)
 
 
 # --- the train split decoded once ----------------------------------------------------------------------------

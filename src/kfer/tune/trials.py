@@ -118,8 +118,8 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
 
     metric = p.tune.metric
     table = ctx.train_df
-    train_ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength),
-                            pixels=ctx.pixels)
+    augment = OnTheFlyAugment(p, table, p.augment.strength, fresh=p.train.fresh_augmentation)  # as kfer train
+    train_ds = make_dataset(p, table, training=True, augment=augment, pixels=ctx.pixels)
     val_ds = make_dataset(p, ctx.val_df, training=False)
     weights = class_weights(p, table) if p.train.class_weights else None
     reporter = _reporter(trial, metric, p.train.epochs)
