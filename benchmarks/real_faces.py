@@ -90,7 +90,7 @@ SOURCES = {
 KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("train.mixup_alpha", 0.0),
          "weight_decay": ("train.weight_decay", 0.0), "warmup_epochs": ("train.warmup_epochs", 0),
          "tta_flip": ("model.tta_flip", False), "class_weights": ("train.class_weights", False),
-         "cosine": ("train.lr_schedule", "plateau")}
+         "cosine": ("train.lr_schedule", "plateau"), "fresh_augmentation": ("train.fresh_augmentation", False)}
 # the recipe (what the measurements chose; see the README, "Accuracy on real faces")
 RECIPE = {
     "crop": {"image_size": 48, "workers": 0},
@@ -99,6 +99,7 @@ RECIPE = {
               "tta_flip": True},
     "train": {"epochs": 40, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
               "optimizer": "adamw", "weight_decay": 0.0005, "label_smoothing": 0.1, "mixup_alpha": 0.0,
+              "fresh_augmentation": True,
               "early_stopping_patience": 0, "experiment": "real-faces", "registered_model": "kfer-real-faces"},
 }
 
