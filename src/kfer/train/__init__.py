@@ -1,8 +1,9 @@
 """The ``train`` stage: fit the custom ResNet50 on the augmented train set, select by a validation metric,
 track everything in MLflow.
 
-Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies) and ``paths.splits`` (val rows,
-cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
+Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies; with
+``train.fresh_augmentation`` the copies are drawn anew each epoch from the originals) and ``paths.splits`` (val
+rows, cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
 ``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
 into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
 (per-epoch, for ``dvc plots``).
@@ -34,10 +35,10 @@ from .data import (augmentation, class_weights, decode_workers, label_indices, m
 from .pretrain import Pretraining, pretrain_params, pretraining, run_pretraining
 from .schedule import callbacks, compile_model, lr_at, make_optimizer
 
-__all__ = ["Pretraining", "augmentation", "callbacks", "class_weights", "compile_model", "decode_workers", "fit", "label_indices",
-           "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup", "phase_tables",
-           "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table", "steps_per_epoch",
-           "strip_for_serving", "train_table"]
+__all__ = ["Pretraining", "augmentation", "callbacks", "class_weights", "compile_model", "decode_workers", "fit",
+           "label_indices", "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup",
+           "phase_tables", "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table",
+           "steps_per_epoch", "strip_for_serving", "train_table"]
 
 log = logging.getLogger(__name__)
 
