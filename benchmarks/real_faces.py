@@ -97,7 +97,7 @@ RECIPE = {
     "augment": {"copies": 2, "workers": 0},
     "model": {"stem": "compact", "blocks": [2, 2, 2], "base_width": 16, "head_units": 256, "head_dropout": 0.3,
               "tta_flip": True},
-    "train": {"epochs": 40, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
+    "train": {"epochs": 60, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
               "optimizer": "adamw", "weight_decay": 0.0005, "label_smoothing": 0.1, "mixup_alpha": 0.0,
               "fresh_augmentation": True,
               "early_stopping_patience": 0, "experiment": "real-faces", "registered_model": "kfer-real-faces"},
