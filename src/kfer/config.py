@@ -111,8 +111,10 @@ class SourceCfg(_Strict):
     detector: Detector | None = None  # None: crop.detector
     # auto: the source's persons are spread over split.train/val/test; train: all its images train, none are
     # validated or tested on (a degraded source, e.g. FER2013's blurred copy, that should not pick the model);
-    # pretrain: as train, but its images are trained on only in a first phase (train.pretrain_epochs)
-    split: Literal["auto", "train", "pretrain"] = "auto"
+    # pretrain: as train, but its images are trained on only in a first phase (train.pretrain_epochs);
+    # heldout: none train, its persons are spread over val and test in the ratio split.val : split.test (a test
+    # set kept whole for scoring, e.g. FER2013's PublicTest beside its Training split as a split: train source)
+    split: Literal["auto", "train", "pretrain", "heldout"] = "auto"
 
 
 #: params.yaml's data.label_map: AI Hub's Korean folder names and FER2013's English ones onto the class names

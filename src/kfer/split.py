@@ -249,15 +249,25 @@ def run_split(params: Params) -> dict[str, Any]:
     labels, groups = df["label"].tolist(), df["group"].tolist()
     # an image without a group is its own person (the "\x00" prefix keeps these apart from real names)
     keys = [g if g else f"\x00{p}" for g, p in zip(groups, df["path"], strict=True)]
-    # sources with data.sources.<name>.split = train or pretrain go to train whole; the others share the ratios
+    # sources with data.sources.<name>.split = train or pretrain go to train whole, heldout ones to val and test;
+    # the others share the ratios
     train_only = {name for name, src in params.data.sources.items() if src.split in ("train", "pretrain")}
     fixed = df["source"].isin(train_only).to_numpy()
     if "train" not in ratios and fixed.any():
         raise ValueError(f"data.sources {sorted(train_only)} have split: train or pretrain, but split has no "
                          "train ratio")
-    rest = np.flatnonzero(~fixed)
+    heldout_sources = {name for name, src in params.data.sources.items() if src.split == "heldout"}
+    heldout = df["source"].isin(heldout_sources).to_numpy()
+    held_ratios = {s: ratios[s] for s in ("val", "test") if ratios.get(s, 0) > 0}
+    if heldout.any() and not held_ratios:
+        raise ValueError(f"data.sources {sorted(heldout_sources)} have split: heldout, but split has no val or test "
+                         "ratio")
+    rest = np.flatnonzero(~fixed & ~heldout)
     splits = np.full(len(df), "train", dtype=object)
     splits[rest] = assign_splits([labels[i] for i in rest], [keys[i] for i in rest], ratios, params.seed)
+    held = np.flatnonzero(heldout)
+    if len(held):  # persons of a held-out source: val and test only, in the ratio split.val : split.test
+        splits[held] = assign_splits([labels[i] for i in held], [keys[i] for i in held], held_ratios, params.seed)
     out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "source": df["source"],
                         "split": splits}, columns=OUTPUT_COLUMNS)
 
