@@ -75,7 +75,7 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     repo.mkdir()
     _run(repo, "git", "init", "-q")
     copy_repo_files(repo, ["params.yaml", "dvc.yaml", "data.dvc", "dvc-storage", ".dvc/config", ".dvcignore",
-                           ".gitignore", "src"])
+                           ".gitignore", "src", "models/init"])
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "init")
 
@@ -165,7 +165,7 @@ def test_dvc_exp_temp_queue_and_mlflow_run_log_into_the_main_stores(tmp_path, co
     repo.mkdir()
     _run(repo, "git", "init", "-q")
     copy_repo_files(repo, ["params.yaml", "dvc.yaml", "data.dvc", "dvc-storage", ".dvc/config", ".dvcignore",
-                           ".gitignore", "src", "MLproject"])
+                           ".gitignore", "src", "MLproject", "models/init"])
     for key, value in SMALL.items():
         _set_param(repo, key, value)
     _set_param(repo, "train.epochs", 1)

@@ -299,10 +299,10 @@ def test_run_split_carries_the_source(tmp_path):
 
 
 def test_a_train_only_source_trains_whole_and_leaves_the_others_split_as_before(tmp_path):
-    """data.sources.<name>.split = train (FER2013's blurred copy): all of it in train, never validated on; the
+    """data.sources.<name>.split = train (e.g. FER2013's Training split): all of it in train, never validated on; the
     other sources' assignment is the one they get without it."""
     rows = []
-    for src, n_persons in (("sharp", 10), ("blurred", 6)):
+    for src, n_persons in (("sharp", 10), ("public", 6)):
         for p in range(n_persons):
             for lab in CLASSES:
                 rows.append({"path": f"data/cropped/{lab}/{src}_{p:02d}.png", "source": src, "label": lab,
@@ -311,12 +311,12 @@ def test_a_train_only_source_trains_whole_and_leaves_the_others_split_as_before(
     text = (tmp_path / "params.yaml").read_text(encoding="utf-8")
     assert "  sources: {}\n" in text
     (tmp_path / "params.yaml").write_text(text.replace(
-        "  sources: {}\n", "  sources: {sharp: {layout: folders}, blurred: {layout: folders, split: train}}\n"),
+        "  sources: {}\n", "  sources: {sharp: {layout: folders}, public: {layout: folders, split: train}}\n"),
         encoding="utf-8")
     report = run_split(load_params(tmp_path / "params.yaml"))
     df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
-    assert (df.loc[df.source == "blurred", "split"] == "train").all()
-    assert report["per_source"]["val"]["blurred"] == report["per_source"]["test"]["blurred"] == 0
+    assert (df.loc[df.source == "public", "split"] == "train").all()
+    assert report["per_source"]["val"]["public"] == report["per_source"]["test"]["public"] == 0
     assert report["counts"]["train"] == int((df.split == "train").sum())
 
     (tmp_path / "alone").mkdir()

@@ -96,6 +96,9 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     assert getattr(saved, "optimizer", None) is None  # weights only: no optimizer state (3x the size) in the served model
     history = params.path(params.paths.history).read_text().splitlines()
     assert history[0].startswith("epoch,") and len(history) == 3
+    # train.pixel_cache (the default): the train images were read from the store decoded once, not from PNGs
+    (store,) = params.path(params.paths.pixel_store).glob("*.npy")
+    assert np.load(store, mmap_mode="r").shape[0] == full["train_images"]
 
 
 def test_crashing_run_ends_failed(tiny_project):

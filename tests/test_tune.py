@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from kfer import files, tracking, tune
 from kfer.config import load_params
+from kfer.pixels import PixelStoreError
 
 from .conftest import REPO, prepare_demo, write_params
 
@@ -153,7 +154,7 @@ def test_fresh_augmentation_draws_new_copies_every_epoch(project):
     at epoch 2 sees the uninterrupted run's batches, and the option off trains on the files as they are."""
     import tensorflow as tf
 
-    from kfer.train import augmentation, make_dataset, train_table
+    from kfer.train import augmentation, decoded_pixels, make_dataset, train_table
 
     params = project({"train": {"fresh_augmentation": True, "epochs": 3}})
     manifest = train_table(params)
@@ -188,11 +189,24 @@ def test_fresh_augmentation_draws_new_copies_every_epoch(project):
     for a, b in zip(resumed, fresh[1:], strict=True):
         np.testing.assert_array_equal(a, b)
 
+    # as kfer train reads them (train.pixel_cache): the crops decoded once, the same bytes every epoch
+    pixels, none = decoded_pixels(params, rows, rows.iloc[:0])
+    assert none is None and len(pixels[0]) == len(set(rows["path"])) < len(rows)
+    for a, b in zip(epochs(make_dataset(params, rows, training=True, augment=fn, pixels=pixels), 3), fresh,
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    off = project({"train": {"epochs": 3}})  # fixed copies: the stage's files decoded once
+    pixels, _ = decoded_pixels(off, manifest, manifest.iloc[:0])
+    assert len(pixels[0]) == len(manifest)
+    for a, b in zip(epochs(make_dataset(off, manifest, training=True, pixels=pixels), 3), stage, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert decoded_pixels(project({"train": {"pixel_cache": False}}), rows, rows.iloc[:0]) == (None, None)
+
 
 def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(project):
     params = project()
     table = tune.trial_table(params)
-    folder = params.path(params.paths.tune_pixels)
+    folder = params.path(params.paths.pixel_store)
     old_umask = os.umask(0o027)
     try:
         store, which = tune.decoded_images(params, table)
@@ -217,7 +231,7 @@ def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(
     np.testing.assert_array_equal(store[3, :, :, 0], 255 - img)
 
     victim.write_bytes(b"not a png")  # a broken image: one clear line, no store left behind
-    with pytest.raises(tune.TuneError, match=re.escape(unique[3]) + ".*cannot decode"):
+    with pytest.raises(PixelStoreError, match=re.escape(unique[3]) + ".*cannot decode"):
         tune.decoded_images(params, table)
     assert not list(folder.glob("*.npy")) and not list(folder.glob(".*tmp*"))
 

@@ -68,7 +68,8 @@ class PathsCfg(_Strict):
     tune_best: Path = Path("tune/best_params.yaml")
     tune_summary: Path = Path("tune/summary.json")
     train_backup: Path = Path(".kfer/train-backup")
-    tune_pixels: Path = Path(".kfer/tune-pixels")  # tune: the train split decoded once (tune.pixel_cache)
+    init_models: Path = Path("models/init")  # train: local .keras files train.init_from may name (a dvc.yaml dep)
+    pixel_store: Path = Path(".kfer/pixels")  # train and tune: the train images decoded once (pixels.py)
     # headline DVC metrics: a few numbers per stage (`dvc metrics show`); the full reports above are plain files
     crop_headline: Path = Path("metrics/crop.json")
     split_headline: Path = Path("metrics/split.json")
@@ -110,7 +111,7 @@ class SourceCfg(_Strict):
     group: GroupCfg | None = None  # None: data.group
     detector: Detector | None = None  # None: crop.detector
     # auto: the source's persons are spread over split.train/val/test; train: all its images train, none are
-    # validated or tested on (a degraded source, e.g. FER2013's blurred copy, that should not pick the model);
+    # validated or tested on (e.g. FER2013's Training split, which has no person ids to split by);
     # pretrain: as train, but its images are trained on only in a first phase (train.pretrain_epochs);
     # heldout: none train, its persons are spread over val and test in the ratio split.val : split.test (a test
     # set kept whole for scoring, e.g. FER2013's PublicTest beside its Training split as a split: train source)
@@ -242,6 +243,12 @@ class TrainCfg(_Strict):
     # new augmented copies every epoch, made on the fly from the cropped originals (epoch 1: the augment stage's
     # files); false: every epoch trains on the stage's files
     fresh_augmentation: bool = False
+    # read the train images' pixels from the store decoded once (paths.pixel_store) instead of decoding each PNG
+    # every epoch: the same batches, byte for byte
+    pixel_cache: bool = True
+    # start from a trained model's weights: models:/name@alias, models:/name/version, runs:/<run id>/<path>, or a
+    # .keras file; the head is rebuilt when the class list or the head size differs. None: from scratch
+    init_from: str | None = None
     class_weights: bool = True
     # false (float32) | float16 | bfloat16: the compute dtype of training; variables and the served model stay
     # float32. true means float16.
@@ -336,7 +343,7 @@ class TuneCfg(_Strict):
     heartbeat_interval: int = Field(60, ge=1)
     grace_period: int = Field(180, ge=1)
     retry_stale: int = Field(1, ge=0)
-    pixel_cache: bool = True                 # decode the train split once per study (paths.tune_pixels)
+    pixel_cache: bool = True                 # trials read the train split decoded once (paths.pixel_store)
 
     @property
     def direction(self) -> str:

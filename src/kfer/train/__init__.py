@@ -32,11 +32,14 @@ from .. import distribute, files, resume, selection, tracking
 from ..config import Params
 from .data import (augmentation, class_weights, decode_workers, label_indices, make_dataset, manifest_datasets,
                    mixup, phase_tables, split_table, steps_per_epoch, train_table)
+from .init import InitWeights
+from .init import apply as init_weights
+from .init import load as load_init
 from .pretrain import Pretraining, pretrain_params, pretraining, run_pretraining
 from .schedule import callbacks, compile_model, lr_at, make_optimizer
 
-__all__ = ["Pretraining", "augmentation", "callbacks", "class_weights", "compile_model", "decode_workers", "fit",
-           "label_indices", "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup",
+__all__ = ["InitWeights", "Pretraining", "augmentation", "callbacks", "class_weights", "compile_model",
+           "decode_workers", "decoded_pixels", "fit", "init_weights", "label_indices", "load_init", "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup",
            "phase_tables", "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table",
            "steps_per_epoch", "strip_for_serving", "train_table"]
 
@@ -69,6 +72,7 @@ def fit(
     strategy=None,
     backup: resume.TrainBackup | None = None,
     pretrain: Pretraining | None = None,
+    init: InitWeights | None = None,
 ):
     """Build, compile and fit; returns (best model, history DataFrame, seconds). Used by train and tune.
 
@@ -76,7 +80,8 @@ def fit(
     made by the caller before its datasets (:func:`kfer.distribute.strategy`), else here. ``backup``: resume
     from and back up into it (the history and seconds then cover every attempt). ``pretrain``: a first phase
     on other rows (its own history and seconds); the main phase then starts from its weights with a fresh
-    optimizer. A resumed main phase (``backup.epoch`` > 0) restores its own weights and skips it."""
+    optimizer. A resumed main phase (``backup.epoch`` > 0) restores its own weights and skips it. ``init``: the
+    model of ``train.init_from`` (:func:`kfer.train.init.load`), whose weights the new model starts from."""
     import keras
 
     from ..model import build_from_params
@@ -88,7 +93,10 @@ def fit(
     distribute.set_policy(params)
     try:
         with strategy.scope():
-            model = compile_model(build_from_params(params), params, jit=cfg.xla)
+            model = build_from_params(params)
+            if init is not None:
+                init_weights(model, init, params)
+            model = compile_model(model, params, jit=cfg.xla)
         if cfg.xla and not model.jit_compile:
             log.warning("train.xla: Keras did not jit-compile this model (a layer does not support XLA)")
         first = backup.epoch if backup else 0
@@ -151,7 +159,8 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
              f"; first {cfg.pretrain_epochs} epoch(s) on {len(pre_df)} pretraining images" if len(pre_df) else "")
     fp = resume.fingerprint(params, manifest, val_df, batch)
     backup = resume.TrainBackup(params, fp)
-    tags = {"kfer.stage": "train"}
+    init = load_init(params)  # train.init_from, before the run: a bad source is one line, no empty run
+    tags = {"kfer.stage": "train", **(init.tags() if init else {})}
     if backup.run_id:
         tags["kfer.resumed_after_epoch"] = str(backup.epoch)
 
@@ -165,13 +174,15 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             backup.begin(run.info.run_id)
         weights = class_weights(params, train_df) if cfg.class_weights else None
         rows, augment = augmentation(params, train_df)  # the stage's files, or new copies each epoch
+        pre_rows = augmentation(pretrain_params(params), pre_df)[0] if len(pre_df) else pre_df
+        pixels, pre_pixels = decoded_pixels(params, rows, pre_rows)
         train_ds = make_dataset(params, rows, training=True, augment=augment, batch_size=batch,
-                                first_epoch=backup.epoch)
+                                first_epoch=backup.epoch, pixels=pixels)
         val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
-        pretrain = pretraining(params, pre_df, fp, batch, run.info.run_id) if len(pre_df) else None
+        pretrain = pretraining(params, pre_df, fp, batch, run.info.run_id, pre_pixels) if len(pre_df) else None
         mlflow_cb = mlflow.keras.MlflowCallback()
         model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb], strategy=strategy,
-                                      backup=backup, pretrain=pretrain)
+                                      backup=backup, pretrain=pretrain, init=init)
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
         # scored on a compiled copy: compiling `clean` itself would save an optimizer into the served model
@@ -218,7 +229,9 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         os.replace(tmp_model, model_path)
         with files.atomic_file(params.path(params.paths.history)) as fh:
             history.to_csv(fh, index=False)
-        files.write_json(params.path(params.paths.train_metrics), metrics)
+        files.write_json(params.path(params.paths.train_metrics), metrics if init is None else {
+            **metrics, "init_from": {"spec": init.spec, "source": init.source, "layers_loaded": len(init.loaded),
+                                     "rebuilt": init.rebuilt}})
         files.write_json(params.path(params.paths.train_headline), {  # DVC metrics: the selected epoch's scores
             "val_accuracy": metrics["best_val_accuracy"], "val_macro_f1": metrics["best_val_macro_f1"]})
         files.write_json(params.path(params.paths.train_run), {
@@ -233,6 +246,19 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
     )
     return {**metrics, "run_id": run.info.run_id}
 
+
+
+def decoded_pixels(params: Params, rows: pd.DataFrame, pre_rows: pd.DataFrame):
+    """``make_dataset``'s ``pixels`` for the main phase's rows and the pretraining phase's (None, None with
+    ``train.pixel_cache`` off): one store of both tables' images (:func:`kfer.pixels.decoded_images`), so that the
+    two phases do not replace each other's."""
+    if not params.train.pixel_cache:
+        return None, None
+    from ..pixels import decoded_images
+
+    store, which = decoded_images(params, pd.concat([rows[["path"]], pre_rows[["path"]]], ignore_index=True))
+    n = len(rows)
+    return (store, which[:n]), ((store, which[n:]) if len(pre_rows) else None)
 
 
 def log_datasets(params: Params, tables: dict) -> None:

@@ -97,7 +97,7 @@ def make_dataset(
     parallel, in order (``deterministic=True``): the batches do not depend on it.
 
     ``pixels`` = (images, which): the decoded images (uint8 (M, S, S, C), e.g. the memory-mapped store of
-    :func:`kfer.tune.data.decoded_images`) and, per row of ``table``, its index in them. The rows' pixels are then
+    :func:`kfer.pixels.decoded_images`) and, per row of ``table``, its index in them. The rows' pixels are then
     read from there in the batch's numpy function instead of decoding a PNG per row: the same batches, byte for
     byte, when the store holds the decoded files.
 

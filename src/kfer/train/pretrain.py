@@ -71,9 +71,11 @@ def run_pretraining(model, phase: Pretraining, verbose: int) -> None:
 
 
 
-def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id: str) -> Pretraining:
+def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id: str,
+                pixels: tuple | None = None) -> Pretraining:
     """The pretraining phase of ``kfer train``: its dataset (resumed by epoch from its backup in the ``pretrain``
-    sub-folder of the run's), class weights, and its per-epoch metrics logged to MLflow as ``pretrain_*``."""
+    sub-folder of the run's; ``pixels``: its rows' decoded images, see :func:`make_dataset`), class weights, and
+    its per-epoch metrics logged to MLflow as ``pretrain_*``."""
     import keras
     import mlflow
 
@@ -88,6 +90,6 @@ def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id
 
     rows, augment = augmentation(pre, table)
     return Pretraining(pre, make_dataset(pre, rows, training=True, augment=augment, batch_size=batch,
-                                         first_epoch=backup.epoch),
+                                         first_epoch=backup.epoch, pixels=pixels),
                        class_weights(pre, table) if params.train.class_weights else None, backup, [LogPretrain()],
                        history=backup.history(), seconds=backup.seconds)

@@ -76,6 +76,7 @@ class Context:
     train_df: pd.DataFrame
     val_df: pd.DataFrame
     pixels: tuple[np.ndarray, np.ndarray] | None = None  # train_df's images decoded (tune.pixel_cache)
+    init: Any = None  # train.init_from's model (kfer.train.InitWeights): every trial starts from its weights
 
 
 def _reporter(trial, metric: str, epochs: int):
@@ -123,7 +124,7 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
     val_ds = make_dataset(p, ctx.val_df, training=False)
     weights = class_weights(p, table) if p.train.class_weights else None
     reporter = _reporter(trial, metric, p.train.epochs)
-    model, history, seconds = fit(p, train_ds, val_ds, weights, workdir, [reporter], verbose=0)
+    model, history, seconds = fit(p, train_ds, val_ds, weights, workdir, [reporter], verbose=0, init=ctx.init)
     run_metrics = {"epochs_run": int(len(history)), "train_seconds": round(seconds, 2),
                    "train_images": int(len(table)), "val_images": int(len(ctx.val_df))}
     col = history[metric]
@@ -246,12 +247,12 @@ def work(ctx: Context, study, budget: int, deadline: float | None) -> int:
 
 
 def context(params: Params, study_name: str, parent_run_id: str) -> Context:
-    from ..train import split_table
+    from ..train import load_init, split_table
 
     val_df = split_table(params, "val")
     if val_df.empty:
         raise TuneError("the val split is empty: check split ratios (split.val) and the split report")
     table = trial_table(params)
     pixels = decoded_images(params, table) if params.tune.pixel_cache else None
-    return Context(params, study_name, parent_run_id, table, val_df, pixels)
+    return Context(params, study_name, parent_run_id, table, val_df, pixels, load_init(params))
 
