@@ -95,7 +95,7 @@ from bench_crop import _busy_cpu_s, machine_info, wait_idle  # noqa: E402
 from tfeid_project import write_params  # noqa: E402
 
 SAMPLE_S = 0.1  # psutil sampling period of the process-tree memory
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src")  # copied into every project (dvc.yaml's deps)
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src", "models/init")  # copied into every project (dvc.yaml's deps)
 PARTS = ("stages", "log_input", "startup")
 PER_IMAGE_TARGET = 1.15  # per-image cost, largest N / smallest N
 MEMORY_TARGET = 0.10  # peak memory within ±10% across N

