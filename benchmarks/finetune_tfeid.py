@@ -125,11 +125,9 @@ def run(args, root: Path, public_model: Path, public_sources: list[str]) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, by_split in results.items():
         v, t = by_split["val"], by_split["test"]
+        train_s = f"{times[name]:.0f}" if name in times else ""
         print(f"| {name} | {v['n']} | {v['kfer_accuracy']:.3f} | {v['kfer_macro_f1']:.3f} | {t['n']} | "
-              f"{t['kfer_accuracy']:.3f} | {t['kfer_macro_f1']:.3f} | "
-              f"{times[name]:.0f} |" if name in times else
-              f"| {name} | {v['n']} | {v['kfer_accuracy']:.3f} | {v['kfer_macro_f1']:.3f} | {t['n']} | "
-              f"{t['kfer_accuracy']:.3f} | {t['kfer_macro_f1']:.3f} | |")
+              f"{t['kfer_accuracy']:.3f} | {t['kfer_macro_f1']:.3f} | {train_s} |")
     print(f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min")
     (root / "finetune.json").write_text(json.dumps({"public": str(public_model), "public_sources": public_sources,
                                                     "epochs": epochs, "finetune_lr": args.finetune_lr,

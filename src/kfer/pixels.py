@@ -57,8 +57,8 @@ def pixel_store_key(params: Params, paths: list[str]) -> str:
         try:
             st = os.stat(params.path(p))
         except FileNotFoundError:
-            raise PixelStoreError(f"train image {p} is missing: run `dvc repro split` (or kfer crop and kfer split) "
-                            "again") from None
+            raise PixelStoreError(f"train image {p} is missing: run `dvc repro split` (or kfer crop and kfer "
+                                  "split) again") from None
         h.update(f"{p}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
@@ -117,11 +117,11 @@ def _build_store(params: Params, paths: list[str], target: Path, shape: tuple[in
             try:
                 img = _decode(os.fspath(path), channels)
             except OSError:
-                raise PixelStoreError(f"train image {paths[i]}: cannot decode it: run `dvc repro split` (or kfer crop) "
-                                "again") from None
+                raise PixelStoreError(f"train image {paths[i]}: cannot decode it: run `dvc repro split` (or kfer "
+                                      "crop) again") from None
             if img.shape != (size, size, channels):
                 raise PixelStoreError(f"train image {paths[i]} is {img.shape[1]}x{img.shape[0]}, not the crop size "
-                                f"{size}x{size} of params.yaml: run `dvc repro split` (or kfer crop) again")
+                                      f"{size}x{size} of params.yaml: run `dvc repro split` (or kfer crop) again")
             out[i] = img
 
         def block(start: int) -> int:
@@ -144,4 +144,3 @@ def _build_store(params: Params, paths: list[str], target: Path, shape: tuple[in
         raise
     log.info("decoded %d train images once into %s (%.0f MiB): training reads their pixels from there", shape[0],
              target, nbytes / 2**20)
-

@@ -30,8 +30,8 @@ import pandas as pd
 
 from .. import distribute, files, resume, selection, tracking
 from ..config import Params
-from .data import (augmentation, class_weights, decode_workers, label_indices, make_dataset, manifest_datasets,
-                   mixup, phase_tables, split_table, steps_per_epoch, train_table)
+from .data import (augmentation, class_weights, decode_workers, decoded_pixels, label_indices, make_dataset,
+                   manifest_datasets, mixup, phase_tables, split_table, steps_per_epoch, train_table)
 from .init import InitWeights
 from .init import apply as init_weights
 from .init import load as load_init
@@ -39,9 +39,10 @@ from .pretrain import Pretraining, pretrain_params, pretraining, run_pretraining
 from .schedule import callbacks, compile_model, lr_at, make_optimizer
 
 __all__ = ["InitWeights", "Pretraining", "augmentation", "callbacks", "class_weights", "compile_model",
-           "decode_workers", "decoded_pixels", "fit", "init_weights", "label_indices", "load_init", "log_datasets", "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup",
-           "phase_tables", "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table",
-           "steps_per_epoch", "strip_for_serving", "train_table"]
+           "decode_workers", "decoded_pixels", "fit", "init_weights", "label_indices", "load_init", "log_datasets",
+           "lr_at", "make_dataset", "make_optimizer", "manifest_datasets", "mixup", "phase_tables",
+           "pretrain_params", "pretraining", "run_pretraining", "run_train", "split_table", "steps_per_epoch",
+           "strip_for_serving", "train_table"]
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,13 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             backup.begin(run.info.run_id)
         weights = class_weights(params, train_df) if cfg.class_weights else None
         rows, augment = augmentation(params, train_df)  # the stage's files, or new copies each epoch
-        pre_rows = augmentation(pretrain_params(params), pre_df)[0] if len(pre_df) else pre_df
+        pre_rows, pre_augment = augmentation(pretrain_params(params), pre_df) if len(pre_df) else (pre_df, None)
         pixels, pre_pixels = decoded_pixels(params, rows, pre_rows)
         train_ds = make_dataset(params, rows, training=True, augment=augment, batch_size=batch,
                                 first_epoch=backup.epoch, pixels=pixels)
         val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
-        pretrain = pretraining(params, pre_df, fp, batch, run.info.run_id, pre_pixels) if len(pre_df) else None
+        pretrain = (pretraining(params, pre_rows, pre_augment, pre_pixels, fp, batch, run.info.run_id)
+                    if len(pre_df) else None)
         mlflow_cb = mlflow.keras.MlflowCallback()
         model, history, seconds = fit(params, train_ds, val_ds, weights, tmp, [mlflow_cb], strategy=strategy,
                                       backup=backup, pretrain=pretrain, init=init)
@@ -246,19 +248,6 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
     )
     return {**metrics, "run_id": run.info.run_id}
 
-
-
-def decoded_pixels(params: Params, rows: pd.DataFrame, pre_rows: pd.DataFrame):
-    """``make_dataset``'s ``pixels`` for the main phase's rows and the pretraining phase's (None, None with
-    ``train.pixel_cache`` off): one store of both tables' images (:func:`kfer.pixels.decoded_images`), so that the
-    two phases do not replace each other's."""
-    if not params.train.pixel_cache:
-        return None, None
-    from ..pixels import decoded_images
-
-    store, which = decoded_images(params, pd.concat([rows[["path"]], pre_rows[["path"]]], ignore_index=True))
-    n = len(rows)
-    return (store, which[:n]), ((store, which[n:]) if len(pre_rows) else None)
 
 
 def log_datasets(params: Params, tables: dict) -> None:

@@ -58,6 +58,19 @@ def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Cal
     return rows, OnTheFlyAugment(params, rows, params.augment.strength, fresh=True)
 
 
+def decoded_pixels(params: Params, rows: pd.DataFrame, pre_rows: pd.DataFrame):
+    """``make_dataset``'s ``pixels`` for the main phase's rows and the pretraining phase's (rows as
+    :func:`augmentation` gives them; (None, None) with ``train.pixel_cache`` off): one store of both tables'
+    images (:func:`kfer.pixels.decoded_images`), so that the two phases do not replace each other's."""
+    if not params.train.pixel_cache:
+        return None, None
+    from ..pixels import decoded_images
+
+    store, which = decoded_images(params, pd.concat([rows[["path"]], pre_rows[["path"]]], ignore_index=True))
+    n = len(rows)
+    return (store, which[:n]), ((store, which[n:]) if len(pre_rows) else None)
+
+
 def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
     index = {name: i for i, name in enumerate(params.class_names)}
     unknown = sorted(set(labels) - set(index))

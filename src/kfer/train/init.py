@@ -86,7 +86,7 @@ def load(params: Params) -> InitWeights | None:
         return None
     import keras
 
-    from ..model import HorizontalFlip  # noqa: F401 - registers kfer's layers for loading
+    from ..model import build_from_params  # importing kfer.model registers its layers for loading
 
     path = local_file(params)
     with tempfile.TemporaryDirectory(prefix="kfer-init-") as tmp:
@@ -106,8 +106,6 @@ def load(params: Params) -> InitWeights | None:
     if len(inner) == 1:  # the served flip-TTA wrapper: the classifier is its one inner model
         model = inner[0]
     init = InitWeights(spec, source, model, classes)
-    from ..model import build_from_params
-
     apply(build_from_params(params), init, params, quiet=True)
     return init
 
@@ -162,6 +160,10 @@ def _classes(folder: Path) -> list[str] | None:
     return None
 
 
+def _shapes(layer) -> list[tuple]:
+    return [tuple(w.shape) for w in layer.weights]
+
+
 def apply(model, init: InitWeights, params: Params, quiet: bool = False) -> None:
     """Copy ``init``'s weights into the freshly built ``model`` (same layer names); raise :class:`InitError`
     when the input or the backbone differ. Fills ``init.loaded`` and ``init.rebuilt``."""
@@ -176,8 +178,8 @@ def apply(model, init: InitWeights, params: Params, quiet: bool = False) -> None
     backbone = [n for n in ours if n not in (HEAD, OUTPUT)]
     extra = sorted(set(theirs) - set(ours) - {HEAD, OUTPUT})
     for name in backbone:
-        shapes = [tuple(w.shape) for w in ours[name].weights]
-        other = [tuple(w.shape) for w in theirs[name].weights] if name in theirs else None
+        shapes = _shapes(ours[name])
+        other = _shapes(theirs[name]) if name in theirs else None
         if other != shapes:
             what = "has no layer " + name if other is None else f"has {name} of shapes {other}, not {shapes}"
             raise InitError(f"train.init_from {init.spec} is another architecture: it {what} (set model.blocks, "
@@ -191,8 +193,7 @@ def apply(model, init: InitWeights, params: Params, quiet: bool = False) -> None
     init.loaded, init.rebuilt = list(backbone), []
 
     def same(name: str) -> bool:
-        return name in ours and name in theirs and [tuple(w.shape) for w in ours[name].weights] == \
-            [tuple(w.shape) for w in theirs[name].weights]
+        return name in ours and name in theirs and _shapes(ours[name]) == _shapes(theirs[name])
 
     keep_head = same(HEAD) or (HEAD not in ours and HEAD not in theirs)
     same_classes = init.classes is None or init.classes == params.class_names
@@ -205,13 +206,13 @@ def apply(model, init: InitWeights, params: Params, quiet: bool = False) -> None
             init.loaded.append(name)
         else:
             init.rebuilt.append(name)
+    if quiet:
+        return
     why = []
     if not keep_head:
         why.append("model.head_units differs")
     if not same_classes:
         why.append(f"the classes differ ({init.classes} → {params.class_names})")
-    if quiet:
-        return
     log.info("train.init_from %s (%s): %d layers' weights loaded%s", init.spec, init.source, len(init.loaded),
              f"; rebuilt {', '.join(init.rebuilt)} ({'; '.join(why) or 'other shapes'})" if init.rebuilt else
              ", the head included")

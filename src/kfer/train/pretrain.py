@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import resume
 from ..config import Params
-from .data import augmentation, class_weights, make_dataset
+from .data import class_weights, make_dataset
 from .schedule import callbacks
 
 log = logging.getLogger("kfer.train")
@@ -71,11 +71,12 @@ def run_pretraining(model, phase: Pretraining, verbose: int) -> None:
 
 
 
-def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id: str,
-                pixels: tuple | None = None) -> Pretraining:
-    """The pretraining phase of ``kfer train``: its dataset (resumed by epoch from its backup in the ``pretrain``
-    sub-folder of the run's; ``pixels``: its rows' decoded images, see :func:`make_dataset`), class weights, and
-    its per-epoch metrics logged to MLflow as ``pretrain_*``."""
+def pretraining(params: Params, rows: pd.DataFrame, augment, pixels: tuple | None, fp: str, batch: int,
+                run_id: str) -> Pretraining:
+    """The pretraining phase of ``kfer train``: its dataset (``rows``, ``augment``: :func:`augmentation` of its
+    rows under :func:`pretrain_params`; ``pixels``: their decoded images or None, see :func:`make_dataset`;
+    resumed by epoch from its backup in the ``pretrain`` sub-folder of the run's), class weights, and its
+    per-epoch metrics logged to MLflow as ``pretrain_*``."""
     import keras
     import mlflow
 
@@ -88,8 +89,7 @@ def pretraining(params: Params, table: pd.DataFrame, fp: str, batch: int, run_id
         def on_epoch_end(self, epoch, logs=None):
             mlflow.log_metrics({f"pretrain_{k}": float(v) for k, v in (logs or {}).items()}, step=epoch)
 
-    rows, augment = augmentation(pre, table)
     return Pretraining(pre, make_dataset(pre, rows, training=True, augment=augment, batch_size=batch,
                                          first_epoch=backup.epoch, pixels=pixels),
-                       class_weights(pre, table) if params.train.class_weights else None, backup, [LogPretrain()],
+                       class_weights(pre, rows) if params.train.class_weights else None, backup, [LogPretrain()],
                        history=backup.history(), seconds=backup.seconds)
