@@ -52,10 +52,10 @@ def write_params(root: Path, *overrides: dict | None):
 
 def prepare_demo(params, n_persons: int = 5, per_class: int = 2, seed: int = 1):
     """Synthetic demo photos → crop → split → augment, into the folders ``params`` names; returns ``params``."""
-    from kfer.augment import run_augment
-    from kfer.crop import run_crop
-    from kfer.demo import generate_demo
-    from kfer.split import run_split
+    from kfer.data.augment import run_augment
+    from kfer.data.crop import run_crop
+    from kfer.data.split import run_split
+    from kfer.demo.photos import generate_demo
 
     generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
                   n_persons=n_persons, per_class=per_class, seed=seed)
@@ -89,3 +89,21 @@ def copy_repo_files():
                 shutil.copy2(src, dest / name)
 
     return _copy
+
+
+def face_cropper(**settings):
+    """A :class:`kfer.data.faces.FaceCropper` of the repository's params.yaml ``crop`` settings, with ``settings``
+    (FaceCropper's field names) changed: the library has no defaults of its own."""
+    import dataclasses
+
+    from kfer.config import load_params
+    from kfer.data.faces import FaceCropper
+
+    return dataclasses.replace(FaceCropper.from_params(load_params(REPO / "params.yaml").crop), **settings)
+
+
+def augment_cfg(**settings):
+    """The repository's params.yaml ``augment`` section as an ``AugmentCfg``, with ``settings`` changed (validated)."""
+    from kfer.config import AugmentCfg, load_params
+
+    return AugmentCfg.model_validate({**load_params(REPO / "params.yaml").augment.model_dump(), **settings})

@@ -14,8 +14,7 @@ from click.testing import CliRunner
 
 from kfer.cli import _parse_sets, main
 from kfer.config import load_params
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 STAGES = {"crop", "split", "augment", "train", "evaluate", "register", "predict", "demo-data"}
 

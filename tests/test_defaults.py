@@ -1,67 +1,60 @@
-"""One source for every default: params.yaml. The typed config's field defaults (used when a key is left out of
-a params file) and the library defaults of ``FaceCropper`` must be params.yaml's values, so that no setting means
-one thing in params.yaml and another in code."""
+"""One home for every default: params.yaml. The typed config has no field defaults of its own (a key missing from
+params.yaml is an error naming it, never a value the code chose), and ``FaceCropper`` takes every setting from
+the config. The exceptions are the entries a user adds to a list or map (a class, a ``data.sources`` entry and its
+``group``): their optional keys are not params.yaml keys, so their defaults live in the schema alone."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
+import pytest
 import yaml
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
-from kfer.config import Params
-from kfer.faces import FaceCropper
+from kfer.config import ClassSpec, GroupCfg, Params, SourceCfg, load_params
+from kfer.data.faces import FaceCropper
+from kfer.errors import UserError
+from tests.conftest import REPO
 
-from .conftest import REPO
+ENTRIES = (ClassSpec, SourceCfg, GroupCfg)  # items of user lists and maps, not keys of params.yaml
 
 
-def _defaults(model: type[BaseModel], raw: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, code default, params.yaml value) for every field of ``model`` that has a default."""
-    out = []
+def _models(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, model) for ``model`` and every nested params model reached by field annotations."""
+    yield prefix, model
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        value = raw.get(name, PydanticUndefined) if isinstance(raw, dict) else PydanticUndefined
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
-            out.extend(_defaults(sub, value, f"{key}."))
-            continue
-        default = field.get_default(call_default_factory=True)
-        if default is PydanticUndefined or value is PydanticUndefined:
-            continue
-        if isinstance(default, BaseModel):
-            default = default.model_dump(mode="json")
-        out.append((key, default, value))
-    return out
+        for sub in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(sub, type) and issubclass(sub, BaseModel) and sub not in ENTRIES:
+                yield from _models(sub, f"{prefix}{name}.")
 
 
-def _same(a, b) -> bool:
-    a = yaml.safe_load(yaml.safe_dump(_plain(a)))
-    b = yaml.safe_load(yaml.safe_dump(_plain(b)))
-    return a == b
+def test_the_config_has_no_defaults_of_its_own():
+    with_default = [f"{prefix}{name}" for prefix, model in _models(Params)
+                    for name, field in model.model_fields.items() if not field.is_required()]
+    assert not with_default, f"config fields with a code default (give the value in params.yaml): {with_default}"
+    assert len(list(_models(Params))) > 10
 
 
-def _plain(v):
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "as_posix"):
-        return v.as_posix()
-    return v
-
-
-def test_config_defaults_are_params_yaml_values():
+@pytest.mark.parametrize("key", ["train.epochs", "crop.margin", "tune.sampler.seed", "paths.pixel_store", "seed"])
+def test_a_key_left_out_of_params_yaml_is_named(tmp_path, key):
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    checked = _defaults(Params, raw)
-    differ = [(k, d, v) for k, d, v in checked if not _same(d, v)]
-    assert not differ, "config.py defaults that differ from params.yaml (key, code, params.yaml): " + repr(differ)
-    assert len(checked) > 60
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"missing key {key}\b"):
+        load_params(path)
 
 
-def test_face_cropper_defaults_are_params_yaml_values():
-    crop = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["crop"]
-    names = {"size": "image_size", "min_side": "min_image_side"}
-    fields = {f.name: f.default for f in dataclasses.fields(FaceCropper)}
-    differ = {k: (d, crop[names.get(k, k)]) for k, d in fields.items() if d != crop[names.get(k, k)]}
-    assert not differ, f"FaceCropper defaults vs params.yaml crop: {differ}"
+def test_face_cropper_takes_every_setting_from_the_config():
+    missing = [f.name for f in dataclasses.fields(FaceCropper)
+               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert not missing, f"FaceCropper fields with a default of their own: {missing}"
+    crop = load_params(REPO / "params.yaml").crop
+    cropper = FaceCropper.from_params(crop)
+    assert (cropper.size, cropper.margin, cropper.min_side, cropper.box) == (
+        crop.image_size, crop.margin, crop.min_image_side, crop.box)

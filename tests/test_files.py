@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kfer import files
+from kfer import errors, files
 
 
 @pytest.fixture
@@ -75,10 +75,9 @@ def test_atomic_outputs_follow_the_umask(tmp_path, umask, mask, dir_mode, file_m
                          [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)])
 def test_stage_outputs_follow_the_umask(tmp_path, umask, mask, dir_mode, file_mode):
     """Real stages: split (files) and augment (a folder of PNGs + manifest, written by worker code)."""
-    from kfer.augment import run_augment
-    from kfer.split import run_split
-
-    from .test_augment import make_project
+    from kfer.data.augment import run_augment
+    from kfer.data.split import run_split
+    from tests.data.test_augment import make_project
 
     params = make_project(tmp_path / "proj", workers=1, copies=1)
     umask(mask)
@@ -164,7 +163,7 @@ def test_parallel_map_is_lazy_reraises_and_stops_early():
 _KILLED_WORKER = """
 import os, signal, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kfer import files
+from kfer import errors, files
 import victim
 
 if __name__ == "__main__":
@@ -174,7 +173,7 @@ if __name__ == "__main__":
         for x in files.parallel_map(victim.die_on_37, range(10_000), workers=2, chunksize=4,
                                     workers_param="crop.workers"):
             got.append(x)
-    except files.WorkerDiedError as exc:
+    except errors.WorkerDiedError as exc:
         assert got == list(range(len(got))), got  # what came back before is in order
         print(f"{time.monotonic() - t0:.1f}s {exc}")
         sys.exit(0)
@@ -201,15 +200,15 @@ def test_a_worker_killed_by_sigkill_fails_the_stage_instead_of_hanging(tmp_path)
 def test_a_dead_worker_is_one_line_from_the_cli(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from kfer import cli, crop
-
-    from .conftest import write_params
+    from kfer import cli
+    from kfer.data import crop
+    from tests.conftest import write_params
 
     message = ("a worker process died (killed by SIGKILL, e.g. by the OOM killer) and the stage stopped: lower "
                "crop.workers (now 2 processes) so that the workers fit in memory, or free memory")
 
     def dying_crop(params):
-        raise files.WorkerDiedError(message)
+        raise errors.WorkerDiedError(message)
 
     monkeypatch.setattr(crop, "run_crop", dying_crop)
     write_params(tmp_path)

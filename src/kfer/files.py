@@ -32,7 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .config import KferError, MissingInputError, UserError
+from kfer.errors import WorkerDiedError
 
 TMP_MARK = ".tmp-"
 _UMASK_LOCK = threading.Lock()
@@ -134,41 +134,6 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
-def read_table(path: str | os.PathLike, required: Iterable[str], what: str, hint: str,
-               also: Iterable[str] | None = None):
-    """A stage's CSV contract (manifest, splits) as strings, with clear errors naming the stage to run.
-
-    ``hint`` is the command that makes the file, e.g. "kfer crop". With ``also``, only the ``required``
-    columns and those of ``also`` that the file has are read (a 500k-row manifest then costs what its reader
-    needs, not all its columns); without it, every column.
-    """
-    required = tuple(required)
-    wanted = None if also is None else {*required, *also}.__contains__
-    import pandas as pd
-
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{what} {path} not found: run {_stage_hint(hint)} first")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", usecols=wanted)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise UserError(f"{what} {path} is not a readable CSV ({reason}): re-run {_stage_hint(hint)}") from exc
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        has = list(pd.read_csv(path, nrows=0, encoding="utf-8").columns)
-        raise UserError(f"{what} {path} lacks column(s) {missing} (has {has}): re-run {_stage_hint(hint)}")
-    return df
-
-
-def _stage_hint(hint: str) -> str:
-    """``"kfer crop"`` -> ``"`dvc repro crop` (or `kfer crop`)"``: the stage that makes a file, both ways."""
-    words = hint.split()
-    if len(words) == 2 and words[0] == "kfer":
-        return f"`dvc repro {words[1]}` (or `{hint}`)"
-    return f"`{hint}`"
-
-
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write an image as PNG (deterministic bytes for the same pixels); works with non-ASCII paths.
 
@@ -219,10 +184,6 @@ def resolve_workers(workers: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
-
-
-class WorkerDiedError(KferError, RuntimeError):
-    """A worker process of :func:`parallel_map` died (typically killed by the OOM killer): the stage fails."""
 
 
 def _run_chunk(fn: Callable[[Any], Any], chunk: list) -> list:

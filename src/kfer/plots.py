@@ -114,7 +114,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    from .files import atomic_file  # a figure appears whole or not at all
+    from kfer.files import atomic_file  # a figure appears whole or not at all
 
     path = Path(path)
     with atomic_file(path, "wb") as fh:
@@ -251,7 +251,7 @@ def plot_timeline(
     step_s: float | None = None,
     max_panels: int = 6,
 ) -> Path:
-    """Each tracked face's class probabilities over time (a video, :mod:`kfer.video`): one panel per face id,
+    """Each tracked face's class probabilities over time (a video, :mod:`kfer.serving.video`): one panel per face id,
     one line per class (``class_labels``, e.g. "joy 기쁨"), the shared legend once.
 
     ``tracks``: id -> (times in s ``(n,)``, probabilities ``(n, n_classes)``). Lines break where a face was

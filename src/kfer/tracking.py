@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from .config import Params  # noqa: E402
+from kfer.config import Params, _deep_merge  # noqa: E402
 
 MODEL_URI_TAG = "kfer.model_uri"  # the photo model (pyfunc) logged by the run
 KERAS_URI_TAG = "kfer.keras_model_uri"
@@ -35,18 +36,42 @@ class Terminated(BaseException):
     """SIGTERM received (e.g. `dvc exp` queue cancel, a scheduler): the run ends KILLED."""
 
 
+def store_root(params: Params) -> Path:
+    """Where the MLflow and Optuna stores live: the root, except inside a ``dvc exp run --temp`` or queued
+    experiment, which runs in a copy of the repository under ``<repo>/.dvc/tmp/exps/`` that DVC deletes
+    afterwards; there the stores are the main repository's (DVC names it in ``DVC_ROOT``), so no run is
+    lost with the copy."""
+    main = os.environ.get("DVC_ROOT")
+    root = params.root.resolve()
+    if not main:
+        return params.root
+    main_path = Path(main).resolve()
+    temp = main_path / ".dvc" / "tmp"
+    if not root.is_relative_to(temp):
+        return params.root
+    copy = next((d for d in (root, *root.parents) if (d / ".dvc").is_dir() and d != main_path), None)
+    return main_path / root.relative_to(copy) if copy is not None and root.is_relative_to(copy) else main_path
+
+
+def store_path(params: Params, p: Path | str) -> Path:
+    """A store path of ``paths`` (``mlflow_db``, ``mlflow_artifacts``, ``optuna_db``) resolved against
+    :func:`store_root`."""
+    p = Path(p)
+    return p if p.is_absolute() else store_root(params) / p
+
+
 def tracking_uri(params: Params) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return "sqlite:///" + str(params.store_path(params.paths.mlflow_db).resolve())
+    return "sqlite:///" + str(store_path(params, params.paths.mlflow_db).resolve())
 
 
 def artifact_location(params: Params) -> str | None:
     """Artifact root for new experiments in the default store; a tracking server decides its own."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return None
-    return params.store_path(params.paths.mlflow_artifacts).resolve().as_uri()
+    return store_path(params, params.paths.mlflow_artifacts).resolve().as_uri()
 
 
 def setup(params: Params, experiment: str | None = None) -> str:
@@ -138,22 +163,118 @@ def flat_params(params: Params) -> dict[str, str]:
     return out
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     try:
         proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() if strip else proc.stdout
+
+
+_INTERPOLATION = re.compile(r"\$\{\s*([^${}\s]+)\s*\}")
+
+
+def _lookup(ctx: Any, dotted: str) -> Any:
+    node = ctx
+    for key in dotted.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def _stage_outputs(params: Params) -> list[Path]:
+    """The paths that the stages of ``dvc.yaml`` write (``outs``, ``metrics``, ``plots``), absolute. DVC deletes
+    them before it runs a stage, so they say nothing of what a run was started from. ``${...}`` resolves, as DVC
+    does, from params.yaml and the file's own ``vars``; an entry that does not resolve is left out (and so still
+    counts as dirty). No dvc.yaml, or one that cannot be read: no paths."""
+    root = params.root
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
+        return []
+    ctx: dict = params.model_dump(mode="json")
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        if isinstance(raw, dict):
+            ctx = _deep_merge(ctx, raw)
+    for var in spec.get("vars") or []:
+        if isinstance(var, dict):
+            ctx = _deep_merge(ctx, var)
+
+    def resolve(text: str) -> str | None:
+        try:
+            return _INTERPOLATION.sub(lambda m: str(_lookup(ctx, m.group(1))), text)
+        except KeyError:
+            return None
+
+    outputs: list[Path] = []
+    for stage in spec["stages"].values():
+        if not isinstance(stage, dict):
+            continue
+        stage = stage.get("do", stage) if isinstance(stage.get("do"), dict) else stage  # foreach/matrix
+        wdir = resolve(str(stage.get("wdir", "."))) or "."
+        for kind in ("outs", "metrics", "plots"):
+            entries = stage.get(kind) or []
+            for entry in entries if isinstance(entries, list) else []:
+                path = next(iter(entry), None) if isinstance(entry, dict) else entry
+                resolved = resolve(path) if isinstance(path, str) else None
+                if resolved:
+                    outputs.append(root / wdir / resolved)
+    return outputs
+
+
+def _dirty(params: Params) -> bool | None:
+    """Whether a tracked file differs from HEAD (``None``: git cannot tell). Outputs of the DVC stages do not
+    count: ``dvc repro`` deletes a stage's git-tracked outputs (reports, metrics) before it runs the stage, which
+    changes nothing the run is made from; code, params.yaml, dvc.yaml, dvc.lock and *.dvc files do count.
+    Untracked and ignored files never count."""
+    root = params.root
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=no", strip=False)  # paths from the top
+    if not status:
+        return None if status is None else False
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    top_path = Path(top).resolve()
+    outs = {out.resolve() for out in _stage_outputs(params)}
+    outs = {out.relative_to(top_path).as_posix() for out in outs if out.is_relative_to(top_path)}
+
+    def is_output(path: str) -> bool:
+        return any(path == o or path.startswith(o.rstrip("/") + "/") for o in outs)
+
+    fields = status.split("\0")
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        code, paths = entry[:2], [entry[3:]]
+        if "R" in code or "C" in code:  # a rename or copy: the source path follows
+            paths.append(fields[i] if i < len(fields) else "")
+            i += 1
+        if not all(is_output(p) for p in paths):
+            return True
+    return False
 
 
 def lineage_tags(params: Params) -> dict[str, str]:
-    """git commit + dirty flag, the raw data hash from data.dvc and the data stage outputs' hashes from dvc.lock."""
+    """git commit + dirty flag (see :func:`_dirty`), the raw data hash from data.dvc and the data stage outputs'
+    hashes from dvc.lock."""
     root = params.root
     tags: dict[str, str] = {}
     commit = _git(root, "rev-parse", "HEAD")
     tags["git.commit"] = commit or "unknown"
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    dirty = _dirty(params)
+    tags["git.dirty"] = "unknown" if dirty is None else str(dirty).lower()
 
     for dvc_file in sorted(root.glob("*.dvc")):
         with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
@@ -218,7 +339,7 @@ def tracked_run(
 def _check_outer_run(exp_id: str) -> None:
     """Under ``mlflow run`` (``MLFLOW_RUN_ID`` set), kfer logs into the run MLflow opened, which must be in
     kfer's experiment and store: otherwise one clear line says what to add, instead of MLflow's mismatch error."""
-    from .config import UserError
+    from kfer.errors import UserError
 
     outer = os.environ.get("MLFLOW_RUN_ID")
     if not outer:

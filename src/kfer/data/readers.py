@@ -1,0 +1,300 @@
+"""Turn a raw data folder into records (file, label, person, optional face box). No pixels are touched.
+
+Every path under the raw folder becomes exactly one :class:`Record`: photos, label files (status
+``label_file``), other files (``not_an_image``), broken symbolic links (``broken_link``), sockets and other
+non-files (``not_a_file``) and folders that cannot be listed (``unreadable_folder``). Nothing is dropped.
+
+Three layouts, one interface (:func:`read_records`):
+
+* ``aihub`` file names ``(title)_(gender)_(age)_(emotion)[_(place)]_(date).jpg`` (AI Hub "한국인 감정인식을 위한
+  복합 영상"), optionally with label JSON files (:mod:`kfer.data.labels`: voting, boxes, encodings). AI Hub's own
+  download layout works as is: ``Training/[원천]EMOIMG_기쁨_TRAIN_01/*.jpg`` beside
+  ``Training/[라벨]EMOIMG_기쁨_TRAIN/img_emotion_training_data(기쁨).json`` (and ``Validation/…_VALID``): label
+  records are matched to photos by file name, wherever the files sit. Without a JSON record the emotion
+  field of the file name is the label.
+* ``folders``: ``<root>/<label>/<image>`` as FER2013 and CK+ are shipped.
+* ``auto``: ``aihub`` when any file name parses as AI Hub, else ``folders``.
+
+``data.sources`` puts several datasets side by side: each sub-folder of the raw folder named there is read
+with its own layout, label-map additions, person key and detector, and its persons are namespaced by the
+source name (``fer2013/S001``), so two datasets' "S001" never merge. Files outside every source are counted
+as ``no_source``.
+
+Korean text is NFC-normalized (archives made on macOS carry NFD). Source labels go through
+``data.label_map``; an unknown label is counted (status ``unknown_label``), never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kfer.catalog import Catalog
+from kfer.config import GroupCfg, Params
+from kfer.data.labels import LabelIndex, load_label_json, nfc
+from kfer.errors import MissingInputError, UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+# title_gender_age_emotion[_place]_date ; the date is 14 digits, optionally followed by -NNN-NNN.
+AIHUB_NAME = re.compile(
+    r"^(?P<title>[^_]+)_(?P<gender>[^_]+)_(?P<age>\d+)_(?P<emotion>[^_]+)"
+    r"(?:_(?P<place>.+))?_(?P<date>\d{8,14}(?:-\d+)*)$"
+)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class AihubName:
+    title: str
+    gender: str
+    age: int
+    emotion: str
+    place: str | None
+    date: str
+
+    def field(self, name: str) -> str | None:
+        value = getattr(self, name)
+        return None if value is None else str(value)
+
+
+def parse_aihub_name(filename: str) -> AihubName | None:
+    """Parse an AI Hub file name (with or without folder and extension); None when it does not match."""
+    stem = nfc(Path(filename).stem)
+    m = AIHUB_NAME.match(stem)
+    if not m:
+        return None
+    d = m.groupdict()
+    return AihubName(d["title"], d["gender"], int(d["age"]), d["emotion"], d["place"], d["date"])
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One raw path and what the readers know about it. ``status`` is "ok" or the reason it is skipped.
+
+    Slotted, with the path as a string: a 500k-photo folder holds 500k of these through the crop stage (a
+    ``Path`` and an instance ``__dict__`` cost ~1.5 KB more per photo)."""
+
+    raw: str  # absolute path of the raw file
+    rel: str  # path relative to the raw root, POSIX, NFC
+    source_label: str | None
+    label: str | None  # class name
+    group: str | None  # the person (namespaced by source when data.sources is used)
+    box: Box | None = None  # annotated face box in source pixels (upright frame)
+    status: str = "ok"
+    detail: str = ""  # the reason's text for a skip, or a note (e.g. why an annotation has no box)
+    source: str = ""  # the data.sources name; "" without data.sources
+    label_from: str = ""  # json_majority | json_uploader | filename | folder
+    detector: str | None = None  # the source's crop.detector override
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one part of the raw folder is read (the whole folder when data.sources is not used)."""
+
+    name: str  # "" for the whole raw folder
+    base: Path
+    layout: str
+    label_map: dict
+    group: GroupCfg
+    detector: str | None
+
+
+@dataclass
+class ReadResult:
+    layout: str  # the layout read ("sources" with data.sources; see ``layouts``)
+    records: list[Record]
+    label_counts: Counter  # what happened to label JSON records
+    label_files: dict[str, dict] = field(default_factory=dict)  # label file -> {encoding, records} | {error}
+    layouts: dict[str, str] = field(default_factory=dict)  # source -> layout
+
+    def by_status(self) -> Counter:
+        return Counter(r.status for r in self.records)
+
+
+def list_paths(root: Path) -> list[tuple[Path, str, str]]:
+    """Every non-folder path under ``root`` as (path, kind, detail), kind one of file, broken_link,
+    not_a_file, unreadable, unreadable_folder, link_cycle; sorted by NFC path. Symbolic links (DVC's symlink
+    cache) are followed, except a link to a folder that encloses it (a cycle)."""
+    out: list[tuple[Path, str, str]] = []
+
+    def onerror(exc: OSError) -> None:
+        out.append((Path(exc.filename), "unreadable_folder", exc.strerror or str(exc)))
+
+    for folder, dirs, names in os.walk(root, onerror=onerror, followlinks=True):
+        here = os.path.realpath(folder)
+        for d in list(dirs):
+            p = Path(folder) / d
+            if p.is_symlink():
+                target = os.path.realpath(p)
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    dirs.remove(d)
+                    out.append((p, "link_cycle", f"symbolic link to the enclosing folder {os.readlink(p)}: "
+                                                 "not followed"))
+        for name in names:
+            p = Path(folder) / name
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                out.append((p, "broken_link", f"symbolic link to missing {os.readlink(p)}"))
+                continue
+            except OSError as exc:
+                out.append((p, "unreadable", exc.strerror or str(exc)))
+                continue
+            if stat.S_ISREG(mode):
+                out.append((p, "file", ""))
+            else:
+                out.append((p, "not_a_file", "socket, pipe or device"))
+    return sorted(out, key=lambda t: nfc(t[0].as_posix()))
+
+
+def detect_layout(files: list[Path]) -> str:
+    return "aihub" if any(parse_aihub_name(f.name) for f in files if f.suffix.lower() in IMAGE_EXTS) else "folders"
+
+
+def _sources(params: Params, root: Path) -> list[Source]:
+    cfg = params.data
+    if not cfg.sources:
+        return [Source("", root, cfg.layout, {}, cfg.group, None)]
+    out = []
+    for name, scfg in cfg.sources.items():
+        base = root / name
+        if not base.is_dir():
+            raise MissingInputError(f"data.sources names {name!r}, but {base} is not a folder")
+        out.append(Source(name, base, scfg.layout, scfg.label_map, scfg.group or cfg.group, scfg.detector))
+    return out
+
+
+def read_records(params: Params, root: Path | None = None) -> ReadResult:
+    """All paths under the raw root as records, sorted by relative path."""
+    root = Path(root) if root is not None else Catalog(params).raw
+    if not root.is_dir():
+        raise MissingInputError(
+            f"raw data folder {root} not found: run `dvc pull data.dvc` (demo data) or put your photos there"
+        )
+    entries = list_paths(root)
+    if not entries:
+        raise UserError(f"raw data folder {root} is empty: put your photos there (see the README, "
+                        "'Using the real AI Hub data') or run `dvc pull data.dvc` for the demo data")
+    sources = _sources(params, root)
+    owner: dict[Path, Source] = {}
+    for path, _, _ in entries:
+        src = next((s for s in sources if s.base == root or s.base in path.parents), None)
+        if src is not None:
+            owner[path] = src
+
+    result = ReadResult("", [], Counter())
+    by_rel: dict[str, Record] = {}
+    for src in sources:
+        mine = [e for e in entries if owner.get(e[0]) is src]
+        records, layout = _read_source(params, root, src, mine, result)
+        result.layouts[src.name] = layout
+        by_rel.update((r.rel, r) for r in records)
+    for path, _, _ in entries:
+        if path not in owner:
+            rel = nfc(path.relative_to(root).as_posix())
+            by_rel[rel] = Record(str(path), rel, None, None, None, status="no_source",
+                                 detail=f"outside every data.sources folder ({', '.join(params.data.sources)})")
+    result.records = [by_rel[k] for k in sorted(by_rel)]
+    result.layout = "sources" if params.data.sources else result.layouts[""]
+    return result
+
+
+def _read_source(params: Params, root: Path, src: Source, entries: list, result: ReadResult):
+    cfg = params.data
+    files = [p for p, kind, _ in entries if kind == "file"]
+    layout = src.layout if src.layout != "auto" else detect_layout(files)
+    file_set = set(files)
+    label_files = {p for p in src.base.glob(cfg.labels_glob) if p in file_set} if layout == "aihub" else set()
+    index = LabelIndex()
+    if layout == "aihub" and label_files:
+        index = load_label_json(sorted(label_files, key=lambda p: nfc(p.as_posix())), cfg.vote_tie,
+                                cfg.on_bad_label_file,
+                                names={p: nfc(p.relative_to(root).as_posix()) for p in label_files})
+    result.label_files.update(index.files)
+    group_rx = re.compile(src.group.pattern) if src.group.source == "regex" else None
+    prefix = f"{src.name}/" if src.name else ""
+
+    records: list[Record] = []
+    used_labels: set[str] = set()
+    for path, kind, detail in entries:
+        rel = nfc(path.relative_to(root).as_posix())
+        common = {"source": src.name, "detector": src.detector}
+        if kind != "file":
+            records.append(Record(str(path), rel, None, None, None, status=kind, detail=detail, **common))
+            continue
+        if path in label_files:
+            info = index.files.get(rel, {})
+            status = "bad_label_file" if "error" in info else "label_file"
+            records.append(Record(str(path), rel, None, None, None, status=status,
+                                  detail=info.get("error") or f"{info.get('records', 0)} records, "
+                                                              f"{info.get('encoding', 'not read')}",
+                                  **common))
+            continue
+        name = nfc(path.name)
+        if path.suffix.lower() not in IMAGE_EXTS:
+            records.append(Record(str(path), rel, None, None, None, status="not_an_image",
+                                  detail=f"extension {path.suffix or '(none)'!r} is not an image type", **common))
+            continue
+        parsed = parse_aihub_name(name)
+        box: Box | None = None
+        note = ""
+        if layout == "aihub":
+            lab = index.records.get(name)
+            if lab is not None:
+                used_labels.add(name)
+                source_label, box, label_from = lab.label, lab.box, lab.label_from
+                if box is None:
+                    note = f"label record has no usable box ({lab.box_issue})"
+            else:
+                source_label = parsed.emotion if parsed else None
+                label_from = "filename" if parsed else ""
+        else:
+            in_base = path.parent.relative_to(src.base)
+            source_label = nfc(path.parent.name) if in_base.parts else None
+            label_from = "folder" if source_label else ""
+
+        rel_in_source = nfc(path.relative_to(src.base).as_posix())
+        group = _group(src.group.source, src.group.field, group_rx, parsed, rel_in_source, name)
+        if group is not None:
+            group = prefix + group
+        label = params.map_label(source_label, src.label_map)
+        if source_label is None:
+            tie = layout == "aihub" and name in index.records
+            status = "label_tie" if tie else "no_label"
+            note = ("the three annotators disagree and data.vote_tie is skip" if tie else
+                    "no label: not in a <label>/ folder and no AI Hub file name or label record")
+        elif label is None:
+            status = "unknown_label"
+            note = f"label {source_label!r} is neither a class nor in data.label_map"
+        elif group is None:
+            status = "no_group"
+            note = f"no person key from data.group ({src.group.source})"
+        else:
+            status = "ok"
+        records.append(Record(str(path), rel, source_label, label, group, box, status, note, label_from=label_from,
+                              **common))
+
+    result.label_counts.update(index.counts)
+    result.label_counts["label_records_unmatched"] += len(set(index.records) - used_labels)
+    return records, layout
+
+
+def _group(source: str, field_name: str, rx: re.Pattern | None, parsed: AihubName | None, rel: str, name: str):
+    if source == "field":
+        return parsed.field(field_name) if parsed else None
+    if source == "regex":
+        m = rx.search(name) if rx else None
+        return m.group(1) if m else None
+    if source == "folder":
+        parent = Path(rel).parent.as_posix()
+        return parent if parent != "." else None
+    return rel  # "none": every image its own group

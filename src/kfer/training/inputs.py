@@ -1,0 +1,228 @@
+"""The ``train`` stage's data: the tables it reads (augmented manifest, splits, the pretraining rows), the
+tf.data pipeline (:func:`make_dataset`: seeded per-epoch order, parallel decode, on-the-fly augmentation, mixup)
+and class weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from kfer import files
+from kfer.catalog import Catalog
+from kfer.config import Params
+
+
+def train_table(params: Params) -> pd.DataFrame:
+    return Catalog(params).read("augment_manifest", ("path", "label"))
+
+
+def split_table(params: Params, split: str) -> pd.DataFrame:
+    return Catalog(params).read("splits", ("path", "label"), split=split)
+
+
+def phase_tables(params: Params, table: pd.DataFrame, datasets: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pretraining rows, the other rows) of a train table; ``datasets``: each row's ``data.sources`` name.
+    Rows of a source with ``split: pretrain`` are trained on in the first phase only (``train.pretrain_epochs``)."""
+    sources = params.pretrain_sources
+    if not sources:
+        return table.iloc[:0], table
+    pre = datasets.isin(sources).to_numpy()
+    return table[pre].reset_index(drop=True), table[~pre].reset_index(drop=True)
+
+
+def manifest_datasets(params: Params, manifest: pd.DataFrame) -> pd.Series:
+    """The ``data.sources`` name of each augmented-manifest row, from ``splits.csv`` (the manifest's ``source``
+    column is the cropped image a row was made from)."""
+    splits = Catalog(params).read("splits", ("path", "source"))
+    out = manifest["source"].map(dict(zip(splits["path"], splits["source"], strict=True)))
+    if out.isna().any():
+        raise ValueError(f"{int(out.isna().sum())} rows of the augmented manifest are not in {params.paths.splits}:"
+                         " re-run kfer augment")
+    return out
+
+
+def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Callable | None]:
+    """(rows, augment) for :func:`make_dataset` over rows of the augmented manifest: the stage's files as they are
+    (no augment), or with ``train.fresh_augmentation`` each row read from its cropped original (``source``) and
+    augmented on the fly with new draws every epoch (:class:`kfer.data.augment.OnTheFlyAugment`; epoch 0 is byte for
+    byte the stage's files)."""
+    if not params.train.fresh_augmentation:
+        return table, None
+    from kfer.data.augment import OnTheFlyAugment
+
+    rows = table.assign(path=table["source"]).reset_index(drop=True)
+    return rows, OnTheFlyAugment(params, rows, params.augment.strength, fresh=True)
+
+
+def decoded_pixels(params: Params, rows: pd.DataFrame, pre_rows: pd.DataFrame):
+    """``make_dataset``'s ``pixels`` for the main phase's rows and the pretraining phase's (rows as
+    :func:`augmentation` gives them; (None, None) with ``train.pixel_cache`` off): one store of both tables'
+    images (:func:`kfer.data.pixels.decoded_images`), so that the two phases do not replace each other's."""
+    if not params.train.pixel_cache:
+        return None, None
+    from kfer.data.pixels import decoded_images
+
+    store, which = decoded_images(params, pd.concat([rows[["path"]], pre_rows[["path"]]], ignore_index=True))
+    n = len(rows)
+    return (store, which[:n]), ((store, which[n:]) if len(pre_rows) else None)
+
+
+def label_indices(params: Params, labels: pd.Series) -> np.ndarray:
+    index = {name: i for i, name in enumerate(params.class_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in params classes {params.class_names}")
+    return labels.map(index).to_numpy(dtype=np.int32)
+
+
+def decode_workers(params: Params) -> int:
+    """``train.decode_workers`` as a number: ``auto`` = the cores this process may run on (affinity mask, so
+    ``taskset`` and cpusets are respected)."""
+    n = params.train.decode_workers
+    return files.resolve_workers(0 if n == "auto" else int(n))
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(1, -(-n_rows // batch_size))
+
+
+def make_dataset(
+    params: Params,
+    table: pd.DataFrame,
+    training: bool,
+    augment: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    first_epoch: int = 0,
+    pixels: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
+
+    Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)); ``batch_size`` defaults to ``train.batch_size``
+    (pass the global batch under a distribution strategy). ``augment(image_uint8, row, epoch)`` is an optional
+    numpy function applied to every image (on-the-fly augmentation, :class:`kfer.data.augment.OnTheFlyAugment`; ``row``
+    is its row of ``table``, ``epoch`` the epoch's number, 0 outside training), called for a whole batch at a time
+    in one ``tf.numpy_function``. The maps run ``train.decode_workers`` calls in
+    parallel, in order (``deterministic=True``): the batches do not depend on it.
+
+    ``pixels`` = (images, which): the decoded images (uint8 (M, S, S, C), e.g. the memory-mapped store of
+    :func:`kfer.data.pixels.decoded_images`) and, per row of ``table``, its index in them. The rows' pixels are then
+    read from there in the batch's numpy function instead of decoding a PNG per row: the same batches, byte for
+    byte, when the store holds the decoded files.
+
+    ``training``: one pass over the table per epoch for epochs ``first_epoch`` … ``train.epochs - 1``, in one
+    dataset (fit it with :func:`steps_per_epoch` batches per epoch). Epoch ``e`` visits every row in an order
+    that depends only on (``seed``, ``e``), so a run resumed at epoch ``e`` sees the batches the uninterrupted
+    run saw. The order is a permutation of row numbers (8 bytes a row), never a window: a shuffle window of a
+    few thousand rows over a class-sorted table (as the stages write them) gives single-class batches.
+    Otherwise: one pass in table order.
+    """
+    import tensorflow as tf
+
+    size, n_classes = params.crop.image_size, len(params.classes)
+    channels = 1 if params.crop.grayscale else 3
+    root = os.fspath(params.root)  # plain string joins: a Path per row cost ~9 s of start-up at 1M rows
+    paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in table["path"].astype(str)]
+    labels = label_indices(params, table["label"])
+    seed = params.seed if seed is None else seed
+    batch = batch_size or params.train.batch_size
+    workers = decode_workers(params)
+    alpha = params.train.mixup_alpha if training else 0.0
+    paths_t, labels_t = tf.constant(paths, tf.string), tf.constant(labels, tf.int32)
+
+    def decode(idx):
+        img = tf.io.decode_png(tf.io.read_file(paths_t[idx]), channels=channels)
+        img = tf.ensure_shape(img, (size, size, channels))
+        return img, labels_t[idx], idx
+
+    def augment_batch(images, rows, e):
+        # one Python call per batch, not per image: tf.numpy_function costs ~0.2 ms of CPU a call
+        # (benchmarks/bench_train.py part d, identity-fn)
+        return np.stack([np.asarray(augment(img, row, e), dtype=np.uint8) for img, row in zip(images, rows)])
+
+    def aug(img, label, idx, e):
+        out = tf.numpy_function(augment_batch, [img, idx, e], tf.uint8, stateful=False)
+        return tf.ensure_shape(out, (None, size, size, channels)), label, idx
+
+    if pixels is not None:
+        store, which = pixels
+        which = np.asarray(which, dtype=np.int64)
+        if len(which) != len(paths) or store.shape[1:] != (size, size, channels):
+            raise ValueError(f"pixels: {len(which)} rows of {store.shape[1:]} images for a table of {len(paths)} "
+                             f"rows of {(size, size, channels)}")
+
+        def gather_batch(rows, e):  # the store's pages are read here, in parallel calls (numpy releases the GIL)
+            out = np.empty((len(rows), size, size, channels), np.uint8)
+            for j, row in enumerate(rows):
+                img = store[which[row]]
+                out[j] = img if augment is None else augment(img, row, e)
+            return out
+
+        def gather(idx, e):
+            out = tf.numpy_function(gather_batch, [idx, e], tf.uint8, stateful=False)
+            return tf.ensure_shape(out, (None, size, size, channels)), tf.gather(labels_t, idx), idx
+
+    def one_pass(rows, e):
+        if pixels is not None:
+            ds = rows.batch(batch).map(lambda idx: gather(idx, e), num_parallel_calls=workers, deterministic=True)
+        else:
+            ds = rows.map(decode, num_parallel_calls=workers, deterministic=True).batch(batch)
+        if augment is not None and pixels is None:
+            ds = ds.map(lambda img, label, idx: aug(img, label, idx, e), num_parallel_calls=workers,
+                        deterministic=True)
+        if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
+            ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+                        num_parallel_calls=workers, deterministic=True)
+            return ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
+                          deterministic=True)
+        return ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+                      num_parallel_calls=workers, deterministic=True)
+
+    n = len(paths)
+    if training:
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            return one_pass(tf.data.Dataset.from_tensor_slices(order), e)
+
+        remaining = max(params.train.epochs - first_epoch, 0)
+        ds = tf.data.Dataset.range(first_epoch, first_epoch + remaining).flat_map(epoch)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(remaining * steps_per_epoch(n, batch)))
+    else:
+        ds = one_pass(tf.data.Dataset.range(n), tf.constant(0, tf.int64))
+    # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
+    # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
+    # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def mixup(images, onehot, rows, alpha: float, seed: int):
+    """Mixup (Zhang et al. 2018) of one batch: image i becomes λᵢ·xᵢ + (1-λᵢ)·x_π(i), its target likewise, with
+    λᵢ ~ Beta(α, α) and π a permutation of the batch. Seeded by ``seed`` and the batch's first row, so the
+    same table order gives the same batches, and every epoch (a new order) new pairs."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    key = tf.stack([tf.constant(seed, tf.int64), rows[0]])
+    g1 = tf.random.stateless_gamma([n], seed=key, alpha=alpha)
+    g2 = tf.random.stateless_gamma([n], seed=key + tf.constant([0, 1 << 40], tf.int64), alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key + tf.constant([0, 2 << 40], tf.int64))
+    lx = tf.reshape(lam, [-1, 1, 1, 1])
+    ly = tf.reshape(lam, [-1, 1])
+    return (lx * images + (1 - lx) * tf.gather(images, perm),
+            ly * onehot + (1 - ly) * tf.gather(onehot, perm))
+
+
+def class_weights(params: Params, table: pd.DataFrame) -> dict[int, float]:
+    """Inverse-frequency weights (n / (k · count)) over the classes present in the train set."""
+    idx = label_indices(params, table["label"])
+    counts = np.bincount(idx, minlength=len(params.classes))
+    present = counts > 0
+    n, k = counts.sum(), present.sum()
+    return {i: float(n / (k * c)) if c else 1.0 for i, c in enumerate(counts)}

@@ -1,0 +1,149 @@
+"""The ``train`` stage: fit the custom ResNet50 on the augmented train set, select by a validation metric,
+track everything in MLflow.
+
+Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies; with
+``train.fresh_augmentation`` the copies are drawn anew each epoch from the originals) and ``paths.splits`` (val
+rows, cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
+``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
+into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
+(per-epoch, for ``dvc plots``).
+
+With ``train.pretrain_epochs`` the manifest rows of the ``data.sources`` with ``split: pretrain`` are trained on
+first, alone (:class:`kfer.training.pretrain.Pretraining`, its own backup), and the other rows after, with a fresh
+optimizer.
+
+The stage reads its tables and makes its datasets (:mod:`kfer.training.inputs`), opens the MLflow run, runs the
+fit → score → log step that tuning shares (:func:`kfer.training.fit.fit_score_log`) inside the run's backup
+(:class:`kfer.training.resume.TrainBackup`, so a killed run resumes), publishes the served model and writes its
+DVC outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from kfer import files, tracking
+from kfer.catalog import Catalog
+from kfer.config import Params
+from kfer.training import distribute, resume
+from kfer.training.fit import fit_score_log, publish, strip_for_serving
+from kfer.training.init import load as load_init
+from kfer.training.inputs import (
+    augmentation,
+    class_weights,
+    decoded_pixels,
+    make_dataset,
+    manifest_datasets,
+    phase_tables,
+    split_table,
+    train_table,
+)
+from kfer.training.pretrain import pretrain_params, pretraining
+
+log = logging.getLogger(__name__)
+
+
+def run_train(params: Params, run_name: str | None = None) -> dict:
+    import mlflow
+
+    from kfer import plots
+
+    cfg = params.train
+    strategy = distribute.strategy(params)  # first: refuses TF_CONFIG at once; made before any dataset
+    batch = distribute.global_batch(params, strategy)
+    manifest = train_table(params)
+    val_df = split_table(params, "val")
+    pre_df, train_df = (phase_tables(params, manifest, manifest_datasets(params, manifest))
+                        if params.pretrain_sources else (manifest.iloc[:0], manifest))
+    if train_df.empty:
+        raise ValueError("the train set is empty: check the crop and split reports")
+    if val_df.empty:
+        raise ValueError("the val split is empty: check split ratios (split.val) and the split report")
+    if params.pretrain_sources and pre_df.empty:
+        raise ValueError(f"train.pretrain_epochs: the data.sources with split: pretrain "
+                         f"({', '.join(params.pretrain_sources)}) have no train images: check the crop report")
+    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)%s",
+             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync,
+             f"; first {cfg.pretrain_epochs} epoch(s) on {len(pre_df)} pretraining images" if len(pre_df) else "")
+    fp = resume.fingerprint(params, manifest, val_df, batch)
+    backup = resume.TrainBackup(params, fp)
+    init = load_init(params)  # train.init_from, before the run: a bad source is one line, no empty run
+    tags = {"kfer.stage": "train", **(init.tags() if init else {})}
+    if backup.run_id:
+        tags["kfer.resumed_after_epoch"] = str(backup.epoch)
+
+    with tracking.tracked_run(params, run_name or "train", run_id=backup.run_id, tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix="kfer-train-") as tmp:
+        tmp = Path(tmp)
+        if backup.run_id is None:
+            log_datasets(params, {"train": (train_df, params.paths.augmented, "training"),
+                                  "val": (val_df, params.paths.splits, "validation")})
+            mlflow.log_params({"train.global_batch_size": batch, "train.replicas": strategy.num_replicas_in_sync})
+            backup.begin(run.info.run_id)
+        weights = class_weights(params, train_df) if cfg.class_weights else None
+        rows, augment = augmentation(params, train_df)  # the stage's files, or new copies each epoch
+        pre_rows, pre_augment = augmentation(pretrain_params(params), pre_df) if len(pre_df) else (pre_df, None)
+        pixels, pre_pixels = decoded_pixels(params, rows, pre_rows)
+        train_ds = make_dataset(params, rows, training=True, augment=augment, batch_size=batch,
+                                first_epoch=backup.epoch, pixels=pixels)
+        val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
+        pretrain = (pretraining(params, pre_rows, pre_augment, pre_pixels, fp, batch, run.info.run_id)
+                    if len(pre_df) else None)
+        fitted = fit_score_log(params, train_ds, val_ds, weights, tmp, n_train=len(train_df), n_val=len(val_df),
+                               metric=cfg.monitor, extra_callbacks=[mlflow.keras.MlflowCallback()],
+                               strategy=strategy, backup=backup, pretrain=pretrain, init=init)
+        model, history, seconds, metrics = fitted.model, fitted.history, fitted.seconds, fitted.metrics
+        best_epoch = metrics["best_epoch"]
+
+        history_png = tmp / "training_curves.png"
+        plots.plot_history(history, history_png)
+        mlflow.log_artifact(str(history_png))
+        labels_json = tmp / "labels.json"
+        labels_json.write_text(json.dumps([c.model_dump() for c in params.classes], ensure_ascii=False, indent=1),
+                               encoding="utf-8")
+        mlflow.log_artifact(str(labels_json))
+
+        clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
+        uris = publish(clean, params)
+
+        # DVC outputs, each written atomically
+        model_path = Catalog(params).model
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_model = model_path.parent / f".{model_path.name}{files.TMP_MARK}{os.getpid()}.keras"
+        clean.save(tmp_model)
+        os.replace(tmp_model, model_path)
+        with files.atomic_file(Catalog(params).history) as fh:
+            history.to_csv(fh, index=False)
+        Catalog(params).write_json("train_metrics", metrics if init is None else {
+            **metrics, "init_from": {"spec": init.spec, "source": init.source, "layers_loaded": len(init.loaded),
+                                     "rebuilt": init.rebuilt}})
+        Catalog(params).write_json("train_headline", {  # DVC metrics: the selected epoch's scores
+            "val_accuracy": metrics["best_val_accuracy"], "val_macro_f1": metrics["best_val_macro_f1"]})
+        Catalog(params).write_json("train_run", {
+            "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, **uris})
+    backup.discard()  # the run ended well: its outputs are written
+
+    log.info(
+        "train: %s %s — best %s %.4f at epoch %d/%d (val acc %.4f), %.0f s, run %s",
+        params.model.kernel_initializer, list(params.model.blocks), cfg.monitor,
+        metrics[f"best_{cfg.monitor}"], best_epoch, metrics["epochs_run"], metrics["best_val_accuracy"],
+        seconds, run.info.run_id,
+    )
+    return {**metrics, "run_id": run.info.run_id}
+
+
+def log_datasets(params: Params, tables: dict) -> None:
+    """``mlflow.log_input`` for each (table, source path, context); the digest identifies the exact rows."""
+    import warnings
+
+    import mlflow
+
+    for name, (df, source, context) in tables.items():
+        with warnings.catch_warnings():  # MLflow 3.17 registers the local source twice and warns about it
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(df, source=str(params.path(source).resolve()), name=name)
+        mlflow.log_input(ds, context=context)

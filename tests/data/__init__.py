@@ -1,0 +1,1 @@
+"""Tests of unit and data-contract tests of the data stages."""

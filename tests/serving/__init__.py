@@ -1,0 +1,1 @@
+"""Tests of the photo model, registry, predict, video and Grad-CAM."""
