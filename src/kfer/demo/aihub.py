@@ -37,21 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kfer.demo.faces import (
-    CANVAS_H,
-    CANVAS_W,
-    EXPRESSIONS,
-    FACE_SCALE,
-    HEAD_HALF_HEIGHT,
-    HEAD_X,
-    HEAD_Y,
-    background,
-    draw_face,
-    expression_key,
-    head_extent,
-    make_person,
-    place_head,
-)
+from kfer.demo import faces
 from kfer.demo.photos import (
     LABELS_FILE,
     PLACES,
@@ -92,28 +78,28 @@ def _upright_photo(person, expr, rng: np.random.Generator, w: int, h: int,
     The face is drawn by :func:`kfer.demo.photos.draw_face` on its small canvas and warped (scale + tilt) straight
     into the region it covers; only that region is blended in float, so a 7-megapixel photo costs ~0.1 s.
     """
-    face, alpha, a = draw_face(person, expr, rng)
+    face, alpha, a = faces.draw_face(person, expr, rng)
     head_h = float(rng.uniform(*_FACE_SIDE)) * min(w, h)
-    scale = head_h / (2 * HEAD_HALF_HEIGHT * FACE_SCALE)
+    scale = head_h / (2 * faces.HEAD_HALF_HEIGHT * faces.FACE_SCALE)
     angle = float(rng.uniform(-10, 10))
-    lo, hi = head_extent(a, angle, scale)
-    cx, cy = place_head(rng, lo, hi, w, h)
-    m = cv2.getRotationMatrix2D((HEAD_X, HEAD_Y), angle, scale)  # canvas -> photo, before the translation
-    m[:, 2] += (cx - HEAD_X, cy - HEAD_Y)
+    lo, hi = faces.head_extent(a, angle, scale)
+    cx, cy = faces.place_head(rng, lo, hi, w, h)
+    m = cv2.getRotationMatrix2D((faces.HEAD_X, faces.HEAD_Y), angle, scale)  # canvas -> photo, before the translation
+    m[:, 2] += (cx - faces.HEAD_X, cy - faces.HEAD_Y)
     box = np.array([lo[0] + cx, lo[1] + cy, hi[0] + cx, hi[1] + cy])
 
     # Background: drawn small, enlarged, then the camera's tone curve and sensor noise over the whole frame.
     bw, bh = max(64, -(-w // _BG_FACTOR)), max(64, -(-h // _BG_FACTOR))
-    bg = np.clip(np.round(background(rng, bw, bh)), 0, 255).astype(np.uint8)
+    bg = np.clip(np.round(faces.background(rng, bw, bh)), 0, 255).astype(np.uint8)
     img = cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR)
 
     # The torso continues to the bottom of the photo: extend the canvas downwards (replicating its last row).
     sin, cos = abs(math.sin(math.radians(angle))), math.cos(math.radians(angle))
-    need = ((h - cy) / scale + CANVAS_W / 2 * sin) / cos + HEAD_Y + 2
-    extra = max(0, math.ceil(need - CANVAS_H))
+    need = ((h - cy) / scale + faces.CANVAS_W / 2 * sin) / cos + faces.HEAD_Y + 2
+    extra = max(0, math.ceil(need - faces.CANVAS_H))
     rgba = cv2.copyMakeBorder(np.dstack([face, alpha]), 0, extra, 0, 0, cv2.BORDER_REPLICATE)
-    corners = (np.array([(0, 0), (CANVAS_W, 0), (0, CANVAS_H + extra), (CANVAS_W, CANVAS_H + extra)], float)
-               @ m[:, :2].T + m[:, 2])
+    cw, ch = faces.CANVAS_W, faces.CANVAS_H + extra
+    corners = np.array([(0, 0), (cw, 0), (0, ch), (cw, ch)], float) @ m[:, :2].T + m[:, 2]
     x0, y0 = (max(0, math.floor(v)) for v in corners.min(0))
     x1, y1 = min(w, math.ceil(corners[:, 0].max())), min(h, math.ceil(corners[:, 1].max()))
     if x1 > x0 and y1 > y0:
@@ -235,7 +221,7 @@ def generate_aihub_photos(
             any(out_dir.iterdir()) and not any((out_dir / n).exists() for n in (*SPLITS, LABELS_FILE)))):
         raise FileExistsError(f"{out_dir} exists and does not hold a demo dataset; remove it first")
     specs = [(name, unicodedata.normalize("NFC", ko or name)) for name, ko in classes]
-    keys = [expression_key(name, ko) for name, ko in specs]
+    keys = [faces.expression_key(name, ko) for name, ko in specs]
     all_ko = [ko for _, ko in specs]
     jitter = max(1.0, 0.0015 * min(w, h))  # annotators' disagreement on the box, pixels (sd)
 
@@ -250,13 +236,13 @@ def generate_aihub_photos(
         for i in tqdm(range(n_persons), desc="demo-data (AI Hub photos)", unit="person"):
             split = "Validation" if i >= n_persons - n_val else "Training"
             splits[split]["persons"] += 1
-            person = make_person(seed, i)
+            person = faces.make_person(seed, i)
             for ci, ((name, ko), key) in enumerate(zip(specs, keys, strict=True)):
                 folder = tmp / photo_dir(split, ko)
                 folder.mkdir(parents=True, exist_ok=True)
                 for j in range(per_class):
                     rng = np.random.default_rng([seed, 3, i, ci, j])
-                    img, box = _upright_photo(person, EXPRESSIONS[key], rng, w, h, grain)
+                    img, box = _upright_photo(person, faces.EXPRESSIONS[key], rng, w, h, grain)
                     place = PLACES[int(rng.integers(len(PLACES)))]
                     long_form = (i + 2 * ci + j) % 3 == 0
                     date = photo_date(person, ci + 1, j + 1, offset_s=ci * 600 + j * 37)

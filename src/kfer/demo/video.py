@@ -9,18 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kfer.demo.faces import (
-    CANVAS_H,
-    CANVAS_W,
-    EXPRESSIONS,
-    FACE_SCALE,
-    HEAD_HALF_HEIGHT,
-    HEAD_X,
-    HEAD_Y,
-    draw_face,
-    make_person,
-    random_colour,
-)
+from kfer.demo import faces
 
 
 @dataclass(frozen=True)
@@ -41,11 +30,12 @@ def face_sprite(person: int, expression: str, head_height: float, seed: int = 0)
     """One synthetic face scaled so that its head is ``head_height`` pixels tall: (BGR float32, alpha float32,
     head centre (x, y) in the sprite's pixels)."""
     rng = np.random.default_rng([seed, 9, person])
-    face, alpha, _ = draw_face(make_person(seed, person), EXPRESSIONS[expression], rng)
-    scale = head_height / (2 * HEAD_HALF_HEIGHT * FACE_SCALE)
-    sw, sh = max(1, round(CANVAS_W * scale)), max(1, round(CANVAS_H * scale))
+    face, alpha, _ = faces.draw_face(faces.make_person(seed, person), faces.EXPRESSIONS[expression], rng)
+    scale = head_height / (2 * faces.HEAD_HALF_HEIGHT * faces.FACE_SCALE)
+    sw, sh = max(1, round(faces.CANVAS_W * scale)), max(1, round(faces.CANVAS_H * scale))
     return (cv2.resize(face, (sw, sh), interpolation=cv2.INTER_AREA),
-            cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA), (HEAD_X * sw / CANVAS_W, HEAD_Y * sh / CANVAS_H))
+            cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA),
+            (faces.HEAD_X * sw / faces.CANVAS_W, faces.HEAD_Y * sh / faces.CANVAS_H))
 
 
 def _paste(img: np.ndarray, sprite, cx: float, cy: float) -> None:
@@ -71,7 +61,7 @@ def write_demo_video(path: str | Path, faces: list[MovingFace], n_frames: int, f
     rng = np.random.default_rng([seed, 10])
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     t = (xs / max(1, w - 1) * 0.6 + ys / max(1, h - 1) * 0.4)[..., None]
-    c0, c1 = random_colour(rng, 90, 200), random_colour(rng, 90, 200)
+    c0, c1 = faces.random_colour(rng, 90, 200), faces.random_colour(rng, 90, 200)
     scene = c0 * (1 - t) + c1 * t
     sprites = [face_sprite(f.person, f.expression, f.head_height, seed) for f in faces]
     shown = []
