@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kfer.demo import faces
+from kfer.demo import faces as drawing
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ def face_sprite(person: int, expression: str, head_height: float, seed: int = 0)
     """One synthetic face scaled so that its head is ``head_height`` pixels tall: (BGR float32, alpha float32,
     head centre (x, y) in the sprite's pixels)."""
     rng = np.random.default_rng([seed, 9, person])
-    face, alpha, _ = faces.draw_face(faces.make_person(seed, person), faces.EXPRESSIONS[expression], rng)
-    scale = head_height / (2 * faces.HEAD_HALF_HEIGHT * faces.FACE_SCALE)
-    sw, sh = max(1, round(faces.CANVAS_W * scale)), max(1, round(faces.CANVAS_H * scale))
+    face, alpha, _ = drawing.draw_face(drawing.make_person(seed, person), drawing.EXPRESSIONS[expression], rng)
+    scale = head_height / (2 * drawing.HEAD_HALF_HEIGHT * drawing.FACE_SCALE)
+    sw, sh = max(1, round(drawing.CANVAS_W * scale)), max(1, round(drawing.CANVAS_H * scale))
     return (cv2.resize(face, (sw, sh), interpolation=cv2.INTER_AREA),
             cv2.resize(alpha, (sw, sh), interpolation=cv2.INTER_AREA),
-            (faces.HEAD_X * sw / faces.CANVAS_W, faces.HEAD_Y * sh / faces.CANVAS_H))
+            (drawing.HEAD_X * sw / drawing.CANVAS_W, drawing.HEAD_Y * sh / drawing.CANVAS_H))
 
 
 def _paste(img: np.ndarray, sprite, cx: float, cy: float) -> None:
@@ -61,7 +61,7 @@ def write_demo_video(path: str | Path, faces: list[MovingFace], n_frames: int, f
     rng = np.random.default_rng([seed, 10])
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     t = (xs / max(1, w - 1) * 0.6 + ys / max(1, h - 1) * 0.4)[..., None]
-    c0, c1 = faces.random_colour(rng, 90, 200), faces.random_colour(rng, 90, 200)
+    c0, c1 = drawing.random_colour(rng, 90, 200), drawing.random_colour(rng, 90, 200)
     scene = c0 * (1 - t) + c1 * t
     sprites = [face_sprite(f.person, f.expression, f.head_height, seed) for f in faces]
     shown = []
