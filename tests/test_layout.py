@@ -25,20 +25,17 @@ def _module(path: Path) -> str:
 
 
 def _graph() -> dict[str, set[str]]:
-    """kfer module -> the kfer modules it imports (``from a import b`` names ``a.b`` when that is a module)."""
+    """kfer module -> the kfer modules it imports: the import walk that also picks the served model's code and
+    dvc.yaml's code deps (:func:`kfer.serving.publish.module_imports`)."""
+    from kfer.serving.publish import module_imports
+
     files = {_module(p): p for p in (SRC / "kfer").rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
-        edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                assert node.level == 0, f"{name}: relative import (kfer imports are absolute)"
-                if node.module and node.module.split(".")[0] == "kfer":
-                    subs = {f"{node.module}.{a.name}" for a in node.names} & files.keys()
-                    edges |= subs or {node.module}
-            elif isinstance(node, ast.Import):
-                edges |= {a.name for a in node.names if a.name.split(".")[0] == "kfer"}
-        graph[name] = {e for e in edges if e != name}
+        source = path.read_text(encoding="utf-8")
+        relative = [n.lineno for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level]
+        assert not relative, f"{name}: relative import at line(s) {relative} (kfer imports are absolute)"
+        graph[name] = {m for m in module_imports(name, source) if m in files and m not in (name, "kfer")}
     return graph
 
 
@@ -59,7 +56,7 @@ def test_every_import_runs_down_the_layers():
     wrong = []
     for module, deps in sorted(_graph().items()):
         for dep in sorted(deps):
-            if dep == "kfer" or _package(dep) == _package(module):
+            if _package(dep) == _package(module):
                 continue
             if _layer(dep) >= _layer(module):
                 wrong.append(f"{module} -> {dep}")

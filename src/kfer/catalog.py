@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kfer import files
 from kfer.config import Params, PathsCfg
 from kfer.errors import MissingInputError, UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST_NAME = "manifest.csv"  # the table inside the cropped and the augmented folders
 CROP_MANIFEST_COLUMNS = (
@@ -64,6 +64,8 @@ def read_table(path: str | Path, required: Iterable[str], what: str, stage: str,
     """A stage's CSV as strings, with clear errors naming the stage to run. With ``also``, only the ``required``
     columns and those of ``also`` that the file has are read (a 500k-row manifest then costs what its reader
     needs, not all its columns); without it, every column."""
+    import pandas as pd  # here, not at import: the CLI and the data stages' workers load this module
+
     required = tuple(required)
     wanted = None if also is None else {*required, *also}.__contains__
     path = Path(path)
@@ -95,14 +97,11 @@ class Catalog:
 
     @property
     def crop_manifest(self) -> Path:
-        return self.params.path(self.params.paths.cropped) / MANIFEST_NAME
+        return self.cropped / MANIFEST_NAME
 
     @property
     def augment_manifest(self) -> Path:
-        return self.params.path(self.params.paths.augmented) / MANIFEST_NAME
-
-    def rel(self, path: Path) -> str:
-        return self.params.rel(path)
+        return self.augmented / MANIFEST_NAME
 
     # --- tables -------------------------------------------------------------------------------------------
     def read(self, table: str, required: Iterable[str] | None = None, also: Iterable[str] | None = None,
@@ -125,7 +124,7 @@ class Catalog:
         they come: memory stays flat on a 500k-row table."""
         spec = TABLES[table]
         target = getattr(self, table) if folder is None else Path(folder) / MANIFEST_NAME
-        with files.atomic_file(target, newline="") as fh:
+        with files.atomic_file(target) as fh:  # newline="": the csv module writes the line ends
             out = csv.DictWriter(fh, spec.columns, lineterminator=spec.lineterminator)
             out.writeheader()
             yield out
@@ -134,7 +133,7 @@ class Catalog:
         """A whole table, atomically, in the contract's column order."""
         spec = TABLES[table]
         target = getattr(self, table)
-        with files.atomic_file(target, newline="") as fh:
+        with files.atomic_file(target) as fh:
             df.to_csv(fh, index=False, columns=list(spec.columns), lineterminator=spec.lineterminator)
         return target
 
@@ -144,12 +143,3 @@ class Catalog:
         target = getattr(self, key)
         files.write_json(target, obj)
         return target
-
-    def read_json(self, key: str, stage: str) -> Any:
-        path = getattr(self, key)
-        if not path.exists():
-            raise MissingInputError(f"{path} not found: run {stage_hint(stage)} first")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} is not readable JSON ({exc}): re-run {stage_hint(stage)}") from exc

@@ -1,4 +1,5 @@
-"""``kfer <stage>``: the one door used by dvc.yaml, MLproject and people. No logic lives here."""
+"""``kfer <stage>``: the one door used by dvc.yaml, MLproject and people; it parses and routes, the stages hold
+the logic."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import traceback
 from pathlib import Path
 
 import click
-
-from kfer.catalog import Catalog
 
 # The tools this project drives phone home unless told not to; this machine may have no network.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -332,6 +331,8 @@ def demo_data(ctx: click.Context, out: str | None, persons: int, per_class: int,
     to change it. Output is written atomically and is byte-identical for the same options.
     """
     params = _params(ctx)
+    from kfer.catalog import Catalog
+
     target = Path(out) if out else Catalog(params).raw
     classes = [(c.name, c.ko or c.name) for c in params.classes]
     if aihub_photos:

@@ -4,7 +4,6 @@ that turns a YAML or pydantic error in params.yaml into that one line naming the
 from __future__ import annotations
 
 import difflib
-import re
 import types
 from pathlib import Path
 from typing import Union, get_args, get_origin
@@ -75,16 +74,23 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _meant(root: type[BaseModel], err: dict) -> str | None:
+    """For an unknown key, the dotted key of the model's field it most resembles (the one the user misspelt)."""
+    if err["type"] != "extra_forbidden":
+        return None
+    parts = tuple(err["loc"])
+    model = _model_at(root, parts[:-1])
+    close = difflib.get_close_matches(str(parts[-1]), list(model.model_fields), n=1) if model else []
+    return ".".join([*map(str, parts[:-1]), close[0]]) if close else None
+
+
 def _error_line(root: type[BaseModel], err: dict) -> str:
     parts = tuple(err["loc"])
     key = ".".join(map(str, parts))
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        model = _model_at(root, parts[:-1])
-        close = difflib.get_close_matches(str(parts[-1]), list(model.model_fields), n=1) if model else []
-        parent = ".".join(map(str, parts[:-1]))
-        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
-        return f"unknown key {key}{hint}"
+        meant = _meant(root, err)
+        return f"unknown key {key}" + (f" (did you mean {meant}?)" if meant else "")
     if kind == "missing":
         return f"missing key {key}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
@@ -109,7 +115,8 @@ def validation_message(exc: ValidationError, root: type[BaseModel]) -> str:
     """Pydantic's errors as one line: one clause per error naming its dotted key, joined with '; ' (``root``: the
     model that was validated, for "did you mean" hints on unknown keys). A key that is missing because it was
     misspelt is said once: "unknown key crop.imagesize (did you mean crop.image_size?)"."""
-    lines = list(dict.fromkeys(_error_line(root, e) for e in exc.errors()))
-    meant = {m.group(1) for line in lines if (m := re.search(r"\(did you mean (\S+)\?\)$", line))}
-    lines = [line for line in lines if not (line.startswith("missing key ") and line[12:] in meant)]
+    errors = exc.errors()
+    meant = {_meant(root, e) for e in errors}
+    errors = [e for e in errors if not (e["type"] == "missing" and ".".join(map(str, e["loc"])) in meant)]
+    lines = list(dict.fromkeys(_error_line(root, e) for e in errors))
     return "; ".join(" ".join(line.split()) for line in lines)

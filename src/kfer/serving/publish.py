@@ -132,7 +132,7 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def _package_imports(module: str, source: str) -> set[str]:
+def module_imports(module: str, source: str) -> set[str]:
     """The ``kfer`` modules that a module's source imports, at module level or inside functions (``from a.b
     import c`` counts ``a.b.c`` when that is a module, else ``a.b``)."""
     found: set[str] = set()
@@ -167,7 +167,7 @@ def module_closure(root: str) -> list[str]:
             continue
         seen.add(name)
         parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
-        todo.extend([*parents, *(_package_imports(name, path.read_text(encoding="utf-8")) - seen)])
+        todo.extend([*parents, *(module_imports(name, path.read_text(encoding="utf-8")) - seen)])
     return sorted(seen)
 
 
