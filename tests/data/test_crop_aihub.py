@@ -56,6 +56,11 @@ def test_every_photo_is_accounted_for_and_every_box_follows_the_annotation(aihub
     assert report["annotation_boxes"]["unmatched_annotation_used"] == report["box_source"].get("annotation", 0)
     assert summary["exif_rotated"] > 0 and summary["with_trailer"] > 0
     assert report["label_from"].keys() <= {"json_majority", "json_uploader"}
+    # every photo keeps its opinions: the uploader's label (the folder's emotion) and the three annotators' votes
+    assert all(r["votes"] and r["label_uploader"] and r["agreement"] in ("1", "2", "3") for r in photos)
+    assert all(r["label"] == (r["label_majority"] or r["label_uploader"]) for r in photos)
+    assert sum(report["opinions"]["agreement"].values()) == len(photos)
+    assert sum(v["with_votes"] for v in report["opinions"]["per_class"].values()) == len(photos)
     assert {v["encoding"] for v in report["label_files"].values()} == {"cp949"}
     assert len(report["label_files"]) == 2 * 7  # one per emotion in Training/ and Validation/
     assert report["annotation_boxes"]["records_without_box"] == 0

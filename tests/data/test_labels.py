@@ -37,9 +37,9 @@ def test_label_files_in_every_encoding_read_the_same(tmp_path, encoding, expecte
     if encoding in ("cp949", "euc-kr"):
         with pytest.raises(UnicodeDecodeError):
             path.read_bytes().decode("utf-8")  # really not UTF-8
-    idx = load_label_json([path], "uploader")
+    idx = load_label_json([path])
     rec = idx.records[NAME]
-    assert rec.label == "기쁨" and rec.label_from == "json_majority" and rec.box == (10, 20, 110, 140)
+    assert rec.votes[0] == "기쁨" and rec.box == (10, 20, 110, 140)
     assert idx.files[str(path)] == {"encoding": expected, "records": 1}
 
 
@@ -50,10 +50,10 @@ def test_undecodable_or_broken_label_file_stops_with_its_name_unless_skipped(tmp
     broken.write_text('[{"filename": ', encoding="utf-8")
     for path, why in ((bad, "not UTF-8, UTF-8 with BOM, UTF-16 or CP949/EUC-KR"), (broken, "not valid JSON")):
         with pytest.raises(LabelFileError) as exc:
-            load_label_json([path], "uploader")
+            load_label_json([path])
         assert str(path) in str(exc.value) and why in str(exc.value)
         assert "data.on_bad_label_file: skip" in str(exc.value)
-    idx = load_label_json([bad, broken], "uploader", on_bad="skip")
+    idx = load_label_json([bad, broken], on_bad="skip")
     assert idx.counts["bad_label_file"] == 2 and not idx.records
     assert "not valid JSON" in idx.files[str(broken)]["error"]
 
@@ -85,9 +85,8 @@ def test_records_without_a_usable_box_say_why(tmp_path):
     ]
     path = tmp_path / "l.json"
     path.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    idx = load_label_json([path], "uploader")
+    idx = load_label_json([path])
     assert idx.records["a.jpg"].box is None and idx.records["a.jpg"].box_issue == "missing"
     assert idx.records["b.jpg"].box_issue == "inverted"
-    assert idx.records["c.jpg"].label == "분노" and idx.records["c.jpg"].label_from == "json_uploader"
+    assert idx.records["c.jpg"].uploader == "분노" and idx.records["c.jpg"].votes == ("기쁨", "슬픔", "중립")
     assert idx.counts["annotator_box_inverted"] == 2 and idx.counts["annotator_box_missing"] == 1
-    assert load_label_json([path], "skip").records["c.jpg"].label is None

@@ -9,9 +9,10 @@ from collections import Counter
 
 import pytest
 
-from kfer.data.labels import annotated_box, check_box, load_label_json, vote_label
+from kfer.config import load_params
+from kfer.data.labels import annotated_box, check_box, load_label_json
 from kfer.data.readers import detect_layout, parse_aihub_name, read_records
-from tests.conftest import shared_dir
+from tests.conftest import REPO, shared_dir
 
 HEX = "9ec608b7b30306a66b5b9e2008bcd634dc1cf7e832c9b412c539fac85e45a5b1"
 SHORT = f"{HEX}_남_60_분노_20130314100000-002-000.jpg"
@@ -48,27 +49,76 @@ def _annot(exp, box=(10, 20, 110, 140)):
     return {"faceExp": exp, "boxes": dict(zip(("minX", "minY", "maxX", "maxY"), box))}
 
 
+def _vote(rec, tie="uploader", name=f"{HEX}_남_30_중립_20210125160548.jpg"):
+    """(label, label_from, opinions, counts) of one JSON record, as the reader resolves it."""
+    from collections import Counter
+
+    from kfer.data.labels import LabelRecord, annotator_votes
+    from kfer.data.readers import json_label
+
+    votes, missing = annotator_votes(rec)
+    uploader = rec.get("faceExp_uploader")
+    counts = Counter()
+    lab = LabelRecord(name, None, votes, missing, uploader)
+    _, label, how, ops = json_label(load_params(REPO / "params.yaml"), {}, lab, parse_aihub_name(name), tie, counts)
+    return label, how, ops, counts
+
+
 def test_vote_majority_wins_over_uploader():
     rec = {"faceExp_uploader": "중립", "annot_A": _annot("기쁨"), "annot_B": _annot("기쁨"), "annot_C": _annot("슬픔")}
-    assert vote_label(rec, "uploader")[0] == "기쁨"
+    label, how, ops, _ = _vote(rec)
+    assert (label, how) == ("joy", "json_majority")
+    assert (ops.uploader, ops.majority, ops.votes, ops.agreement) == ("neutral", "joy", "joy=2 sadness=1", "2")
 
 
 def test_vote_three_way_tie_policy():
     rec = {"faceExp_uploader": "분노", "annot_A": _annot("기쁨"), "annot_B": _annot("중립"), "annot_C": _annot("슬픔")}
-    assert vote_label(rec, "uploader")[0] == "분노"
-    assert vote_label(rec, "skip")[0] is None
+    assert _vote(rec)[:2] == ("anger", "json_uploader")
+    label, how, ops, _ = _vote(rec, "skip")
+    assert (label, how, ops.majority, ops.agreement) == (None, "tie", "", "1")
 
 
 def test_vote_two_annotators_disagreeing_is_a_tie_and_no_annotator_uses_uploader():
     rec = {"faceExp_uploader": "분노", "annot_A": _annot("기쁨"), "annot_B": _annot("중립")}
-    assert vote_label(rec, "uploader")[0] == "분노"
-    assert vote_label({"faceExp_uploader": "당황"}, "uploader")[0] == "당황"
-    assert vote_label({"annot_A": _annot("기쁨")}, "uploader")[0] == "기쁨"
+    assert _vote(rec)[:2] == ("anger", "json_uploader")
+    label, how, ops, counts = _vote({"faceExp_uploader": "당황"})
+    assert (label, how, ops.votes) == ("embarrassment", "json_uploader", "")
+    assert counts["no_usable_annotator"] == 1 and counts["annotator_no_label"] == 3
+    assert _vote({"annot_A": _annot("기쁨")})[0] == "joy"
 
 
 def test_vote_normalizes_nfd_labels():
     rec = {"annot_A": _annot(unicodedata.normalize("NFD", "기쁨")), "annot_B": _annot("기쁨")}
-    assert vote_label(rec, "uploader")[0] == "기쁨"
+    assert _vote(rec)[0] == "joy"
+
+
+def test_bad_annotator_and_uploader_fields_fall_back_by_rule_and_are_counted():
+    # an annotator label that is no class: counted, it votes (it can block a majority) but is not in `votes`
+    rec = {"faceExp_uploader": "기쁨", "annot_A": _annot("놀람"), "annot_B": _annot("분노"), "annot_C": _annot("분노")}
+    label, how, ops, counts = _vote(rec)
+    assert (label, ops.votes, ops.agreement) == ("anger", "anger=2", "2") and counts["annotator_unknown_label"] == 1
+    rec = {"faceExp_uploader": "기쁨", "annot_A": _annot("놀람"), "annot_B": _annot("분노")}
+    assert _vote(rec)[:2] == ("joy", "json_uploader")  # a tie: data.vote_tie
+    # when it is the majority, the photo has a label outside the class list: unknown_label, as ever
+    rec = {"faceExp_uploader": "기쁨", "annot_A": _annot("놀람"), "annot_B": _annot("놀람"), "annot_C": _annot("기쁨")}
+    label, how, ops, counts = _vote(rec)
+    assert label is None and how == "json_majority" and (ops.majority, ops.votes) == ("", "joy=1")
+    # an empty or absent faceExp too
+    rec = {"faceExp_uploader": "기쁨", "annot_A": {"faceExp": ""}, "annot_B": _annot("슬픔")}
+    label, how, ops, counts = _vote(rec)
+    assert (label, ops.votes) == ("sadness", "sadness=1") and counts["annotator_no_label"] == 2
+    # uploader missing or unknown: the file name's emotion (중립) is the uploader's label
+    for uploader, key in ((None, "uploader_missing"), ("놀람", "uploader_unknown_label")):
+        rec = {"annot_A": _annot("기쁨"), "annot_B": _annot("기쁨"), "annot_C": _annot("기쁨")}
+        if uploader:
+            rec["faceExp_uploader"] = uploader
+        label, how, ops, counts = _vote(rec)
+        assert (label, ops.uploader) == ("joy", "neutral")
+        assert counts[key] == 1 and counts["uploader_from_file_name"] == 1
+    # nothing usable anywhere: no label, and the reason is the unknown label
+    rec = {"faceExp_uploader": "놀람", "annot_A": _annot("놀람")}
+    label, how, ops, counts = _vote(rec, name="photo.jpg")
+    assert label is None and counts["annotator_unknown_label"] == 1
 
 
 def test_boxes_median_and_bad_boxes():
@@ -87,9 +137,9 @@ def test_load_label_json_counts_bad_input(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(good, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "b.json").write_text("{broken", encoding="utf-8")
     (tmp_path / "c.json").write_text(json.dumps({"data": [{"filename": LONG}]}, ensure_ascii=False), encoding="utf-8")
-    idx = load_label_json(sorted(tmp_path.glob("*.json")), "uploader", on_bad="skip")
+    idx = load_label_json(sorted(tmp_path.glob("*.json")), on_bad="skip")
     assert set(idx.records) == {SHORT, LONG}
-    assert idx.records[SHORT].label == "분노" and idx.records[SHORT].box == (10, 20, 110, 140)
+    assert idx.records[SHORT].votes == ("분노", "분노", "슬픔") and idx.records[SHORT].box == (10, 20, 110, 140)
     assert idx.counts["bad_label_record"] == 2 and idx.counts["bad_label_file"] == 1
 
 

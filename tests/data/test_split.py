@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kfer.catalog import SPLITS_COLUMNS
 from kfer.config import load_params
 from kfer.data.split import assign_splits, run_split, split_warnings
 
@@ -220,7 +221,7 @@ def test_run_split_end_to_end(tmp_path, caplog):
     out_csv = tmp_path / "data" / "splits.csv"
     df = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
     ok = [r for r in rows if r["status"] == "ok"]
-    assert list(df.columns) == ["path", "label", "group", "source", "split"]
+    assert list(df.columns) == list(SPLITS_COLUMNS)
     assert (df["source"] == "").all()  # an old manifest (no `raw` column): its `source` is a raw path, not a name
     assert len(df) == len(ok) and df["path"].tolist() == sorted(r["path"] for r in ok)
     assert not df["group"].str.startswith("bad").any()
@@ -233,7 +234,9 @@ def test_run_split_end_to_end(tmp_path, caplog):
     # the DVC metrics: headline numbers only
     assert json.loads(params.path(params.paths.split_headline).read_text(encoding="utf-8")) == {
         "images": len(ok), "persons": 12}
-    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "warnings"]
+    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "label_policy", "min_agreement",
+                            "dropped", "warnings"]
+    assert report["dropped"] == {}
     assert report["seed"] == 42 and report["ratios"] == R
     assert report["counts"] == {s: int((df.split == s).sum()) for s in R}
     assert sum(report["counts"].values()) == len(ok)
@@ -275,7 +278,7 @@ def test_run_split_carries_the_source(tmp_path):
     report = run_split(params)
 
     df = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str, keep_default_na=False)
-    assert list(df.columns) == ["path", "label", "group", "source", "split"]
+    assert list(df.columns) == list(SPLITS_COLUMNS)
     ok = {r["path"]: r for r in rows if r["status"] == "ok"}
     assert sorted(df["path"]) == sorted(ok) and df["path"].is_monotonic_increasing
     assert df["source"].tolist() == [ok[p]["source"] for p in df["path"]]
@@ -283,7 +286,8 @@ def test_run_split_carries_the_source(tmp_path):
     assert df.groupby("group")["split"].nunique().max() == 1  # no person crosses splits
     assert set(df["split"]) == {"train", "val", "test"}
 
-    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "per_source", "warnings"]
+    assert list(report) == ["seed", "ratios", "counts", "per_class", "groups", "per_source", "label_policy",
+                            "min_agreement", "dropped", "warnings"]
     assert report["per_source"] == {
         s: {src: int(((df.split == s) & (df.source == src)).sum()) for src in ("", "aihub", "fer2013")} for s in R}
     assert sum(report["per_source"]["train"].values()) == report["counts"]["train"]

@@ -456,3 +456,41 @@ def test_photo_path_scores_the_logged_model_on_the_test_photos(make_params, monk
     assert run_evaluate(params)["photo_images"] == 5
     pred = pd.read_csv(params.path(params.paths.eval_dir) / "predictions.csv", dtype=str, keep_default_na=False)
     assert (pred["photo_predicted"] != "").sum() == 5
+
+
+def test_scores_against_the_uploader_and_the_majority_label(params, caplog):
+    """splits.csv with the opinion columns: the same predictions scored against the uploader's label and against
+    the annotators' majority (only where one exists), with the per-class agreement table."""
+    from kfer.reporting.evaluate import run_evaluate
+
+    names = params.class_names
+    df = write_splits(params, known_rows(names))
+    test = (df["split"] == "test").to_numpy()
+    t = np.cumsum(test) - 1  # index among the test rows
+    # the majority: the model's answer on every third test row, none elsewhere (a tie, or no votes)
+    majority = [names[Y_PRED[t[i]]] if test[i] and t[i] % 3 == 0 else "" for i in range(len(df))]
+    df = df.assign(label_uploader=df["label"], label_majority=majority,
+                   votes=[f"{m}=2 {u}=1" if m else "" for m, u in zip(majority, df["label"], strict=True)],
+                   agreement=["2" if m else "" for m in majority])
+    df.to_csv(params.path(params.paths.splits), index=False)
+    save_intensity_model(params)
+
+    with caplog.at_level(logging.INFO, logger="kfer.reporting.evaluate"):
+        result = run_evaluate(params)
+
+    n_majority = len(range(0, len(Y_TRUE), 3))
+    assert result["label_kinds"]["uploader"] == {"accuracy": pytest.approx(EXPECTED_ACCURACY),
+                                                 "macro_f1": pytest.approx(EXPECTED_MACRO_F1), "n": len(Y_TRUE)}
+    assert result["label_kinds"]["majority"]["accuracy"] == 1.0
+    assert result["label_kinds"]["majority"]["n"] == n_majority
+    from kfer.reporting.metrics import flat_metrics
+
+    flat = flat_metrics(result)  # what MLflow gets
+    assert flat["test_accuracy_uploader"] == pytest.approx(EXPECTED_ACCURACY)
+    assert flat["test_accuracy_majority"] == 1.0 and "test_macro_f1_majority" in flat
+    joy = result["opinions"]["per_class"][names[0]]  # test rows 0, 1 are class 0; row 0 has a majority
+    assert joy["photos"] == 2 and joy["with_votes"] == 1 and joy["majority_is_uploader"] == 1
+    assert result["opinions"]["agreement"] == {"2": n_majority, "none": len(Y_TRUE) - n_majority}
+    table = pd.read_csv(params.path(params.paths.eval_dir) / "label_agreement.csv")
+    assert table["class"].tolist()[:C] == names and table["photos"].sum() == len(Y_TRUE)
+    assert "against the majority label" in caplog.text

@@ -233,3 +233,41 @@ def test_decode_workers_change_speed_only(tmp_path, make_params):
     for k, bad in enumerate((0, -1, "all", True, 1.5)):
         with pytest.raises(UserError, match="decode_workers"):
             make_params({"train": {"decode_workers": bad}}, root=tmp_path / f"bad{k}")
+
+
+def test_soft_policy_trains_on_the_vote_distributions(tmp_path, make_params, monkeypatch):
+    """data.label_policy soft: the train batches carry each photo's vote distribution (the uploader as
+    data.soft_uploader_weight more votes), the val batches the hard label; a run with mixup and class weights
+    trains and logs the policy."""
+    from kfer.data.policy import targets
+    from kfer.data.split import run_split
+    from kfer.training.inputs import make_dataset, split_table
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = prepare_demo(make_params({**TINY, "data": {"label_policy": "soft", "soft_uploader_weight": 1.0},
+                                       "train": {**TINY["train"], "mixup_alpha": 0.2}}))
+    table = train_table(params)
+    disputed = table["votes"].str.contains(" ")  # the demo's annotators disagree on about one photo in ten
+    assert disputed.any() and (table["label_uploader"] != "").all()
+    expected = targets(table, "soft", params.class_names, 1.0)
+    no_mix = params.updated({"train": {"mixup_alpha": 0.0}})
+    got = np.concatenate([y for _, y in make_dataset(no_mix, table, training=False)])
+    np.testing.assert_array_equal(got, np.eye(7, dtype=np.float32)[[params.class_names.index(c)
+                                                                     for c in table["label"]]])
+    # training=False is how val and test are read: one-hot; the training stream is the soft targets, reordered
+    ds = make_dataset(no_mix, table, training=True)
+    seen = np.concatenate([y for _, y in ds.take(-(-len(table) // params.train.batch_size))])
+    assert sorted(map(tuple, np.round(seen, 6))) == sorted(map(tuple, np.round(expected, 6)))
+    assert (np.abs(expected[disputed.to_numpy()].max(axis=1) - 1) > 1e-6).all()  # not one-hot where they disagree
+
+    result = run_train(params)
+    run = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["data.label_policy"] == "soft"
+    assert np.isfinite(run.data.metrics["best_val_loss"])
+    # the val table is scored on the hard label (the majority's under soft)
+    val = split_table(params, "val")
+    assert (val["label"] == val["label_majority"].where(val["label_majority"] != "", val["label_uploader"])).all()
+    # the policy switched back to majority: a split gives the same labels (soft's hard label is the majority's)
+    before = split_table(params, "train")["label"].tolist()
+    run_split(params.updated({"data": {"label_policy": "majority"}}))
+    assert split_table(params, "train")["label"].tolist() == before

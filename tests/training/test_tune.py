@@ -526,3 +526,42 @@ def test_owner_of_a_run_is_gone_only_when_its_process_is(tmp_path):
     assert tracking._owner_gone(f"{host}:{child.pid}:{child_start}")
     assert tracking._owner_gone(f"{host}:{pid}:{int(start) + 1}")  # same pid, another process
     assert not tracking._owner_gone(f"another-{host}:{child.pid}:{child_start}")
+
+
+def test_label_policy_and_min_agreement_are_search_dimensions(project):
+    """tune.space.label_policy / min_agreement: each trial trains on its policy's labels less its low-agreement
+    photos, every trial is scored on one val label (tune.validation_label), the summary says which, and --apply
+    writes the best policy into data."""
+    from kfer.training.tune.data import trial_rows, trial_table
+
+    space = {"label_policy": ["uploader", "soft"], "min_agreement": [2, 3]}
+    params = project({"tune": {"n_trials": 2, "space": space, "validation_label": "uploader",
+                               "sampler": {"n_startup_trials": 5}}})
+    study = tune.open_study(params)
+    study.enqueue_trial({**GOOD, "label_policy": "uploader", "min_agreement": 3})
+    study.enqueue_trial({**GOOD, "label_policy": "soft", "min_agreement": 2})
+    summary = tune.run_tune(params)
+
+    _, trials = _load(params)
+    assert [t.params["label_policy"] for t in trials] == ["uploader", "soft"]
+    assert summary["validation_label"] == "uploader" and summary["n_complete"] == 2
+    best = yaml.safe_load(params.path(params.paths.tune_best).read_text())
+    assert best["data"] == {"label_policy": trials[summary["best_trial"]].params["label_policy"],
+                            "min_agreement": trials[summary["best_trial"]].params["min_agreement"]}
+
+    # what a trial trains on: its policy's labels, less its photos below min_agreement
+    table = trial_table(params)
+    p = tune.with_values(params, {"label_policy": "uploader", "min_agreement": 3})
+    rows, _ = trial_rows(p, table, None)
+    assert (rows["label"] == rows["label_uploader"]).all() and (rows["agreement"] == "3").all()
+    assert len(rows) < len(table)  # the demo's annotators disagree on some train photos
+    # and what val is scored on: the uploader's label, whatever the policy of splits.csv
+    from kfer.training.tune.data import validation_table
+
+    val = validation_table(params)
+    assert (val["label"] == val["label_uploader"]).all()
+
+    # a searched range below data.min_agreement: those photos are not in splits.csv
+    bad = project({"data": {"min_agreement": 3}, "tune": {"space": space}})
+    with pytest.raises(tune.TuneError, match="below data.min_agreement 3"):
+        tune.run_tune(bad)

@@ -33,6 +33,7 @@ from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.data.faces import FaceCropper, ImageError
 from kfer.data.images import read_bytes
+from kfer.data.policy import AgreementTally
 from kfer.data.readers import ReadResult, Record, nfc, read_records
 from kfer.errors import UserError
 
@@ -46,6 +47,16 @@ HINTS = {
     "no_label": "check data.layout (aihub file names or <label>/ folders)",
     "no_group": "set data.group for this layout (regex, folder or none)",
     "no_source": "add the folder to data.sources",
+}
+
+#: label-record fallbacks the crop report counts (``label_json``), and the rule each follows
+FALLBACKS = {
+    "annotator_unknown_label": "an annotator's faceExp that is not a known label is left out of the vote",
+    "uploader_missing": "faceExp_uploader absent: the file name's emotion is the uploader's label",
+    "uploader_unknown_label": "faceExp_uploader not a known label: the file name's emotion is the uploader's label",
+    "no_usable_annotator": "no annotator label usable: the photo takes the uploader's label",
+    "votes_missing": "photos the votes table does not list keep their folder label, without votes",
+    "votes_not_numeric": "votes table rows with a share that is not a number are not used",
 }
 
 _cropper: FaceCropper | None = None
@@ -147,6 +158,9 @@ def run_crop(params: Params, raw_root: Path | None = None) -> dict:
     _write_reports(params, report)
     for reason, n in sorted(report["skipped"].items()):
         log.warning("crop: skipped %d file(s): %s", n, reason)
+    for key, rule in FALLBACKS.items():
+        if report["label_json"].get(key):
+            log.warning("crop: %d %s: %s", report["label_json"][key], key.replace("_", " "), rule)
     for name, info in report["label_files"].items():
         log.info("crop: label file %s: %s", name, info.get("error") or f"{info['records']} records, {info['encoding']}")
     log.info(
@@ -178,6 +192,7 @@ def _manifest_row(params: Params, rec: Record, res: dict, out: Path | None) -> d
         "label": rec.label or "",
         "source_label": rec.source_label or "",
         "label_from": rec.label_from,
+        **rec.opinions.row(),
         "group": rec.group or "",
         **{k: ("" if v is None else v) for k, v in zip(("x0", "y0", "x1", "y1"), box, strict=True)},
         "box_source": res.get("box_source", ""),
@@ -199,6 +214,7 @@ class _Tally:
         self.per_class: Counter[str] = Counter()
         self.box_issue: Counter[str] = Counter()
         self.persons: set[str] = set()
+        self.opinions = AgreementTally()
         self.matched = self.match_tried = 0
         self.match_iou_sum = 0.0
         self.source_total: Counter[str] = Counter()
@@ -215,6 +231,7 @@ class _Tally:
         self.box_source[row["box_source"]] += 1
         self.label_from[row["label_from"]] += 1
         self.per_class[row["label"]] += 1
+        self.opinions.add(row["label_uploader"], row["label_majority"], row["votes"], row["agreement"])
         self.box_issue[res.get("box_issue", "")] += 1
         self.persons.add(row["group"])
         self.source_ok[row["source"]] += 1
@@ -264,6 +281,9 @@ def _report(params: Params, result: ReadResult, tally: _Tally, workers: int) -> 
         },
         "label_from": dict(sorted(tally.label_from.items())),
         "per_class": {c: tally.per_class.get(c, 0) for c in params.class_names},
+        # the faces cut, by uploader's label: with votes, how often the annotators' majority says the same, the
+        # mean agreement; and how many faces each data.min_agreement would keep (agreement histogram)
+        "opinions": tally.opinions.report(params.class_names),
         "persons": len(tally.persons),
         "label_files": dict(sorted(result.label_files.items())),
         "label_json": dict(sorted(result.label_counts.items())),

@@ -6,7 +6,8 @@ as UTF-8, UTF-8 with a BOM, UTF-16 with a BOM or CP949 (the superset of EUC-KR t
 dataset ship); each file's encoding is recorded. A file that none of these decode, or that is not JSON, is a
 :class:`LabelFileError` naming the file, unless the caller asks to skip it (``data.on_bad_label_file``).
 
-The label is the annotators' majority (a three-way tie follows ``data.vote_tie``); the face box is the
+Each record's opinions are kept as written (the annotators' ``faceExp`` values and ``faceExp_uploader``); the
+reader maps them to classes and the label policy (:mod:`kfer.data.policy`) decides. The face box is the
 per-coordinate median of the annotators' usable boxes. An annotator's box is dropped, and counted by reason,
 when it is missing, not numeric, inverted (``minX > maxX`` or ``minY > maxY``) or of zero area; a record with
 no usable box is counted by the reason of its boxes and its photo goes to the detector.
@@ -91,34 +92,29 @@ def annotated_box(record: dict) -> tuple[Box | None, Counter]:
     return tuple(statistics.median(b[i] for b in boxes) for i in range(4)), dropped  # type: ignore[return-value]
 
 
-def vote_label(record: dict, tie: str) -> tuple[str | None, tuple[str, ...], str]:
-    """(label, votes, how): the annotators' majority ("json_majority"); on a tie or with no annotator the
-    uploader's label when ``tie == "uploader"`` ("json_uploader"), else (None, votes, "")."""
-    votes = tuple(
-        nfc(str(a["faceExp"])).strip()
-        for a in (record.get(k) for k in ANNOTATORS)
-        if isinstance(a, dict) and a.get("faceExp")
-    )
-    uploader = record.get("faceExp_uploader")
-    uploader = nfc(str(uploader)).strip() if uploader else None
-    if votes:
-        top, n = Counter(votes).most_common(1)[0]
-        if n * 2 > len(votes):
-            return top, votes, "json_majority"
-    if tie == "uploader" and uploader:
-        return uploader, votes, "json_uploader"
-    return None, votes, ""
+def annotator_votes(record: dict) -> tuple[tuple[str, ...], int]:
+    """(the annotators' ``faceExp`` values, NFC and stripped; how many annotators give none: absent or empty)."""
+    votes, missing = [], 0
+    for k in ANNOTATORS:
+        a = record.get(k)
+        value = a.get("faceExp") if isinstance(a, dict) else None
+        if value is None or not str(value).strip():
+            missing += 1
+        else:
+            votes.append(nfc(str(value)).strip())
+    return tuple(votes), missing
 
 
 @dataclass(frozen=True, slots=True)
 class LabelRecord:
-    """One usable record of an AI Hub label JSON file."""
+    """One usable record of an AI Hub label JSON file: what its people said, as written (mapped to classes and
+    voted on by the reader, which knows the label map: :mod:`kfer.data.readers`)."""
 
     filename: str
-    label: str | None  # source label after voting; None on an unresolved tie
     box: Box | None
-    votes: tuple[str, ...] = ()
-    label_from: str = ""  # json_majority | json_uploader | "" (tie, skipped)
+    votes: tuple[str, ...] = ()  # the annotators' faceExp values
+    votes_missing: int = 0  # annotators without a faceExp
+    uploader: str | None = None  # faceExp_uploader
     box_issue: str = ""  # why box is None: the reasons of the dropped annotator boxes, or no_box
 
 
@@ -153,8 +149,7 @@ def read_label_file(path: Path) -> tuple[list, str]:
     return records, encoding
 
 
-def load_label_json(paths: list[Path], tie: str, on_bad: str = "error",
-                    names: dict[Path, str] | None = None) -> LabelIndex:
+def load_label_json(paths: list[Path], on_bad: str = "error", names: dict[Path, str] | None = None) -> LabelIndex:
     """Read every label file into one index. ``on_bad``: "error" raises for an unreadable file, "skip" logs,
     counts (``bad_label_file``) and goes on. ``names`` maps a path to how the report names it."""
     index = LabelIndex()
@@ -176,14 +171,16 @@ def load_label_json(paths: list[Path], tie: str, on_bad: str = "error",
                 index.counts["bad_label_record"] += 1
                 continue
             name = nfc(Path(rec["filename"]).name)
-            label, votes, how = vote_label(rec, tie)
+            votes, missing = annotator_votes(rec)
+            uploader = rec.get("faceExp_uploader")
+            uploader = nfc(str(uploader)).strip() or None if uploader is not None else None
             box, dropped = annotated_box(rec)
             for why, n in dropped.items():
                 index.counts[f"annotator_box_{why}"] += n
             issue = "" if box is not None else ("+".join(sorted(dropped)) or "no_box")
             if name in index.records:
                 index.counts["duplicate_label_record"] += 1
-            index.records[name] = LabelRecord(name, label, box, votes, how, issue)
+            index.records[name] = LabelRecord(name, box, votes, missing, uploader, issue)
             index.counts["label_records"] += 1
         index.files[shown] = {"encoding": encoding, "records": index.counts["label_records"] - n_before}
     return index

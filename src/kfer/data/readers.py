@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfer.catalog import Catalog
-from kfer.config import GroupCfg, Params
-from kfer.data.labels import LabelIndex, load_label_json, nfc
+from kfer.config import GroupCfg, Params, VotesCfg
+from kfer.data.labels import LabelIndex, LabelRecord, load_label_json, nfc
+from kfer.data.policy import Opinions, format_votes, majority_of, opinions
 from kfer.errors import MissingInputError, UserError
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ class Record:
     status: str = "ok"
     detail: str = ""  # the reason's text for a skip, or a note (e.g. why an annotation has no box)
     source: str = ""  # the data.sources name; "" without data.sources
-    label_from: str = ""  # json_majority | json_uploader | filename | folder
+    label_from: str = ""  # json_majority | json_uploader | filename | folder | votes_majority
     detector: str | None = None  # the source's crop.detector override
+    opinions: Opinions = Opinions()  # the uploader's label, the annotators' votes (kfer.data.policy)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Source:
     label_map: dict
     group: GroupCfg
     detector: str | None
+    votes: VotesCfg | None = None
 
 
 @dataclass
@@ -163,13 +166,14 @@ def detect_layout(files: list[Path]) -> str:
 def _sources(params: Params, root: Path) -> list[Source]:
     cfg = params.data
     if not cfg.sources:
-        return [Source("", root, cfg.layout, {}, cfg.group, None)]
+        return [Source("", root, cfg.layout, {}, cfg.group, None, cfg.votes)]
     out = []
     for name, scfg in cfg.sources.items():
         base = root / name
         if not base.is_dir():
             raise MissingInputError(f"data.sources names {name!r}, but {base} is not a folder")
-        out.append(Source(name, base, scfg.layout, scfg.label_map, scfg.group or cfg.group, scfg.detector))
+        out.append(Source(name, base, scfg.layout, scfg.label_map, scfg.group or cfg.group, scfg.detector,
+                          scfg.votes or cfg.votes))
     return out
 
 
@@ -216,10 +220,10 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
     label_files = {p for p in src.base.glob(cfg.labels_glob) if p in file_set} if layout == "aihub" else set()
     index = LabelIndex()
     if layout == "aihub" and label_files:
-        index = load_label_json(sorted(label_files, key=lambda p: nfc(p.as_posix())), cfg.vote_tie,
-                                cfg.on_bad_label_file,
+        index = load_label_json(sorted(label_files, key=lambda p: nfc(p.as_posix())), cfg.on_bad_label_file,
                                 names={p: nfc(p.relative_to(root).as_posix()) for p in label_files})
     result.label_files.update(index.files)
+    votes_file, votes_table = _votes_table(params, root, src, file_set, result) if src.votes else (None, {})
     group_rx = re.compile(src.group.pattern) if src.group.source == "regex" else None
     prefix = f"{src.name}/" if src.name else ""
 
@@ -230,6 +234,11 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
         common = {"source": src.name, "detector": src.detector}
         if kind != "file":
             records.append(Record(str(path), rel, None, None, None, status=kind, detail=detail, **common))
+            continue
+        if path == votes_file:
+            info = result.label_files.get(rel, {})
+            records.append(Record(str(path), rel, None, None, None, status="label_file",
+                                  detail=f"votes table, {info.get('records', 0)} rows", **common))
             continue
         if path in label_files:
             info = index.files.get(rel, {})
@@ -245,33 +254,42 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
                                   detail=f"extension {path.suffix or '(none)'!r} is not an image type", **common))
             continue
         parsed = parse_aihub_name(name)
+        rel_in_source = nfc(path.relative_to(src.base).as_posix())
         box: Box | None = None
         note = ""
-        if layout == "aihub":
-            lab = index.records.get(name)
-            if lab is not None:
-                used_labels.add(name)
-                source_label, box, label_from = lab.label, lab.box, lab.label_from
-                if box is None:
-                    note = f"label record has no usable box ({lab.box_issue})"
-            else:
+        ops = Opinions()
+        label: str | None = None
+        lab = index.records.get(name) if layout == "aihub" else None
+        if lab is not None:
+            used_labels.add(name)
+            box = lab.box
+            if box is None:
+                note = f"label record has no usable box ({lab.box_issue})"
+            source_label, label, label_from, ops = json_label(params, src.label_map, lab, parsed, cfg.vote_tie,
+                                                              result.label_counts)
+        else:
+            if layout == "aihub":
                 source_label = parsed.emotion if parsed else None
                 label_from = "filename" if parsed else ""
-        else:
-            in_base = path.parent.relative_to(src.base)
-            source_label = nfc(path.parent.name) if in_base.parts else None
-            label_from = "folder" if source_label else ""
+            else:
+                in_base = path.parent.relative_to(src.base)
+                source_label = nfc(path.parent.name) if in_base.parts else None
+                label_from = "folder" if source_label else ""
+            label = params.map_label(source_label, src.label_map)
+            ops = Opinions(label or "")
+            if src.votes and label is not None:
+                ops, label, label_from = _table_label(rel_in_source, votes_table, ops, label, label_from,
+                                                      cfg.vote_tie, result.label_counts)
 
-        rel_in_source = nfc(path.relative_to(src.base).as_posix())
         group = _group(src.group.source, src.group.field, group_rx, parsed, rel_in_source, name)
         if group is not None:
             group = prefix + group
-        label = params.map_label(source_label, src.label_map)
-        if source_label is None:
-            tie = layout == "aihub" and name in index.records
-            status = "label_tie" if tie else "no_label"
-            note = ("the three annotators disagree and data.vote_tie is skip" if tie else
-                    "no label: not in a <label>/ folder and no AI Hub file name or label record")
+        if label is None and label_from == "tie":
+            status = "label_tie"
+            note = "the annotators disagree (no majority) and data.vote_tie is skip"
+        elif source_label is None:
+            status = "no_label"
+            note = "no label: not in a <label>/ folder and no AI Hub file name or label record"
         elif label is None:
             status = "unknown_label"
             note = f"label {source_label!r} is neither a class nor in data.label_map"
@@ -281,7 +299,7 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
         else:
             status = "ok"
         records.append(Record(str(path), rel, source_label, label, group, box, status, note, label_from=label_from,
-                              **common))
+                              opinions=ops, **common))
 
     result.label_counts.update(index.counts)
     result.label_counts["label_records_unmatched"] += len(set(index.records) - used_labels)
@@ -298,3 +316,108 @@ def _group(source: str, field_name: str, rx: re.Pattern | None, parsed: AihubNam
         parent = Path(rel).parent.as_posix()
         return parent if parent != "." else None
     return rel  # "none": every image its own group
+
+
+def json_label(params: Params, label_map: dict[str, str], lab: LabelRecord, parsed: AihubName | None, tie: str,
+               counts: Counter):
+    """(source label, class or None, label_from, opinions) of a photo with an AI Hub label record.
+
+    The annotators' votes are mapped to classes. An annotator with no ``faceExp`` does not vote (counted
+    ``annotator_no_label``); one whose label is no class votes for it (counted ``annotator_unknown_label``): it can
+    block a majority, it is left out of ``votes`` (and so of soft targets), and when it is the majority the photo is
+    ``unknown_label``. The uploader's label is ``faceExp_uploader``, or, when that is missing or unknown (counted),
+    the file name's emotion (counted ``uploader_from_file_name``). The photo's label is the majority; on a tie
+    ``data.vote_tie`` (uploader, or skip: label None, label_from "tie"); with no annotator vote the uploader's label
+    (counted ``no_usable_annotator``)."""
+    def to_class(text: str | None) -> str | None:
+        return params.map_label(text, label_map)
+
+    keys: Counter[str] = Counter()  # a class, or "\0" + a label that is none (it still counts as a vote)
+    raw_of: dict[str, str] = {}
+    for v in lab.votes:
+        c = to_class(v)
+        if c is None:
+            counts["annotator_unknown_label"] += 1
+        key = c if c is not None else "\0" + v
+        keys[key] += 1
+        raw_of.setdefault(key, v)
+    if lab.votes_missing:
+        counts["annotator_no_label"] += lab.votes_missing
+    uploader_raw = lab.uploader
+    uploader = to_class(uploader_raw)
+    if uploader is None:
+        counts["uploader_missing" if uploader_raw is None else "uploader_unknown_label"] += 1
+        fallback = parsed.emotion if parsed else None
+        uploader = to_class(fallback)
+        if uploader is not None:
+            counts["uploader_from_file_name"] += 1
+            uploader_raw = fallback
+        else:
+            uploader_raw = uploader_raw or fallback
+    top = majority_of(keys)
+    class_votes = {k: n for k, n in keys.items() if not k.startswith("\0")}
+    ops = Opinions(uploader or "", top if top and not top.startswith("\0") else "",
+                   format_votes(class_votes, shares=False), str(max(keys.values())) if keys else "")
+    if top is not None:  # a majority; one for a label that is no class makes the photo unknown_label, as ever
+        return raw_of[top], (None if top.startswith("\0") else top), "json_majority", ops
+    if keys:
+        if tie != "uploader":
+            return uploader_raw, None, "tie", ops
+    else:
+        counts["no_usable_annotator"] += 1
+    return uploader_raw, uploader, "json_uploader", ops
+
+
+def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], result: ReadResult):
+    """(the table's path, {image path in the source: {class: share}}) of the source's votes table
+    (``data.votes``). Vote columns whose label is no class are listed in the report's ``label_files`` entry;
+    a share that is not a number leaves that image without votes (counted ``votes_not_numeric``)."""
+    import csv
+
+    cfg = src.votes
+    path = src.base / cfg.file
+    if path not in file_set:
+        raise MissingInputError(f"data.votes.file {cfg.file!r}: {path} is not a file under {root}")
+    shown = nfc(path.relative_to(root).as_posix())
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+            columns = list(rows[0].keys()) if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"votes table {path} cannot be read: {exc}") from exc
+    if cfg.key not in columns:
+        raise UserError(f"votes table {path} has no column {cfg.key!r} (data.votes.key; has {columns[:8]})")
+    mapped = {c: params.map_label(c[len(cfg.prefix):], src.label_map) for c in columns if c.startswith(cfg.prefix)}
+    used = {c: k for c, k in mapped.items() if k is not None}
+    if not used:
+        raise UserError(f"votes table {path}: no column {cfg.prefix}<label> names a class or a data.label_map "
+                        f"label (columns {columns[:12]})")
+    table: dict[str, dict[str, float]] = {}
+    for row in rows:
+        votes: Counter[str] = Counter()
+        try:
+            for col, cls in used.items():
+                votes[cls] += float(row[col] or 0)
+        except ValueError:
+            result.label_counts["votes_not_numeric"] += 1
+            continue
+        table[nfc(str(row[cfg.key]).strip())] = dict(votes)
+    result.label_files[shown] = {"encoding": "utf-8", "records": len(rows), "vote_columns": dict(sorted(used.items())),
+                                 "vote_columns_unused": sorted(c for c, k in mapped.items() if k is None)}
+    return path, table
+
+
+def _table_label(rel: str, table: dict, ops: Opinions, label: str, label_from: str, tie: str, counts: Counter):
+    """A folder-layout photo with a votes table: (opinions, label, label_from). Its folder is the uploader's
+    (performed) label; the raters' shares give the majority, which is the photo's label (a tie: ``data.vote_tie``).
+    A photo the table does not list keeps its folder label (counted ``votes_missing``)."""
+    votes = table.get(rel)
+    if votes is None:
+        counts["votes_missing"] += 1
+        return ops, label, label_from
+    ops = opinions(ops.uploader, votes, shares=True)
+    if ops.majority:
+        return ops, ops.majority, "votes_majority"
+    if ops.votes and tie != "uploader":
+        return ops, None, "tie"
+    return ops, label, label_from

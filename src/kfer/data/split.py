@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ import pandas as pd
 
 from kfer.catalog import SPLITS_COLUMNS, Catalog
 from kfer.config import Params
+from kfer.data.policy import OPINION_COLUMNS, hard_labels, low_agreement
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,26 @@ def split_warnings(
     return out
 
 
+# --- the label policy ----------------------------------------------------------------------------------
+def apply_policy(params: Params, out: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict[str, int]]]:
+    """The split table with ``label`` = the hard label of ``data.label_policy``, less (counted by reason and by
+    the crop stage's label): rows without such a label (``no_label``, e.g. no uploader label under ``uploader``)
+    and train rows below ``data.min_agreement`` (``low_agreement``; val and test keep every photo, so that
+    policies are judged on the same faces). The persons' splits were drawn before, on the crop stage's label:
+    every policy gets the same persons in each split."""
+    cfg = params.data
+    label = hard_labels(out, cfg.label_policy)
+    no_label = (label == "").to_numpy()
+    low = low_agreement(out, cfg.min_agreement) & (out["split"] == "train").to_numpy() & ~no_label
+    dropped = {reason: dict(sorted(Counter(out["label"][mask]).items()))
+               for reason, mask in (("no_label", no_label), ("low_agreement", low)) if mask.any()}
+    for reason, per_class in dropped.items():
+        log.warning("split: %d image(s) dropped (%s under data.label_policy %s, data.min_agreement %d): %s",
+                    sum(per_class.values()), reason, cfg.label_policy, cfg.min_agreement, per_class)
+    out = out.assign(label=label)[~(no_label | low)].reset_index(drop=True)
+    return out, dropped
+
+
 # --- the DVC stage ------------------------------------------------------------------------------------
 def read_manifest(params: Params) -> pd.DataFrame:
     """The crop manifest's usable rows (status == "ok"), all columns as strings, sorted by path.
@@ -230,9 +252,11 @@ def read_manifest(params: Params) -> pd.DataFrame:
     """
     cat = Catalog(params)
     path = cat.crop_manifest
-    df = cat.read("crop_manifest", REQUIRED_COLUMNS, also=(RAW_COLUMN, "source"))
+    df = cat.read("crop_manifest", REQUIRED_COLUMNS, also=(RAW_COLUMN, "source", *OPINION_COLUMNS))
     if RAW_COLUMN not in df.columns or "source" not in df.columns:
         df = df.assign(source="")
+    if "label_uploader" not in df.columns:  # a manifest from before the opinions: one label, no votes
+        df = df.assign(label_uploader=df["label"], label_majority="", votes="", agreement="")
     df = df[df["status"] == "ok"]
     if df.empty:
         raise ValueError(f"{path} has no rows with status 'ok': nothing to split")
@@ -269,9 +293,11 @@ def run_split(params: Params) -> dict[str, Any]:
     if len(held):  # persons of a held-out source: val and test only, in the ratio split.val : split.test
         splits[held] = assign_splits([labels[i] for i in held], [keys[i] for i in held], held_ratios, params.seed)
     out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "source": df["source"],
-                        "split": splits}, columns=OUTPUT_COLUMNS)
-
+                        "split": splits, **{c: df[c] for c in OPINION_COLUMNS}}, columns=OUTPUT_COLUMNS)
+    out, dropped = apply_policy(params, out)
     Catalog(params).write("splits", out)
+    labels, groups, splits = out["label"].tolist(), out["group"].tolist(), out["split"].to_numpy()
+    keys = [g if g else f"\x00{p}" for g, p in zip(groups, out["path"], strict=True)]
 
     warnings = []
     n_ungrouped = groups.count("")
@@ -301,6 +327,7 @@ def run_split(params: Params) -> dict[str, Any]:
         report["per_source"] = {
             s: {src: int((in_split[s] & (out["source"] == src)).sum()) for src in sources} for s in ratios
         }
+    report.update(label_policy=params.data.label_policy, min_agreement=params.data.min_agreement, dropped=dropped)
     report["warnings"] = warnings
     Catalog(params).write_json("split_report", report)
     Catalog(params).write_json("split_headline",  # DVC metrics: images split, persons
@@ -308,10 +335,11 @@ def run_split(params: Params) -> dict[str, Any]:
     n = len(out)
     counts, persons = report["counts"], report["groups"]
     log.info(
-        "split: %d images, %d persons -> %s; %d warning(s)",
+        "split: %d images, %d persons -> %s; label policy %s, %d dropped; %d warning(s)",
         n,
         len(set(keys)),
         ", ".join(f"{s} {counts[s]} ({counts[s] / n:.1%}, {persons[s]} persons)" for s in ratios),
+        params.data.label_policy, sum(sum(v.values()) for v in dropped.values()),
         len(warnings),
     )
     return report

@@ -10,7 +10,14 @@ Outputs
      "per_class": {<class>: {"precision", "recall", "f1", "support"}},
      "per_source": {<source>: {"accuracy", "macro_f1", "n", "persons"}},
      "photo_accuracy": float, "photo_macro_f1": float, "photo_images": int, "photo_missed": int,
-     "photo_box_iou": float}
+     "photo_box_iou": float,
+     "label_kinds": {"uploader"|"majority": {"accuracy", "macro_f1", "n"}},
+     "opinions": {"agreement": {...}, "per_class": {<class>: {"photos", "with_votes", "majority_is_uploader", ...}}}}
+
+``label_kinds`` scores the same predictions against the uploader's label and against the annotators' majority
+(``label_uploader``, ``label_majority`` of ``paths.splits``; ``n`` = the test images that have that label), whatever
+``data.label_policy`` trained on; ``opinions`` is how often the two agree per class on the test photos
+(:class:`kfer.data.policy.AgreementTally`). Both are there when splits.csv carries the opinion columns.
 
 ``per_source`` is there only when the test rows carry a dataset name (column ``source`` of ``paths.splits``,
 set by ``data.sources``): the same metrics on each source's test images alone (``n`` images of ``persons``
@@ -24,7 +31,8 @@ overlaps the crop stage's box is the answer. ``photo_missed`` photos where it fo
 ones, ``crop.box: match``). Absent when there is no training run to load the model from.
 
 ``paths.eval_headline`` (JSON, the DVC metrics): ``test_accuracy``, ``test_macro_f1`` and ``photo_accuracy``
-(when the photo path ran) of the report above.
+(when the photo path ran) of the report above. (``label_kinds`` goes to MLflow as ``test_accuracy_uploader``,
+``test_accuracy_majority`` and their macro-F1: `dvc metrics show` stays one table under 160 columns.)
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
@@ -36,7 +44,9 @@ ones, ``crop.box: match``). Absent when there is no training run to load the mod
 * ``predictions.csv``: path, actual, predicted, confidence, one row per test image in split-file order
   (for ``dvc plots`` with the ``confusion`` template, x: predicted, y: actual), and photo_predicted: the photo
   path's answer ("(missed)" when it found no labelled face, "" for photos outside its sample);
-* ``per_source.csv`` (only with ``per_source``): source, n, persons, accuracy, macro_f1.
+* ``per_source.csv`` (only with ``per_source``): source, n, persons, accuracy, macro_f1;
+* ``label_agreement.csv`` (only with ``opinions``): class, photos, with_votes, majority_is_uploader,
+  majority_is_uploader_fraction, mean_agreement.
 
 Metric definitions (scikit-learn): accuracy over all test images; macro-F1 is the unweighted mean of the
 per-class F1 over the classes that HAVE test images, the same definition as the train stage's ``macro_f1``
@@ -61,6 +71,7 @@ import pandas as pd
 
 from kfer.catalog import Catalog
 from kfer.config import Params
+from kfer.data.policy import AgreementTally
 from kfer.files import atomic_dir, read_image_gray, write_json
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -152,6 +163,22 @@ def predict_images(model, paths: list[Path], batch_size: int, image_size: int) -
     return np.concatenate(out, axis=0)
 
 
+def label_kind_metrics(test: pd.DataFrame, y_pred: np.ndarray, names: list[str]) -> dict[str, dict]:
+    """Accuracy and macro-F1 of the predictions against the uploader's label and against the annotators' majority
+    (``label_uploader``, ``label_majority``), each on the test images that have one (``n``: a source without votes
+    has no majority)."""
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for kind, column in (("uploader", "label_uploader"), ("majority", "label_majority")):
+        has = test[column].isin(index).to_numpy()
+        if not has.any():
+            out[kind] = {"accuracy": None, "macro_f1": None, "n": 0}
+            continue
+        m = compute_metrics(test[column][has].map(index).to_numpy(dtype=np.int64), y_pred[has], names)
+        out[kind] = {"accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n": int(has.sum())}
+    return out
+
+
 def _write_eval_dir(
     params: Params, out: Path, test: pd.DataFrame, y_true: np.ndarray, probs: np.ndarray,
     metrics: dict[str, Any], photo_answers: list[str], model,
@@ -183,6 +210,10 @@ def _write_eval_dir(
             [[name, m["n"], m["persons"], m["accuracy"], m["macro_f1"]] for name, m in metrics["per_source"].items()],
             columns=PER_SOURCE_COLUMNS,
         ).to_csv(out / "per_source.csv", index=False, lineterminator="\n", float_format="%.6f")
+
+    if metrics.get("opinions"):
+        pd.DataFrame([{"class": c, **row} for c, row in metrics["opinions"]["per_class"].items()]).to_csv(
+            out / "label_agreement.csv", index=False, lineterminator="\n")
 
     plots.plot_confusion(
         metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
@@ -328,6 +359,14 @@ def run_evaluate(params: Params) -> dict[str, Any]:
         for name, m in metrics["per_source"].items():
             log.info("evaluate: source %s: %d images, %d persons, accuracy %.4f, macro-F1 %.4f",
                      name, m["n"], m["persons"], m["accuracy"], m["macro_f1"])
+
+    if "label_uploader" in test.columns:  # splits.csv with the opinions: what each kind of label says
+        metrics["label_kinds"] = label_kind_metrics(test, y_pred, names)
+        metrics["opinions"] = AgreementTally().add_frame(test).report(names)
+        for kind, m in metrics["label_kinds"].items():
+            if m["n"]:
+                log.info("evaluate: against the %s label (%d images): accuracy %.4f, macro-F1 %.4f", kind, m["n"],
+                         m["accuracy"], m["macro_f1"])
 
     run = _train_run(params)
     answers = [""] * len(test)

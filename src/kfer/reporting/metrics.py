@@ -96,6 +96,10 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, m in metrics["per_class"].items():
         for k in ("precision", "recall", "f1"):
             flat[_metric_key(f"test_{k}_{name}")] = float(m[k])
+    for kind, m in (metrics.get("label_kinds") or {}).items():
+        if m["n"]:
+            flat[f"test_accuracy_{kind}"] = float(m["accuracy"])
+            flat[f"test_macro_f1_{kind}"] = float(m["macro_f1"])
     per_source = metrics.get("per_source") or {}
     for name, key in _source_keys(list(per_source)).items():
         for k in ("accuracy", "macro_f1"):

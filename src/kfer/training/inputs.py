@@ -13,14 +13,45 @@ import pandas as pd
 from kfer import files
 from kfer.catalog import Catalog
 from kfer.config import Params
+from kfer.data.policy import OPINION_COLUMNS, hard_labels, targets
 
 
 def train_table(params: Params) -> pd.DataFrame:
-    return Catalog(params).read("augment_manifest", ("path", "label"))
+    """The augmented manifest's rows, each with its original's opinions (``splits.csv``, by the ``source`` column)
+    for the soft policy's targets."""
+    manifest = Catalog(params).read("augment_manifest", ("path", "label"))
+    if params.data.label_policy != "soft":
+        return manifest
+    splits = Catalog(params).read("splits", ("path", *OPINION_COLUMNS)).set_index("path")
+    missing = ~manifest["source"].isin(splits.index)
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} rows of the augmented manifest are not in {params.paths.splits}: "
+                         "re-run kfer augment")
+    opinions = splits.loc[manifest["source"], list(OPINION_COLUMNS)].reset_index(drop=True)
+    return pd.concat([manifest.reset_index(drop=True), opinions], axis=1)
 
 
 def split_table(params: Params, split: str) -> pd.DataFrame:
     return Catalog(params).read("splits", ("path", "label"), split=split)
+
+
+def with_label(table: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``table`` scored against another label: ``policy`` (its ``label``), ``uploader`` or ``majority`` (the hard
+    labels of those policies, from the opinion columns); rows without that label are left out."""
+    if label == "policy":
+        return table
+    hard = hard_labels(table, label)
+    return table.assign(label=hard)[(hard != "").to_numpy()].reset_index(drop=True)
+
+
+def target_matrix(params: Params, table: pd.DataFrame, training: bool) -> np.ndarray:
+    """float32 (rows, classes) targets of ``table``: one-hot of ``label``, or, training under the soft policy,
+    the vote distributions (:func:`kfer.data.policy.targets`)."""
+    soft = training and params.data.label_policy == "soft"
+    if soft and "votes" not in table.columns:
+        raise ValueError("data.label_policy soft: the train rows carry no votes column (re-run kfer split)")
+    return targets(table, "soft" if soft else "majority", params.class_names, params.data.soft_uploader_weight,
+                   labels=table["label"])
 
 
 def phase_tables(params: Params, table: pd.DataFrame, datasets: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -101,7 +132,8 @@ def make_dataset(
 ):
     """tf.data over PNG files: (epoch order) → parallel decode → (augment) → batch → prefetch.
 
-    Yields (float32 (B, S, S, 1) raw pixels, one-hot (B, C)); ``batch_size`` defaults to ``train.batch_size``
+    Yields (float32 (B, S, S, 1) raw pixels, targets (B, C): one-hot, or training under ``data.label_policy: soft``
+    the vote distributions, :func:`target_matrix`); ``batch_size`` defaults to ``train.batch_size``
     (pass the global batch under a distribution strategy). ``augment(image_uint8, row, epoch)`` is an optional
     numpy function applied to every image (on-the-fly augmentation, :class:`kfer.data.augment.OnTheFlyAugment`; ``row``
     is its row of ``table``, ``epoch`` the epoch's number, 0 outside training), called for a whole batch at a time
@@ -122,21 +154,21 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    size, n_classes = params.crop.image_size, len(params.classes)
+    size = params.crop.image_size
     channels = 1 if params.crop.grayscale else 3
     root = os.fspath(params.root)  # plain string joins: a Path per row cost ~9 s of start-up at 1M rows
     paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in table["path"].astype(str)]
-    labels = label_indices(params, table["label"])
+    y = target_matrix(params, table, training)
     seed = params.seed if seed is None else seed
     batch = batch_size or params.train.batch_size
     workers = decode_workers(params)
     alpha = params.train.mixup_alpha if training else 0.0
-    paths_t, labels_t = tf.constant(paths, tf.string), tf.constant(labels, tf.int32)
+    paths_t, targets_t = tf.constant(paths, tf.string), tf.constant(y, tf.float32)
 
     def decode(idx):
         img = tf.io.decode_png(tf.io.read_file(paths_t[idx]), channels=channels)
         img = tf.ensure_shape(img, (size, size, channels))
-        return img, labels_t[idx], idx
+        return img, targets_t[idx], idx
 
     def augment_batch(images, rows, e):
         # one Python call per batch, not per image: tf.numpy_function costs ~0.2 ms of CPU a call
@@ -163,7 +195,7 @@ def make_dataset(
 
         def gather(idx, e):
             out = tf.numpy_function(gather_batch, [idx, e], tf.uint8, stateful=False)
-            return tf.ensure_shape(out, (None, size, size, channels)), tf.gather(labels_t, idx), idx
+            return tf.ensure_shape(out, (None, size, size, channels)), tf.gather(targets_t, idx), idx
 
     def one_pass(rows, e):
         if pixels is not None:
@@ -174,11 +206,11 @@ def make_dataset(
             ds = ds.map(lambda img, label, idx: aug(img, label, idx, e), num_parallel_calls=workers,
                         deterministic=True)
         if alpha > 0:  # mixup seeds each batch from its rows: the row index is kept through batching
-            ds = ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes), idx),
+            ds = ds.map(lambda img, target, idx: (tf.cast(img, tf.float32), target, idx),
                         num_parallel_calls=workers, deterministic=True)
             return ds.map(lambda x, y, idx: mixup(x, y, idx, alpha, seed), num_parallel_calls=workers,
                           deterministic=True)
-        return ds.map(lambda img, label, idx: (tf.cast(img, tf.float32), tf.one_hot(label, n_classes)),
+        return ds.map(lambda img, target, idx: (tf.cast(img, tf.float32), target),
                       num_parallel_calls=workers, deterministic=True)
 
     n = len(paths)

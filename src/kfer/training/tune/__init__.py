@@ -52,7 +52,7 @@ import time
 from kfer import tracking
 from kfer.config import Params
 from kfer.training.tune.apply import apply_best
-from kfer.training.tune.data import trial_table
+from kfer.training.tune.data import check_label_search, trial_table
 from kfer.training.tune.report import finish
 from kfer.training.tune.study import (
     BEST_RUN_TAG,
@@ -110,6 +110,7 @@ def run_tune(
     from kfer.training.train import log_datasets
 
     cfg = params.tune
+    check_label_search(params)  # before the study: a range the split made impossible is one line
     budget = n_trials or cfg.n_trials
     timeout = cfg.timeout_s if timeout is None else timeout
     workers = workers or cfg.workers
@@ -117,8 +118,9 @@ def run_tune(
     study = open_study(params, url, study_name, worker=0)
     name = study.study_name
     n = counts(study)
-    log.info("tune: study %s in %s: %s; budget %d COMPLETE+PRUNED, %d worker(s)%s", name, redact(url),
-             n or "new", budget, workers, f", {timeout:g} s" if timeout else "")
+    log.info("tune: study %s in %s: %s; budget %d COMPLETE+PRUNED, %d worker(s)%s; val scored against the %s "
+             "label", name, redact(url), n or "new", budget, workers, f", {timeout:g} s" if timeout else "",
+             cfg.validation_label if cfg.validation_label != "policy" else params.data.label_policy)
     tags = {"kfer.stage": "tune", STUDY_TAG: name, "optuna.storage": redact(url), "optuna.budget": str(budget),
             "optuna.workers": str(workers), FINGERPRINT_ATTR: study.user_attrs.get(FINGERPRINT_ATTR, "")}
     for run_id in tracking.close_orphaned_runs(params, cfg.experiment, "tune"):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kfer.config import Params
+from kfer.data.policy import OPINION_COLUMNS, hard_labels, low_agreement
 from kfer.training.tune.study import TuneError
 
 log = logging.getLogger("kfer.training.tune")
@@ -31,6 +32,39 @@ def trial_table(params: Params) -> pd.DataFrame:
     if train.empty:
         raise TuneError("the train split is empty: check the crop and split reports")
     k = params.augment.copies + 1
-    out = train.loc[train.index.repeat(k), ["path", "label", "group"]].reset_index(drop=True)
+    columns = ["path", "label", "group", *(c for c in OPINION_COLUMNS if c in train.columns)]
+    out = train.loc[train.index.repeat(k), columns].reset_index(drop=True)
     out["copy"] = np.tile(np.arange(k), len(train))
     return out
+
+
+def check_label_search(params: Params) -> None:
+    """A searched ``min_agreement`` cannot go below ``data.min_agreement``: those photos are not in splits.csv."""
+    space = params.tune.space
+    if space.min_agreement is not None and space.min_agreement[0] < params.data.min_agreement:
+        raise TuneError(f"tune.space.min_agreement starts at {space.min_agreement[0]}, below data.min_agreement "
+                        f"{params.data.min_agreement}: the split stage dropped those train photos; lower "
+                        "data.min_agreement (and re-run kfer split) or raise the range")
+
+
+def trial_rows(p: Params, table: pd.DataFrame, pixels):
+    """(rows, pixels) one trial trains on: ``table`` (:func:`trial_table`) relabelled by the trial's
+    ``data.label_policy`` and less its photos below the trial's ``data.min_agreement``; ``pixels``
+    (store, row index) cut to match. With the label search off, ``table`` as it is."""
+    space = p.tune.space
+    if space.label_policy is None and space.min_agreement is None:
+        return table, pixels
+    label = hard_labels(table, p.data.label_policy)
+    keep = (label != "").to_numpy() & ~low_agreement(table, p.data.min_agreement)
+    if not keep.any():
+        raise TuneError(f"no train photo left under data.label_policy {p.data.label_policy}, data.min_agreement "
+                        f"{p.data.min_agreement}")
+    rows = table.assign(label=label)[keep].reset_index(drop=True)
+    return rows, (None if pixels is None else (pixels[0], np.asarray(pixels[1])[keep]))
+
+
+def validation_table(params: Params) -> pd.DataFrame:
+    """The val split scored against ``tune.validation_label``: one label for every trial, whatever it trains on."""
+    from kfer.training.inputs import split_table, with_label
+
+    return with_label(split_table(params, "val"), params.tune.validation_label)

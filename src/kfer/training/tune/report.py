@@ -36,6 +36,9 @@ def finish(params: Params, study, url: str, budget: int, seconds: float, parent_
     n = counts(study)
     summary: dict[str, Any] = {
         "study_name": study.study_name, "storage": portable_url(params, url), "metric": cfg.metric,
+        # the label val is scored against, the same for every trial (tune.validation_label)
+        "validation_label": (f"policy ({params.data.label_policy})" if cfg.validation_label == "policy"
+                             else cfg.validation_label),
         "direction": cfg.direction, "budget": budget,
         **{f"n_{s.lower()}": n.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
         "seconds": round(seconds, 1), "parent_run_id": parent_run_id,

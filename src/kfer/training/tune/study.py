@@ -78,7 +78,11 @@ def fingerprint(params: Params) -> str:
         "train": {"learning_rate", "experiment", "registered_model", "monitor", "decode_workers", "resume"},
     }
     fixed = {"seed": d["seed"], "classes": d["classes"],
-             "tune": {"metric": d["tune"]["metric"], "space": d["tune"]["space"], "epochs": d["tune"]["epochs"]}}
+             "tune": {"metric": d["tune"]["metric"], "space": d["tune"]["space"], "epochs": d["tune"]["epochs"],
+                      "validation_label": d["tune"]["validation_label"]},
+             # the label policy's keys, less those the trials search
+             "data": {k: d["data"][k] for k in ("label_policy", "min_agreement", "soft_uploader_weight")
+                      if d["tune"]["space"].get(k) is None}}
     for section, keys in drop.items():
         fixed[section] = {k: v for k, v in d[section].items() if k not in keys}
     splits = Catalog(params).splits

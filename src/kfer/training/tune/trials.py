@@ -20,7 +20,7 @@ from kfer import selection, tracking
 from kfer.config import Params
 from kfer.data.augment import OnTheFlyAugment
 from kfer.data.pixels import decoded_images
-from kfer.training.tune.data import trial_table
+from kfer.training.tune.data import trial_rows, trial_table, validation_table
 from kfer.training.tune.study import (
     MAX_CONSECUTIVE_FAILURES,
     MODEL_URI_ATTR,
@@ -46,6 +46,8 @@ SEARCHED: dict[str, tuple[str, str]] = {
     "head_units": ("model", "head_units"),
     "strength": ("augment", "strength"),
     "learning_rate": ("train", "learning_rate"),
+    "label_policy": ("data", "label_policy"),
+    "min_agreement": ("data", "min_agreement"),
 }
 
 # --- one trial ---------------------------------------------------------------------------------------------
@@ -53,12 +55,17 @@ SEARCHED: dict[str, tuple[str, str]] = {
 def suggest(trial, params: Params) -> dict[str, Any]:
     """The trial's values for the searched params (Optuna names, see :data:`SEARCHED`)."""
     space = params.tune.space
-    return {
+    values = {
         "kernel_initializer": trial.suggest_categorical("kernel_initializer", list(space.kernel_initializer)),
         "head_units": trial.suggest_categorical("head_units", list(space.head_units)),
         "strength": trial.suggest_float("strength", *space.strength),
         "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
     }
+    if space.label_policy is not None:  # the label search, when asked for (tune.space; off by default)
+        values["label_policy"] = trial.suggest_categorical("label_policy", list(space.label_policy))
+    if space.min_agreement is not None:
+        values["min_agreement"] = trial.suggest_int("min_agreement", *space.min_agreement)
+    return values
 
 
 def nested_values(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -132,9 +139,9 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
     from kfer.training.inputs import class_weights, make_dataset
 
     metric = p.tune.metric
-    table = ctx.train_df
+    table, pixels = trial_rows(p, ctx.train_df, ctx.pixels)
     augment = OnTheFlyAugment(p, table, p.augment.strength, fresh=p.train.fresh_augmentation)  # as kfer train
-    train_ds = make_dataset(p, table, training=True, augment=augment, pixels=ctx.pixels)
+    train_ds = make_dataset(p, table, training=True, augment=augment, pixels=pixels)
     val_ds = make_dataset(p, ctx.val_df, training=False)
     weights = class_weights(p, table) if p.train.class_weights else None
     reporter = _reporter(trial, metric, p.train.epochs)
@@ -254,9 +261,8 @@ def work(ctx: Context, study, budget: int, deadline: float | None) -> int:
 
 def context(params: Params, study_name: str, parent_run_id: str) -> Context:
     from kfer.training.init import load as load_init
-    from kfer.training.inputs import split_table
 
-    val_df = split_table(params, "val")
+    val_df = validation_table(params)
     if val_df.empty:
         raise TuneError("the val split is empty: check split ratios (split.val) and the split report")
     table = trial_table(params)
