@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_faces as rf  # noqa: E402 - the recipe, the project writer, one home
 from harness import in_project_dir, kfer, write_project  # noqa: E402
 
+from kfer.config import _deep_merge  # noqa: E402
+
 SOURCE = "tfeid"
 POLICIES = ("uploader", "majority", "soft")
 KINDS = {"uploader": "performed", "majority": "raters' majority"}
@@ -141,23 +143,17 @@ def print_table(results: dict, title: str) -> None:
 def run_tfeid(args, root: Path) -> dict:
     log = root / "label_policy.log"
     without = [s for s in rf.SOURCES if s != SOURCE]
-    ns = argparse.Namespace(fer_train="off", without=without, pretrain_epochs=1, overrides=args.overrides)
+    # the raters' votes beside the performed label (their "peace" is neutral), and a larger test share
+    votes = {"data": {"sources": {SOURCE: {"votes": VOTES, "label_map": {"peace": "neutral"}}}}, "split": SPLIT}
+    ns = argparse.Namespace(fer_train="off", without=without, pretrain_epochs=1,
+                            overrides=_deep_merge(votes, args.overrides))
     params = rf.make_project(root, ns)
-
-    def with_votes(p: dict) -> dict:  # the raters' votes beside the performed label, and a larger test share
-        src = p["data"]["sources"][SOURCE]
-        src["votes"] = VOTES
-        src["label_map"] = {**src.get("label_map", {}), "peace": "neutral"}
-        p["split"].update(SPLIT)
-        return p
-
     sets: list[str] = []
     if not args.scratch:
         init = root / "models" / "init" / "public.keras"
         init.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(args.public / "models" / "model.keras", init)
         sets = ["--set", f"train.init_from={init.relative_to(root)}"]
-    params = write_project(root, params, with_votes)
     print(f"TFEID project {root}; log {log}; "
           f"{'from scratch' if args.scratch else f'fine-tuned from {args.public}/models/model.keras'}")
     kfer(root, "crop", log=log)
