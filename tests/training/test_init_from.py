@@ -173,3 +173,21 @@ def test_dvc_sees_init_from_and_the_local_models_folder():
         assert "${paths.init_models}" in stages[stage]["deps"], stage
         assert "train.init_from" in stages[stage]["params"], stage
     assert (REPO / "models" / "init").is_dir()  # exists in a fresh clone: DVC needs the dependency to exist
+
+
+def test_a_served_flip_tta_model_loads_in_a_fresh_process(trained, tmp_path):
+    """The served model of the real-faces recipe has flip TTA (a HorizontalFlip layer): `kfer train` in a new
+    process must be able to load it as train.init_from (nothing else there has imported kfer.serving.layers)."""
+    from kfer.serving.layers import with_flip_tta
+
+    params, _ = trained
+    folder = params.path(params.paths.init_models)
+    folder.mkdir(parents=True, exist_ok=True)
+    with_flip_tta(build_from_params(params)).save(folder / "tta.keras")
+    _with(params, {"train": {"init_from": "models/init/tta.keras"}})
+    code = ("from kfer.config import load_params; from kfer.training.init import load; "
+            "print(load(load_params('params.yaml')).source)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=params.root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("models/init/tta.keras (sha256 ")
+    _with(params, {})

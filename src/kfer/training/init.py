@@ -88,9 +88,8 @@ def load(params: Params) -> InitWeights | None:
         return None
     import keras
 
-    from kfer.training.model import (
-        build_from_params,  # importing it registers kfer.serving.layers for loading
-    )
+    import kfer.serving.layers  # noqa: F401 - registers the served model's Keras objects (flip TTA) for loading
+    from kfer.training.model import build_from_params
 
     path = local_file(params)
     with tempfile.TemporaryDirectory(prefix="kfer-init-") as tmp:
