@@ -54,6 +54,9 @@ def trial_rows(p: Params, table: pd.DataFrame, pixels):
     space = p.tune.space
     if space.label_policy is None and space.min_agreement is None:
         return table, pixels
+    if "label_uploader" not in table.columns:
+        raise TuneError(f"{p.paths.splits} has no opinion columns (label_uploader, votes, ...), which "
+                        "tune.space.label_policy / min_agreement need: re-run `dvc repro split` (or kfer crop, kfer split)")
     label = hard_labels(table, p.data.label_policy)
     keep = (label != "").to_numpy() & ~low_agreement(table, p.data.min_agreement)
     if not keep.any():
