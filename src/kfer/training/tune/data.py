@@ -56,7 +56,8 @@ def trial_rows(p: Params, table: pd.DataFrame, pixels):
         return table, pixels
     if "label_uploader" not in table.columns:
         raise TuneError(f"{p.paths.splits} has no opinion columns (label_uploader, votes, ...), which "
-                        "tune.space.label_policy / min_agreement need: re-run `dvc repro split` (or kfer crop, kfer split)")
+                        "tune.space.label_policy / min_agreement need: re-run `dvc repro split` (or kfer crop, "
+                        "kfer split)")
     label = hard_labels(table, p.data.label_policy)
     keep = (label != "").to_numpy() & ~low_agreement(table, p.data.min_agreement)
     if not keep.any():
