@@ -110,8 +110,9 @@ def crop(ctx: click.Context) -> None:
 def split(ctx: click.Context) -> None:
     """Split the cropped faces into train/val/test with no person in two splits.
 
-    Stratified by label, ratios from params `split`, deterministic from `seed`. Writes paths.splits and
-    paths.split_report, and warns about classes with too few persons in a split.
+    Stratified by label, ratios from params `split`, deterministic from `seed`. Then applies the label policy
+    (data.label_policy, data.min_agreement): the same persons in each split whatever the policy. Writes
+    paths.splits and paths.split_report, and warns about classes with too few persons in a split.
     """
     from kfer.data.split import run_split
 
