@@ -51,7 +51,8 @@ HINTS = {
 
 #: label-record fallbacks the crop report counts (``label_json``), and the rule each follows
 FALLBACKS = {
-    "annotator_unknown_label": "an annotator's faceExp that is not a known label is left out of the vote",
+    "annotator_unknown_label": "an annotator's faceExp that is no class still votes (a majority for it makes the "
+                               "photo unknown_label) but is left out of the votes column and soft targets",
     "uploader_missing": "faceExp_uploader absent: the file name's emotion is the uploader's label",
     "uploader_unknown_label": "faceExp_uploader not a known label: the file name's emotion is the uploader's label",
     "no_usable_annotator": "no annotator label usable: the photo takes the uploader's label",

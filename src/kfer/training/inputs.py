@@ -22,13 +22,18 @@ def train_table(params: Params) -> pd.DataFrame:
     manifest = Catalog(params).read("augment_manifest", ("path", "label"))
     if params.data.label_policy != "soft":
         return manifest
-    splits = Catalog(params).read("splits", ("path", *OPINION_COLUMNS)).set_index("path")
+    return pd.concat([manifest.reset_index(drop=True), of_originals(params, manifest, OPINION_COLUMNS)], axis=1)
+
+
+def of_originals(params: Params, manifest: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """``columns`` of ``splits.csv`` for each augmented-manifest row, from the row of its cropped original (the
+    manifest's ``source`` column), in the manifest's order."""
+    splits = Catalog(params).read("splits", ("path", *columns)).set_index("path")
     missing = ~manifest["source"].isin(splits.index)
     if missing.any():
         raise ValueError(f"{int(missing.sum())} rows of the augmented manifest are not in {params.paths.splits}: "
                          "re-run kfer augment")
-    opinions = splits.loc[manifest["source"], list(OPINION_COLUMNS)].reset_index(drop=True)
-    return pd.concat([manifest.reset_index(drop=True), opinions], axis=1)
+    return splits.loc[manifest["source"], list(columns)].reset_index(drop=True)
 
 
 def split_table(params: Params, split: str) -> pd.DataFrame:
@@ -67,12 +72,7 @@ def phase_tables(params: Params, table: pd.DataFrame, datasets: pd.Series) -> tu
 def manifest_datasets(params: Params, manifest: pd.DataFrame) -> pd.Series:
     """The ``data.sources`` name of each augmented-manifest row, from ``splits.csv`` (the manifest's ``source``
     column is the cropped image a row was made from)."""
-    splits = Catalog(params).read("splits", ("path", "source"))
-    out = manifest["source"].map(dict(zip(splits["path"], splits["source"], strict=True)))
-    if out.isna().any():
-        raise ValueError(f"{int(out.isna().sum())} rows of the augmented manifest are not in {params.paths.splits}:"
-                         " re-run kfer augment")
-    return out
+    return of_originals(params, manifest, ("source",))["source"].set_axis(manifest.index)
 
 
 def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Callable | None]:

@@ -52,7 +52,7 @@ import time
 from kfer import tracking
 from kfer.config import Params
 from kfer.training.tune.apply import apply_best
-from kfer.training.tune.data import check_label_search, trial_table
+from kfer.training.tune.data import check_label_search, trial_table, validation_label_name
 from kfer.training.tune.report import finish
 from kfer.training.tune.study import (
     BEST_RUN_TAG,
@@ -120,7 +120,7 @@ def run_tune(
     n = counts(study)
     log.info("tune: study %s in %s: %s; budget %d COMPLETE+PRUNED, %d worker(s)%s; val scored against the %s "
              "label", name, redact(url), n or "new", budget, workers, f", {timeout:g} s" if timeout else "",
-             cfg.validation_label if cfg.validation_label != "policy" else params.data.label_policy)
+             validation_label_name(params))
     tags = {"kfer.stage": "tune", STUDY_TAG: name, "optuna.storage": redact(url), "optuna.budget": str(budget),
             "optuna.workers": str(workers), FINGERPRINT_ATTR: study.user_attrs.get(FINGERPRINT_ATTR, "")}
     for run_id in tracking.close_orphaned_runs(params, cfg.experiment, "tune"):

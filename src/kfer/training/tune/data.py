@@ -67,6 +67,13 @@ def trial_rows(p: Params, table: pd.DataFrame, pixels):
     return rows, (None if pixels is None else (pixels[0], np.asarray(pixels[1])[keep]))
 
 
+def validation_label_name(params: Params) -> str:
+    """``tune.validation_label`` as the log and the summary say it: ``uploader``, ``majority`` or
+    ``policy (<data.label_policy>)``."""
+    label = params.tune.validation_label
+    return f"policy ({params.data.label_policy})" if label == "policy" else label
+
+
 def validation_table(params: Params) -> pd.DataFrame:
     """The val split scored against ``tune.validation_label``: one label for every trial, whatever it trains on."""
     from kfer.training.inputs import split_table, with_label

@@ -15,6 +15,7 @@ import yaml
 from kfer import files
 from kfer.catalog import Catalog
 from kfer.config import Params
+from kfer.training.tune.data import validation_label_name
 from kfer.training.tune.study import (
     BEST_RUN_TAG,
     MODEL_URI_ATTR,
@@ -37,8 +38,7 @@ def finish(params: Params, study, url: str, budget: int, seconds: float, parent_
     summary: dict[str, Any] = {
         "study_name": study.study_name, "storage": portable_url(params, url), "metric": cfg.metric,
         # the label val is scored against, the same for every trial (tune.validation_label)
-        "validation_label": (f"policy ({params.data.label_policy})" if cfg.validation_label == "policy"
-                             else cfg.validation_label),
+        "validation_label": validation_label_name(params),
         "direction": cfg.direction, "budget": budget,
         **{f"n_{s.lower()}": n.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
         "seconds": round(seconds, 1), "parent_run_id": parent_run_id,
