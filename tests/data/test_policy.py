@@ -19,6 +19,7 @@ from kfer.data.policy import (
     majority_of,
     opinions,
     parse_votes,
+    strict_majority,
     targets,
 )
 from kfer.data.readers import read_records
@@ -53,6 +54,19 @@ def test_majority_needs_a_unique_top_and_agreement_counts_annotators():
     ops = opinions("anxiety", {"anxiety": 0.14, "embarrassment": 0.70, "anger": 0.0}, shares=True)
     assert ops.majority == "embarrassment" and ops.agreement == "2.50"
     assert ops.votes == "embarrassment=0.700 anxiety=0.140"
+
+
+def test_strict_majority_is_more_than_half_of_all_raters():
+    """FER+'s test rule: a face counts when more than half of its raters name one class. Shares are of every rater
+    (the ones who named no class too), so 0.5 is not enough; AI Hub's annotators: 2 of 3."""
+    assert strict_majority("neutral=0.600 joy=0.300") == "neutral"
+    assert strict_majority("neutral=0.500 joy=0.400") == ""  # half is not more than half
+    assert strict_majority("neutral=0.400") == ""  # 0.6 voted unknown or not a face
+    assert strict_majority("joy=2 anger=1") == "joy" and strict_majority("joy=1 anger=1 sadness=1") == ""
+    assert strict_majority("") == ""
+    # a vote for no class blocks the majority and weighs in the agreement, but is not in `votes`
+    ops = opinions("joy", {"joy": 0.4, "\0unknown": 0.4, "anger": 0.2}, shares=True)
+    assert (ops.majority, ops.votes, ops.agreement) == ("", "joy=0.400 anger=0.200", "1.20")
 
 
 def test_hard_labels_and_low_agreement_by_policy():
@@ -121,7 +135,7 @@ def _votes_project(tmp_path, make_params, rows, extra=None):
 
 def test_votes_table_gives_rater_opinions_and_the_majority_label(tmp_path, make_params):
     rows = [("happy/01a.jpg", "0.97", "0.0", "0.0", "0.01", "happy"),
-            ("angry/01b.jpg", "0.10", "0.30", "0.50", "0.20", "disgust"),  # disgust is no class: left out
+            ("angry/01b.jpg", "0.10", "0.30", "0.20", "0.20", "angry"),  # disgust is no class: not in `votes`
             ("angry/02c.jpg", "0.40", "0.40", "0.00", "0.00", "happy")]  # a tie between the class votes
     params = _votes_project(tmp_path, make_params, rows)
     (tmp_path / "data" / "raw" / "happy" / "03d.jpg").write_bytes(b"x")  # not in the table
@@ -131,15 +145,53 @@ def test_votes_table_gives_rater_opinions_and_the_majority_label(tmp_path, make_
     happy = by["happy/01a.jpg"]
     assert (happy.label, happy.label_from, happy.opinions.uploader, happy.opinions.majority) == (
         "joy", "votes_majority", "joy", "joy")
-    assert happy.opinions.votes == "joy=0.970 neutral=0.010"
+    assert happy.opinions.votes == "joy=0.990 neutral=0.010"  # shares of every rater: the row is normalized
     angry = by["angry/01b.jpg"]
-    assert (angry.label, angry.opinions.majority, angry.opinions.votes) == ("anger", "anger",
-                                                                           "anger=0.300 neutral=0.200 joy=0.100")
+    # the disgust share still counts: 0.3 of 0.8 is the top; agreement 3 x 0.375
+    assert (angry.label, angry.opinions.majority, angry.opinions.votes, angry.opinions.agreement) == (
+        "anger", "anger", "anger=0.375 neutral=0.250 joy=0.125", "1.12")
     assert by["angry/02c.jpg"].label == "anger" and by["angry/02c.jpg"].opinions.majority == ""  # tie: the folder
     assert by["happy/03d.jpg"].opinions.votes == "" and res.label_counts["votes_missing"] == 1
     info = res.label_files["manifest.csv"]
     assert info["vote_columns"] == {"vote_angry": "anger", "vote_happy": "joy", "vote_peace": "neutral"}
-    assert info["vote_columns_unused"] == ["vote_disgust", "vote_top"]
+    # disgust holds numbers: a vote for no class; vote_top holds names: no vote column at all
+    assert info["vote_columns_no_class"] == ["vote_disgust"] and info["not_vote_columns"] == ["vote_top"]
+    assert info["rows_used"] == 3
+
+
+def test_a_face_whose_largest_share_is_no_class_is_dropped_by_reason(tmp_path, make_params):
+    """FER+'s nf (not a face) and unknown, and a label the label map leaves out, must not vanish: a face whose
+    largest share is one of them is skipped with its reason, never trained as its folder's label."""
+    raw = tmp_path / "data" / "raw"
+    rows = [("happy/a.png", "0.1", "0.0", "0.0", "0.0", "0.9"),  # not a face
+            ("happy/b.png", "0.2", "0.0", "0.0", "0.6", "0.2"),  # unknown
+            ("angry/c.png", "0.0", "0.3", "0.7", "0.0", "0.0"),  # disgust: no class here
+            ("angry/d.png", "0.0", "0.4", "0.0", "0.0", "0.4"),  # a class ties the top: the tie rule, kept
+            ("angry/e.png", "0.0", "0.4", "0.2", "0.2", "0.2"),  # a class on top: kept
+            ("angry/f.png", "0.0", "0.0", "0.0", "0.5", "0.5")]  # nf ties unknown: still not a face
+    for rel, *_ in rows:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(b"x")
+    with open(raw / "votes.csv", "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "vote_happy", "vote_angry", "vote_disgust", "vote_unknown", "vote_nf", "ferplus_name"])
+        w.writerows([*rows, ("gone/x.png", "1", "0", "0", "0", "0", ""), ("angry/e.png", "1", "0", "0", "0", "0", ""),
+                     ("happy/a.png", "1", "0", "0", "0", "0", "")])
+    params = make_params({"data": {"layout": "folders", "group": {"source": "none"},
+                                   "votes": {"file": "votes.csv", "key": "file", "prefix": "vote_"},
+                                   "label_map": {"happy": "joy", "angry": "anger"}}})
+    res = read_records(params)
+    by = {r.rel: r for r in res.records}
+    assert [by[r].status for r, *_ in rows] == ["not_a_face", "no_class_votes", "no_class_votes", "ok", "ok",
+                                               "not_a_face"]
+    assert by["happy/a.png"].label is None and "nf 0.90" in by["happy/a.png"].detail
+    assert "disgust 0.70" in by["angry/c.png"].detail
+    assert (by["angry/d.png"].label, by["angry/d.png"].opinions.majority) == ("anger", "")  # vote_tie: uploader
+    assert (by["angry/e.png"].label, by["angry/e.png"].opinions.votes) == ("anger", "anger=0.400")
+    assert res.label_counts["votes_row_no_file"] == 1 and res.label_counts["votes_row_duplicate"] == 2
+    info = res.label_files["votes.csv"]
+    assert info["vote_columns_no_class"] == ["vote_disgust", "vote_nf", "vote_unknown"]
+    assert (info["rows_used"], info["votes_row_no_file"], info["votes_row_duplicate"]) == (6, 1, 2)
 
 
 def test_votes_table_mistakes_are_one_clear_error(tmp_path, make_params):
@@ -154,10 +206,15 @@ def test_votes_table_mistakes_are_one_clear_error(tmp_path, make_params):
 
 
 def test_votes_table_row_that_is_not_a_number_is_counted(tmp_path, make_params):
-    params = _votes_project(tmp_path, make_params, [("happy/01a.jpg", "lots", "0", "0", "0", "happy")])
+    params = _votes_project(tmp_path, make_params, [("happy/01a.jpg", "lots", "0", "0", "0", "happy"),
+                                                    ("happy/01b.jpg", "-0.5", "0.9", "0", "0", "happy"),
+                                                    ("happy/01c.jpg", "0", "0", "0", "0", "happy")])
     res = read_records(params)
-    rec = next(r for r in res.records if r.rel == "happy/01a.jpg")
-    assert rec.status == "ok" and rec.opinions.votes == "" and res.label_counts["votes_not_numeric"] == 1
+    by = {r.rel: r for r in res.records}
+    for rel in ("happy/01a.jpg", "happy/01b.jpg", "happy/01c.jpg"):  # kept with the folder label, no votes
+        assert (by[rel].status, by[rel].label, by[rel].opinions.votes) == ("ok", "joy", "")
+    assert res.label_counts["votes_not_numeric"] == 2 and res.label_counts["votes_empty"] == 1
+    assert res.label_counts["votes_missing"] == 0  # counted once, by its reason
 
 
 # --- split applies the policy ----------------------------------------------------------------------------------
@@ -213,3 +270,36 @@ def test_min_agreement_drops_train_photos_only_and_counts_them(tmp_path, make_pa
     assert sum(report["dropped"]["low_agreement"].values()) == int((low & train).sum()) > 0
     assert "dropped (low_agreement" in caplog.text
     assert json.loads((tmp_path / "reports" / "split.json").read_text(encoding="utf-8"))["min_agreement"] == 3
+
+
+def test_ferplus_votes_on_real_fer2013_faces(tmp_path, make_params):
+    """The real FER+ table (10 crowd votes per FER2013 face) read as data.votes beside real FER2013 files: the faces
+    FER+ calls not a face, unknown or contempt are dropped by reason, a fear face ten raters call neutral trains as
+    neutral under majority and keeps its original label as the uploader's; every other row of the table is counted
+    as naming no file of this source."""
+    from tests.conftest import shared_dir
+
+    fer = shared_dir("fer2013")
+    table = fer / "ferplus_votes.csv"
+    picked = {"train/angry/Training_10131352.png": "not_a_face", "train/angry/Training_13852029.png": "not_a_face",
+              "train/fear/Training_44536177.png": "no_class_votes",  # unknown
+              "train/angry/Training_17667401.png": "no_class_votes",  # contempt, no class here
+              "train/fear/Training_10126156.png": "ok", "train/happy/Training_10019449.png": "ok"}
+    raw = tmp_path / "data" / "raw"
+    for rel in picked:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).symlink_to(fer / rel)
+    (raw / "ferplus_votes.csv").symlink_to(table)
+    params = make_params({"data": {"layout": "folders", "group": {"source": "none"},
+                                   "votes": {"file": "ferplus_votes.csv", "key": "file", "prefix": "vote_"}}})
+    res = read_records(params)
+    by = {r.rel: r for r in res.records}
+    assert {rel: by[rel].status for rel in picked} == picked
+    fear = by["train/fear/Training_10126156.png"]
+    assert (fear.label, fear.opinions.uploader, fear.opinions.majority) == ("neutral", "anxiety", "neutral")
+    assert strict_majority(fear.opinions.votes) == "neutral"
+    with open(table, encoding="utf-8") as fh:
+        rows = sum(1 for _ in fh) - 1
+    assert res.label_counts["votes_row_no_file"] == rows - len(picked)
+    info = res.label_files["ferplus_votes.csv"]
+    assert info["vote_columns_no_class"] == ["vote_contempt", "vote_disgust", "vote_nf", "vote_unknown"]

@@ -470,7 +470,9 @@ def test_scores_against_the_uploader_and_the_majority_label(params, caplog):
     # the majority: the model's answer on every third test row, none elsewhere (a tie, or no votes)
     majority = [names[Y_PRED[t[i]]] if test[i] and t[i] % 3 == 0 else "" for i in range(len(df))]
     df = df.assign(label_uploader=df["label"], label_majority=majority,
-                   votes=[f"{m}=2 {u}=1" if m else "" for m, u in zip(majority, df["label"], strict=True)],
+                   # every other majority holds only half of the raters (shares): no strict majority, left out
+                   votes=[("" if not m else f"{m}=0.500" if t[i] % 6 == 0 else f"{m}=2 {u}=1")
+                          for i, (m, u) in enumerate(zip(majority, df["label"], strict=True))],
                    agreement=["2" if m else "" for m in majority])
     df.to_csv(params.path(params.paths.splits), index=False)
     save_intensity_model(params)
@@ -480,9 +482,14 @@ def test_scores_against_the_uploader_and_the_majority_label(params, caplog):
 
     n_majority = len(range(0, len(Y_TRUE), 3))
     assert result["label_kinds"]["uploader"] == {"accuracy": pytest.approx(EXPECTED_ACCURACY),
-                                                 "macro_f1": pytest.approx(EXPECTED_MACRO_F1), "n": len(Y_TRUE)}
+                                                 "macro_f1": pytest.approx(EXPECTED_MACRO_F1), "n": len(Y_TRUE),
+                                                 "left_out": 0}
     assert result["label_kinds"]["majority"]["accuracy"] == 1.0
     assert result["label_kinds"]["majority"]["n"] == n_majority
+    n_strict = len([k for k in range(0, len(Y_TRUE), 3) if k % 6])  # FER+'s rule: more than half of the raters
+    assert 0 < n_strict < n_majority
+    assert result["label_kinds"]["strict_majority"] == {"accuracy": 1.0, "macro_f1": pytest.approx(1.0),
+                                                        "n": n_strict, "left_out": len(Y_TRUE) - n_strict}
     from kfer.reporting.metrics import flat_metrics
 
     flat = flat_metrics(result)  # what MLflow gets

@@ -47,6 +47,9 @@ HINTS = {
     "no_label": "check data.layout (aihub file names or <label>/ folders)",
     "no_group": "set data.group for this layout (regex, folder or none)",
     "no_source": "add the folder to data.sources",
+    "not_a_face": "the raters' largest share says 'not a face' (data.votes): dropped, never its folder label",
+    "no_class_votes": "the raters' largest share names no class (unknown, or a label data.label_map leaves out): "
+                      "dropped, never its folder label",
 }
 
 #: label-record fallbacks the crop report counts (``label_json``), and the rule each follows
@@ -57,7 +60,11 @@ FALLBACKS = {
     "uploader_unknown_label": "faceExp_uploader not a known label: the file name's emotion is the uploader's label",
     "no_usable_annotator": "no annotator label usable: the photo takes the uploader's label",
     "votes_missing": "photos the votes table does not list keep their folder label, without votes",
-    "votes_not_numeric": "votes table rows with a share that is not a number are not used",
+    "votes_not_numeric": "votes table rows with a share that is not a finite number >= 0: that photo keeps its "
+                         "folder label, without votes",
+    "votes_empty": "votes table rows whose shares are all 0: that photo keeps its folder label, without votes",
+    "votes_row_no_file": "votes table rows whose key names no image of the source: not used",
+    "votes_row_duplicate": "votes table rows whose key was seen before: the first row counts",
 }
 
 _cropper: FaceCropper | None = None

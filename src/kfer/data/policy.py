@@ -10,6 +10,8 @@ The opinions (columns :data:`OPINION_COLUMNS`):
 * ``votes``: the votes per class, ``joy=2 anger=1`` (annotators, whole numbers) or ``joy=0.970 neutral=0.010``
   (rater shares, always written with a decimal point); "" without votes.
 * ``agreement``: annotators on the top label (0-3); for rater shares 3 x the top share, as if three raters.
+  Votes for labels that are no class count in the majority and the agreement but are not in ``votes``; a photo
+  whose largest vote is for no class never reaches this table (the readers skip it, :func:`no_class_top`).
 
 The policies (``data.label_policy``) and their hard label (the class folder, val and test, class weights):
 
@@ -37,6 +39,8 @@ POLICIES = ("majority", "uploader", "soft")
 OPINION_COLUMNS = ("label_uploader", "label_majority", "votes", "agreement")
 #: rater shares (a votes table) weigh as this many annotators: AI Hub's three
 SHARE_VOTERS = 3
+#: the key prefix of a vote for a label that is no class (see :func:`opinions`)
+NO_CLASS = "\0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +85,43 @@ def majority_of(votes: Mapping[str, float]) -> str | None:
 
 
 def opinions(uploader: str | None, votes: Mapping[str, float], shares: bool) -> Opinions:
-    """The opinions of one photo from its uploader's class and its votes (classes only)."""
+    """The opinions of one photo from its uploader's class and its votes: by class, and by :data:`NO_CLASS` +
+    label for a label that is no class (unknown, not a face, a class the label map leaves out). Those still count:
+    they can block or win the majority (a majority for one leaves ``label_majority`` empty) and they weigh in
+    ``agreement``, but they are left out of the ``votes`` column (and so of soft targets). ``shares``: the values
+    are shares of every rater (a votes table's rows, normalized over all their columns); else annotators' votes."""
     votes = {k: float(v) for k, v in votes.items() if v > 0}
     if not votes:
         return Opinions(uploader or "")
-    top = max(votes.values())
-    agreement = f"{SHARE_VOTERS * top / sum(votes.values()):.2f}" if shares else str(int(top))
-    return Opinions(uploader or "", majority_of(votes) or "", format_votes(votes, shares), agreement)
+    top = majority_of(votes)
+    class_votes = {k: v for k, v in votes.items() if not k.startswith(NO_CLASS)}
+    most = max(votes.values())
+    agreement = f"{SHARE_VOTERS * most / sum(votes.values()):.2f}" if shares else str(int(most))
+    return Opinions(uploader or "", top if top and not top.startswith(NO_CLASS) else "",
+                    format_votes(class_votes, shares), agreement)
+
+
+def no_class_top(votes: Mapping[str, float]) -> list[str]:
+    """The labels that are no class holding the largest vote when no class holds as much (else []): such a photo
+    is a face of no class (FER+'s ``nf``: not a face at all) and never trains as its folder's label."""
+    votes = {k: v for k, v in votes.items() if v > 0}
+    if not votes:
+        return []
+    most = max(votes.values())
+    top = [k for k, v in votes.items() if v == most]
+    return sorted(k[len(NO_CLASS):] for k in top) if all(k.startswith(NO_CLASS) for k in top) else []
+
+
+def strict_majority(votes: str) -> str:
+    """The class named by more than half of all raters, "" when none: how FER+ scores (Barsoum et al. 2016). Rater
+    shares (``joy=0.700``) are shares of every rater, those who named no class included, so "more than half" is a
+    share above 0.5; whole-number votes are AI Hub's :data:`SHARE_VOTERS` annotators (at least 2 of 3)."""
+    if not votes:
+        return ""
+    v, shares = parse_votes(votes)
+    top = majority_of(v)
+    total = 1.0 if shares else SHARE_VOTERS
+    return top if top is not None and v[top] > total / 2 + 1e-9 else ""
 
 
 # --- tables ---------------------------------------------------------------------------------------------------

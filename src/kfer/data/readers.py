@@ -37,10 +37,15 @@ from pathlib import Path
 from kfer.catalog import Catalog
 from kfer.config import GroupCfg, Params, VotesCfg
 from kfer.data.labels import LabelIndex, LabelRecord, load_label_json, nfc
-from kfer.data.policy import Opinions, format_votes, majority_of, opinions
+from kfer.data.policy import NO_CLASS, Opinions, majority_of, no_class_top, opinions
 from kfer.errors import MissingInputError, UserError
 
 log = logging.getLogger(__name__)
+
+#: statuses of a photo whose raters' largest share names no class (see ``_table_label``)
+VOTED_NO_CLASS = ("not_a_face", "no_class_votes")
+#: votes-table labels that say "this is not a face" (FER+'s NF)
+NOT_A_FACE = frozenset({"nf", "not_a_face"})
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -93,7 +98,7 @@ class Record:
     status: str = "ok"
     detail: str = ""  # the reason's text for a skip, or a note (e.g. why an annotation has no box)
     source: str = ""  # the data.sources name; "" without data.sources
-    label_from: str = ""  # json_majority | json_uploader | filename | folder | votes_majority
+    label_from: str = ""  # json_majority | json_uploader | filename | folder | votes_majority | not_a_face | ...
     detector: str | None = None  # the source's crop.detector override
     opinions: Opinions = Opinions()  # the uploader's label, the annotators' votes (kfer.data.policy)
 
@@ -278,8 +283,8 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
             label = params.map_label(source_label, src.label_map)
             ops = Opinions(label or "")
             if src.votes and label is not None:
-                ops, label, label_from = _table_label(rel_in_source, votes_table, ops, label, label_from,
-                                                      cfg.vote_tie, result.label_counts)
+                ops, label, label_from, note = _table_label(rel_in_source, votes_table, ops, label, label_from,
+                                                            cfg.vote_tie, result.label_counts)
 
         group = _group(src.group.source, src.group.field, group_rx, parsed, rel_in_source, name)
         if group is not None:
@@ -287,6 +292,8 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
         if label is None and label_from == "tie":
             status = "label_tie"
             note = "the annotators disagree (no majority) and data.vote_tie is skip"
+        elif label is None and label_from in VOTED_NO_CLASS:
+            status = label_from
         elif source_label is None:
             status = "no_label"
             note = "no label: not in a <label>/ folder and no AI Hub file name or label record"
@@ -332,13 +339,13 @@ def json_label(params: Params, label_map: dict[str, str], lab: LabelRecord, pars
     def to_class(text: str | None) -> str | None:
         return params.map_label(text, label_map)
 
-    keys: Counter[str] = Counter()  # a class, or "\0" + a label that is none (it still counts as a vote)
+    keys: Counter[str] = Counter()  # a class, or NO_CLASS + a label that is none (it still counts as a vote)
     raw_of: dict[str, str] = {}
     for v in lab.votes:
         c = to_class(v)
         if c is None:
             counts["annotator_unknown_label"] += 1
-        key = c if c is not None else "\0" + v
+        key = c if c is not None else NO_CLASS + v
         keys[key] += 1
         raw_of.setdefault(key, v)
     if lab.votes_missing:
@@ -355,11 +362,9 @@ def json_label(params: Params, label_map: dict[str, str], lab: LabelRecord, pars
         else:
             uploader_raw = uploader_raw or fallback
     top = majority_of(keys)
-    class_votes = {k: n for k, n in keys.items() if not k.startswith("\0")}
-    ops = Opinions(uploader or "", top if top and not top.startswith("\0") else "",
-                   format_votes(class_votes, shares=False), str(max(keys.values())) if keys else "")
+    ops = opinions(uploader, keys, shares=False)
     if top is not None:  # a majority; one for a label that is no class makes the photo unknown_label, as ever
-        return raw_of[top], (None if top.startswith("\0") else top), "json_majority", ops
+        return raw_of[top], (None if top.startswith(NO_CLASS) else top), "json_majority", ops
     if keys:
         if tie != "uploader":
             return uploader_raw, None, "tie", ops
@@ -369,10 +374,16 @@ def json_label(params: Params, label_map: dict[str, str], lab: LabelRecord, pars
 
 
 def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], result: ReadResult):
-    """(the table's path, {image path in the source: {class: share}}) of the source's votes table
-    (``data.votes``). Vote columns whose label is no class are listed in the report's ``label_files`` entry;
-    a share that is not a number leaves that image without votes (counted ``votes_not_numeric``)."""
+    """(the table's path, {image path in the source: {class or NO_CLASS + label: share}}) of the source's votes
+    table (``data.votes``). Every ``<prefix><label>`` column counts: a row's values are normalized over all of them
+    (shares or counts alike), so a vote for a label that is no class (FER+'s ``unknown`` and ``nf``, or a class the
+    label map leaves out) keeps its weight. Rows that cannot be used are counted by reason in the crop report's
+    ``label_json``: ``votes_not_numeric`` (a value that is not a finite number >= 0; that image has no votes),
+    ``votes_empty`` (every value 0), ``votes_row_no_file`` (the key names no image of this source) and
+    ``votes_row_duplicate`` (a key seen before: the first row counts). A table whose vote columns name no class
+    is one clear error."""
     import csv
+    import math
 
     cfg = src.votes
     path = src.base / cfg.file
@@ -388,36 +399,80 @@ def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], r
     if cfg.key not in columns:
         raise UserError(f"votes table {path} has no column {cfg.key!r} (data.votes.key; has {columns[:8]})")
     mapped = {c: params.map_label(c[len(cfg.prefix):], src.label_map) for c in columns if c.startswith(cfg.prefix)}
-    used = {c: k for c, k in mapped.items() if k is not None}
-    if not used:
+    if not any(mapped.values()):
         raise UserError(f"votes table {path}: no column {cfg.prefix}<label> names a class or a data.label_map "
                         f"label (columns {columns[:12]})")
+    # a column that names no class is a vote for no class when it holds numbers (FER+'s unknown, nf), and no vote
+    # column at all when it holds text (TFEID's vote_top: the majority's name)
+    keys = {c: k if k is not None else NO_CLASS + c[len(cfg.prefix):] for c, k in mapped.items()
+            if k is not None or all(_is_number(row[c]) for row in rows)}
+    images = {nfc(p.relative_to(src.base).as_posix()) for p in file_set if p.suffix.lower() in IMAGE_EXTS}
+    counts: Counter[str] = Counter()
     table: dict[str, dict[str, float]] = {}
     for row in rows:
-        votes: Counter[str] = Counter()
-        try:
-            for col, cls in used.items():
-                votes[cls] += float(row[col] or 0)
-        except ValueError:
-            result.label_counts["votes_not_numeric"] += 1
+        key = nfc(str(row.get(cfg.key) or "").strip())
+        if key in table:
+            counts["votes_row_duplicate"] += 1
             continue
-        table[nfc(str(row[cfg.key]).strip())] = dict(votes)
-    result.label_files[shown] = {"encoding": "utf-8", "records": len(rows), "vote_columns": dict(sorted(used.items())),
-                                 "vote_columns_unused": sorted(c for c, k in mapped.items() if k is None)}
+        if key not in images:
+            counts["votes_row_no_file"] += 1
+            continue
+        try:
+            values = [(keys[c], float(row[c] or 0)) for c in keys]
+        except (TypeError, ValueError):
+            values = [("", math.nan)]
+        if any(not math.isfinite(v) or v < 0 for _, v in values):
+            counts["votes_not_numeric"] += 1
+            table[key] = {}
+            continue
+        total = sum(v for _, v in values)
+        if total <= 0:
+            counts["votes_empty"] += 1
+            table[key] = {}
+            continue
+        votes: Counter[str] = Counter()
+        for k, v in values:
+            votes[k] += v / total
+        table[key] = dict(votes)
+    result.label_counts.update(counts)
+    result.label_files[shown] = {"encoding": "utf-8", "records": len(rows),
+                                 "rows_used": sum(bool(v) for v in table.values()), **dict(sorted(counts.items())),
+                                 "vote_columns": dict(sorted((c, k) for c, k in mapped.items() if k is not None)),
+                                 "vote_columns_no_class": sorted(c for c, k in mapped.items() if k is None and c in keys),
+                                 "not_vote_columns": sorted(c for c in mapped if c not in keys)}
     return path, table
 
 
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text or 0)
+    except ValueError:
+        return False
+    return True
+
+
 def _table_label(rel: str, table: dict, ops: Opinions, label: str, label_from: str, tie: str, counts: Counter):
-    """A folder-layout photo with a votes table: (opinions, label, label_from). Its folder is the uploader's
+    """A folder-layout photo with a votes table: (opinions, label, label_from, note). Its folder is the uploader's
     (performed) label; the raters' shares give the majority, which is the photo's label (a tie: ``data.vote_tie``).
-    A photo the table does not list keeps its folder label (counted ``votes_missing``)."""
+    A photo whose largest share is for no class gets no label: label_from ``not_a_face`` (the top is FER+'s ``nf``)
+    or ``no_class_votes`` (``unknown``, a label the label map leaves out), skipped by the crop stage and counted by
+    that reason, never trained as its folder label. A photo the table does not list keeps its folder label
+    (counted ``votes_missing``); one whose row was unusable (counted by the table's reason) too."""
     votes = table.get(rel)
     if votes is None:
         counts["votes_missing"] += 1
-        return ops, label, label_from
+        return ops, label, label_from, ""
     ops = opinions(ops.uploader, votes, shares=True)
+    if not ops.agreement:  # an unusable row, already counted
+        return ops, label, label_from, ""
+    nobody = no_class_top(votes)
+    if nobody:
+        share = max(votes.values())
+        reason = "not_a_face" if any(n.lower() in NOT_A_FACE for n in nobody) else "no_class_votes"
+        return ops, None, reason, (f"the raters' largest share ({'/'.join(nobody)} {share:.2f}) names no class: "
+                                   "not trained as its folder label")
     if ops.majority:
-        return ops, ops.majority, "votes_majority"
-    if ops.votes and tie != "uploader":
-        return ops, None, "tie"
-    return ops, label, label_from
+        return ops, ops.majority, "votes_majority", ""
+    if tie != "uploader":
+        return ops, None, "tie", ""
+    return ops, label, label_from, ""

@@ -11,11 +11,12 @@ Outputs
      "per_source": {<source>: {"accuracy", "macro_f1", "n", "persons"}},
      "photo_accuracy": float, "photo_macro_f1": float, "photo_images": int, "photo_missed": int,
      "photo_box_iou": float,
-     "label_kinds": {"uploader"|"majority": {"accuracy", "macro_f1", "n"}},
+     "label_kinds": {"uploader"|"majority"|"strict_majority": {"accuracy", "macro_f1", "n", "left_out"}},
      "opinions": {"agreement": {...}, "per_class": {<class>: {"photos", "with_votes", "majority_is_uploader", ...}}}}
 
-``label_kinds`` scores the same predictions against the uploader's label and against the annotators' majority
-(``label_uploader``, ``label_majority`` of ``paths.splits``; ``n`` = the test images that have that label), whatever
+``label_kinds`` scores the same predictions against the uploader's label, the annotators' majority and their strict
+majority (``label_uploader``, ``label_majority`` of ``paths.splits``, and the class more than half of all raters
+named, as FER+ scores; ``n`` = the test images that have that label, ``left_out`` the others), whatever
 ``data.label_policy`` trained on; ``opinions`` is how often the two agree per class on the test photos
 (:class:`kfer.data.policy.AgreementTally`). Both are there when splits.csv carries the opinion columns.
 
@@ -32,7 +33,7 @@ ones, ``crop.box: match``). Absent when there is no training run to load the mod
 
 ``paths.eval_headline`` (JSON, the DVC metrics): ``test_accuracy``, ``test_macro_f1`` and ``photo_accuracy``
 (when the photo path ran) of the report above. (``label_kinds`` goes to MLflow as ``test_accuracy_uploader``,
-``test_accuracy_majority`` and their macro-F1: `dvc metrics show` stays one table under 160 columns.)
+``test_accuracy_majority``, ``test_accuracy_strict_majority`` and their macro-F1: `dvc metrics show` stays one table under 160 columns.)
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
@@ -71,7 +72,7 @@ import pandas as pd
 
 from kfer.catalog import Catalog
 from kfer.config import Params
-from kfer.data.policy import AgreementTally
+from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, read_image_gray, write_json
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -164,18 +165,22 @@ def predict_images(model, paths: list[Path], batch_size: int, image_size: int) -
 
 
 def label_kind_metrics(test: pd.DataFrame, y_pred: np.ndarray, names: list[str]) -> dict[str, dict]:
-    """Accuracy and macro-F1 of the predictions against the uploader's label and against the annotators' majority
-    (``label_uploader``, ``label_majority``), each on the test images that have one (``n``: a source without votes
-    has no majority)."""
+    """Accuracy and macro-F1 of the predictions against the uploader's label, the annotators' majority and their
+    strict majority (``label_uploader``, ``label_majority``, and the class more than half of all raters named:
+    :func:`kfer.data.policy.strict_majority`, FER+'s rule), each on the test images that have one (``n``; a source
+    without votes has no majority; ``left_out``: the test images without that label)."""
     index = {n: i for i, n in enumerate(names)}
     out = {}
-    for kind, column in (("uploader", "label_uploader"), ("majority", "label_majority")):
-        has = test[column].isin(index).to_numpy()
+    kinds = {"uploader": test["label_uploader"], "majority": test["label_majority"],
+             "strict_majority": test["votes"].astype(str).map(strict_majority)}
+    for kind, column in kinds.items():
+        has = column.isin(index).to_numpy()
         if not has.any():
-            out[kind] = {"accuracy": None, "macro_f1": None, "n": 0}
+            out[kind] = {"accuracy": None, "macro_f1": None, "n": 0, "left_out": int(len(test))}
             continue
-        m = compute_metrics(test[column][has].map(index).to_numpy(dtype=np.int64), y_pred[has], names)
-        out[kind] = {"accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n": int(has.sum())}
+        m = compute_metrics(column[has].map(index).to_numpy(dtype=np.int64), y_pred[has], names)
+        out[kind] = {"accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n": int(has.sum()),
+                     "left_out": int((~has).sum())}
     return out
 
 
