@@ -646,7 +646,7 @@ def part_e(args, tf, keras, root: Path, S: int) -> dict:
     manifest = train_table(params)
     rows, fn = augmentation(params, manifest)  # as run_train: the crops, new copies every epoch
     with Segment() as s_store:
-        pixels, _ = decoded_pixels(params, rows, rows.iloc[:0])
+        pixels = decoded_pixels(params, rows)
     n, B, E = len(rows), params.train.batch_size, params.train.epochs
     steps = -(-n // B)
     store, which = pixels

@@ -83,7 +83,7 @@ def run(args, root: Path, public_model: Path, public_sources: list[str]) -> int:
     t0 = time.perf_counter()
     log = root / "finetune.log"
     without = [s for s in rf.SOURCES if s != SOURCE]
-    ns = argparse.Namespace(fer_train="off", without=without, pretrain_epochs=1, overrides=args.overrides)
+    ns = argparse.Namespace(fer_train="off", without=without, overrides=args.overrides)
     params = rf.make_project(root, ns)
     init = root / "models" / "init" / "public.keras"
     init.parent.mkdir(parents=True, exist_ok=True)

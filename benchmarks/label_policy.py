@@ -145,8 +145,7 @@ def run_tfeid(args, root: Path) -> dict:
     without = [s for s in rf.SOURCES if s != SOURCE]
     # the raters' votes beside the performed label (their "peace" is neutral), and a larger test share
     votes = {"data": {"sources": {SOURCE: {"votes": VOTES, "label_map": {"peace": "neutral"}}}}, "split": SPLIT}
-    ns = argparse.Namespace(fer_train="off", without=without, pretrain_epochs=1,
-                            overrides=_deep_merge(votes, args.overrides))
+    ns = argparse.Namespace(fer_train="off", without=without, overrides=_deep_merge(votes, args.overrides))
     params = rf.make_project(root, ns)
     sets: list[str] = []
     if not args.scratch:

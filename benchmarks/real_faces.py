@@ -21,9 +21,8 @@ source              folders                                                perso
 Classes: the 6 AI Hub classes these sets have (상처 hurt has no counterpart; disgust and contempt are counted
 as ``unknown_label`` by the crop stage and left out). FER2013 is split as its authors split it: the Training
 faces (``fer2013_train``) only train (no person ids, so none of them may be validated or tested on), and the
-PublicTest faces (``fer2013``) only validate and test, half each (``split: heldout``). ``--fer-train pretrain``
-trains on the Training faces in a first phase only (``train.pretrain_epochs`` = ``--pretrain-epochs``, then the
-other sources with a fresh optimizer); ``--fer-train off`` leaves them out. Measured: benchmarks/README.md.
+PublicTest faces (``fer2013``) only validate and test, half each (``split: heldout``). ``--fer-train off`` leaves
+the Training faces out. Measured: benchmarks/README.md.
 
 It runs the real stages in the project, each as the ``kfer`` command: crop → split → augment → train →
 evaluate → register (``@champion`` in the project's own MLflow store, ``mlflow.db``), timing each, then scores
@@ -42,7 +41,7 @@ prints each variant's val scores beside the full recipe's (a knob that does not 
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--fer-train train|pretrain|off] [--epochs N]
+    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--fer-train train|off] [--epochs N]
         [--image-size 48] [--stem compact] [--blocks 1,1,1] [--width 16] [--set KEY=VALUE ...]
         [--ablate label_smoothing,tta_flip,...] [--peer-wheel WHEEL | --no-peer]
 """
@@ -131,9 +130,6 @@ def make_project(root: Path, args) -> dict:
         params["classes"] = CLASSES
         params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
         params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
-        if args.fer_train == "pretrain":  # FER2013's Training faces only in a first phase; the other sources after
-            params["data"]["sources"]["fer2013_train"] = {**SOURCES["fer2013_train"][1], "split": "pretrain"}
-            params["train"]["pretrain_epochs"] = args.pretrain_epochs
         return params
 
     return write_project(root, RECIPE, these_sets, args.overrides, links=links)
@@ -296,14 +292,10 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
-    ap.add_argument("--fer-train", choices=["train", "pretrain", "off"], default="train",
-                    help="FER2013's Training faces: trained on with the other sources (default), in a first phase "
-                         "only, or not used")
+    ap.add_argument("--fer-train", choices=["train", "off"], default="train",
+                    help="FER2013's Training faces: trained on with the other sources (default), or not used")
     ap.add_argument("--without", default="", help=f"sources to leave out, comma-separated ({', '.join(SOURCES)}); "
                     "e.g. tfeid for the public-faces model that benchmarks/finetune_tfeid.py starts from")
-    ap.add_argument("--pretrain-epochs", type=int, default=1,
-                    help="with --fer-train pretrain: train.pretrain_epochs (epochs over FER2013's Training faces and "
-                         "their augment.copies copies)")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
     ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
     ap.add_argument("--stem", choices=["imagenet", "compact"], default=None, help="model.stem")

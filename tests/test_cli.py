@@ -102,6 +102,13 @@ PARAMS_MISTAKES = {
     "several": (_repo_params(**{"crop.imagesize": 64, "train.epochs": 0}),
                 "unknown key crop.imagesize (did you mean crop.image_size?); train.epochs: input should be greater "
                 "than or equal to 1 (got 0)"),
+    "retired key": (_repo_params(**{"train.pretrain_epochs": 2}),
+                    "train.pretrain_epochs is no longer a setting: the pretraining phase was removed, and "
+                    "train.init_from replaces it (train a model on the large source, then start from its weights; "
+                    "see docs/data.md)"),
+    "retired choice": (_repo_params(**{"data.sources": {"fer": {"split": "pretrain"}}}),
+                       "data.sources.fer.split: pretrain is no longer a choice: the pretraining phase was removed, "
+                       "and train.init_from replaces it"),
     "YAML syntax": (_GOOD.replace("seed: 42", "seed: [42", 1),
                     "line 8, column 1: invalid YAML: expected ',' or ']', but got '?' (while parsing a flow sequence "
                     "that starts at line 5, column 7)"),

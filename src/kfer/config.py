@@ -26,6 +26,9 @@ from kfer import selection
 from kfer.errors import MissingInputError, UserError, validation_message, yaml_error
 
 PARAMS_FILE = "params.yaml"
+# said to a params.yaml that still sets train.pretrain_epochs or a data.sources entry's split: pretrain
+PRETRAINING_RETIRED = ("the pretraining phase was removed, and train.init_from replaces it (train a model on the "
+                       "large source, then start from its weights; see docs/data.md)")
 
 
 class _Strict(BaseModel):
@@ -112,11 +115,17 @@ class SourceCfg(_Strict):
     detector: Detector | None = None  # None: crop.detector
     # auto: the source's persons are spread over split.train/val/test; train: all its images train, none are
     # validated or tested on (e.g. FER2013's Training split, which has no person ids to split by);
-    # pretrain: as train, but its images are trained on only in a first phase (train.pretrain_epochs);
     # heldout: none train, its persons are spread over val and test in the ratio split.val : split.test (a test
     # set kept whole for scoring, e.g. FER2013's PublicTest beside its Training split as a split: train source)
-    split: Literal["auto", "train", "pretrain", "heldout"] = "auto"
+    split: Literal["auto", "train", "heldout"] = "auto"
     votes: VotesCfg | None = None  # None: data.votes
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _retired_split(cls, v):
+        if v == "pretrain":
+            raise ValueError(f"pretrain is no longer a choice: {PRETRAINING_RETIRED}")
+        return v
 
 
 
@@ -236,9 +245,6 @@ class TrainCfg(_Strict):
     optimizer: Literal["adam", "adamw", "sgd"]
     weight_decay: float = Field(ge=0.0)
     label_smoothing: float = Field(ge=0.0, lt=1.0)
-    # epochs over the train images of the data.sources with split: pretrain before the train.epochs over the
-    # others (a fresh optimizer between); 0 = no pretraining phase
-    pretrain_epochs: int = Field(ge=0)
     mixup_alpha: float = Field(ge=0.0)
     # new augmented copies every epoch, made on the fly from the cropped originals (epoch 1: the augment stage's
     # files); false: every epoch trains on the stage's files
@@ -259,6 +265,13 @@ class TrainCfg(_Strict):
     # parallel PNG read + decode calls in make_dataset's tf.data pipeline; "auto" = the usable cores. Speed only:
     # the batches are the same for any value.
     decode_workers: int | Literal["auto"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data):
+        if isinstance(data, dict) and "pretrain_epochs" in data:
+            raise ValueError(f"train.pretrain_epochs is no longer a setting: {PRETRAINING_RETIRED}")
+        return data
 
     @field_validator("decode_workers", mode="before")
     @classmethod
@@ -388,12 +401,6 @@ class Params(_Strict):
             bad = {k: v for k, v in scfg.label_map.items() if v not in names}
             if bad:
                 raise ValueError(f"data.sources.{src}.label_map maps to names that are not classes: {bad}")
-        pre = self.pretrain_sources
-        if pre and not self.train.pretrain_epochs:
-            raise ValueError(f"data.sources {pre} have split: pretrain, but train.pretrain_epochs is 0 (set it, "
-                             "or give them split: train)")
-        if self.train.pretrain_epochs and not pre:
-            raise ValueError("train.pretrain_epochs is set but no data.sources entry has split: pretrain")
         return self
 
     def updated(self, over: dict) -> Params:
@@ -420,11 +427,6 @@ class Params(_Strict):
             return p.resolve().relative_to(self._root.resolve()).as_posix()
         except ValueError:
             return p.as_posix()
-
-    @property
-    def pretrain_sources(self) -> list[str]:
-        """The ``data.sources`` with ``split: pretrain``: trained on in the first phase only."""
-        return sorted(name for name, src in self.data.sources.items() if src.split == "pretrain")
 
     @property
     def class_names(self) -> list[str]:

@@ -196,17 +196,17 @@ def test_fresh_augmentation_draws_new_copies_every_epoch(project):
         np.testing.assert_array_equal(a, b)
 
     # as kfer train reads them (train.pixel_cache): the crops decoded once, the same bytes every epoch
-    pixels, none = decoded_pixels(params, rows, rows.iloc[:0])
-    assert none is None and len(pixels[0]) == len(set(rows["path"])) < len(rows)
+    pixels = decoded_pixels(params, rows)
+    assert len(pixels[0]) == len(set(rows["path"])) < len(rows)
     for a, b in zip(epochs(make_dataset(params, rows, training=True, augment=fn, pixels=pixels), 3), fresh,
                     strict=True):
         np.testing.assert_array_equal(a, b)
     off = project({"train": {"epochs": 3}})  # fixed copies: the stage's files decoded once
-    pixels, _ = decoded_pixels(off, manifest, manifest.iloc[:0])
+    pixels = decoded_pixels(off, manifest)
     assert len(pixels[0]) == len(manifest)
     for a, b in zip(epochs(make_dataset(off, manifest, training=True, pixels=pixels), 3), stage, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert decoded_pixels(project({"train": {"pixel_cache": False}}), rows, rows.iloc[:0]) == (None, None)
+    assert decoded_pixels(project({"train": {"pixel_cache": False}}), rows) is None
 
 
 def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(project):

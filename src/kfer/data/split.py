@@ -273,13 +273,12 @@ def run_split(params: Params) -> dict[str, Any]:
     labels, groups = df["label"].tolist(), df["group"].tolist()
     # an image without a group is its own person (the "\x00" prefix keeps these apart from real names)
     keys = [g if g else f"\x00{p}" for g, p in zip(groups, df["path"], strict=True)]
-    # sources with data.sources.<name>.split = train or pretrain go to train whole, heldout ones to val and test;
-    # the others share the ratios
-    train_only = {name for name, src in params.data.sources.items() if src.split in ("train", "pretrain")}
+    # sources with data.sources.<name>.split = train go to train whole, heldout ones to val and test; the others
+    # share the ratios
+    train_only = {name for name, src in params.data.sources.items() if src.split == "train"}
     fixed = df["source"].isin(train_only).to_numpy()
     if "train" not in ratios and fixed.any():
-        raise ValueError(f"data.sources {sorted(train_only)} have split: train or pretrain, but split has no "
-                         "train ratio")
+        raise ValueError(f"data.sources {sorted(train_only)} have split: train, but split has no train ratio")
     heldout_sources = {name for name, src in params.data.sources.items() if src.split == "heldout"}
     heldout = df["source"].isin(heldout_sources).to_numpy()
     held_ratios = {s: ratios[s] for s in ("val", "test") if ratios.get(s, 0) > 0}

@@ -1,12 +1,11 @@
 """One fit → score → log step, shared by ``kfer train`` and every ``kfer tune`` trial.
 
-:func:`fit_score_log` builds the network (from ``train.init_from``'s weights when given), fits it (after the
-pretraining phase when there is one), keeps the best epoch by the monitored metric, scores the model that would be
-served on the validation set and logs the run's metrics to the active MLflow run. :func:`publish` logs the served
-model. Resume wraps the step rather than branching through it: the fit is given an *attempt*, a
-:class:`kfer.training.resume.TrainBackup` (``kfer train``) or a :class:`kfer.training.resume.NoBackup` (trials),
-with one interface: where to start, where the checkpoints go, the callback that backs the epochs up, and the
-history over every attempt.
+:func:`fit_score_log` builds the network (from ``train.init_from``'s weights when given), fits it, keeps the
+best epoch by the monitored metric, scores the model that would be served on the validation set and logs the run's
+metrics to the active MLflow run. :func:`publish` logs the served model. Resume wraps the step rather than branching
+through it: the fit is given an *attempt*, a :class:`kfer.training.resume.TrainBackup` (``kfer train``) or a
+:class:`kfer.training.resume.NoBackup` (trials), with one interface: where to start, where the checkpoints go, the
+callback that backs the epochs up, and the history over every attempt.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from kfer.config import Params
 from kfer.training import distribute, resume
 from kfer.training.init import InitWeights
 from kfer.training.init import apply as init_weights
-from kfer.training.pretrain import Pretraining, run_pretraining
 from kfer.training.schedule import callbacks, compile_model
 
 log = logging.getLogger("kfer.training.train")
@@ -54,7 +52,6 @@ def fit(
     verbose: int = 2,
     strategy=None,
     backup: resume.TrainBackup | None = None,
-    pretrain: Pretraining | None = None,
     init: InitWeights | None = None,
 ):
     """Build, compile and fit; returns (best model, history DataFrame, seconds).
@@ -62,10 +59,8 @@ def fit(
     ``train_ds`` is :func:`kfer.training.inputs.make_dataset`'s training dataset (from ``backup.epoch`` when
     resuming). ``strategy``: made by the caller before its datasets (:func:`kfer.training.distribute.strategy`),
     else here. ``backup``: resume from and back up into it (the history and seconds then cover every attempt);
-    without it the fit is a :class:`kfer.training.resume.NoBackup`. ``pretrain``: a first phase on other rows
-    (its own history and seconds); the main phase then starts from its weights with a fresh optimizer. A resumed
-    main phase (``backup.epoch`` > 0) restores its own weights and skips it. ``init``: the model of
-    ``train.init_from`` (:func:`kfer.training.init.load`), whose weights the new model starts from."""
+    without it the fit is a :class:`kfer.training.resume.NoBackup`. ``init``: the model of ``train.init_from``
+    (:func:`kfer.training.init.load`), whose weights the new model starts from."""
     import keras
 
     from kfer.training.model import build_from_params
@@ -84,10 +79,6 @@ def fit(
             model = compile_model(model, params, jit=cfg.xla)
         if cfg.xla and not model.jit_compile:
             log.warning("train.xla: Keras did not jit-compile this model (a layer does not support XLA)")
-        if pretrain is not None and not attempt.epoch and not attempt.done:
-            run_pretraining(model, pretrain, verbose)
-            with strategy.scope():  # a fresh optimizer (and schedule) for the main phase
-                model = compile_model(model, params, jit=cfg.xla)
         ckpt = attempt.checkpoints(workdir)
         if attempt.done:
             log.info("train: the backup in %s has finished training: keeping its best model", attempt.dir)
@@ -135,28 +126,19 @@ class Fitted:
 
 def fit_score_log(params: Params, train_ds, val_ds, class_weight: dict | None, workdir: Path, *, n_train: int,
                   n_val: int, metric: str, extra_callbacks: list | None = None, verbose: int = 2, strategy=None,
-                  backup: resume.TrainBackup | None = None, pretrain: Pretraining | None = None,
-                  init: InitWeights | None = None, stopped_at: Callable[[], int | None] | None = None) -> Fitted:
+                  backup: resume.TrainBackup | None = None, init: InitWeights | None = None,
+                  stopped_at: Callable[[], int | None] | None = None) -> Fitted:
     """:func:`fit`, then :func:`score`, then ``mlflow.log_metrics`` of the run's metrics in the active run:
     ``best_val_*``, ``best_epoch`` (by ``metric``), ``epochs_run``, ``train_seconds``, ``train_images_per_s``,
-    ``train_images``, ``val_images`` and, after a pretraining phase, ``pretrain_images``, ``pretrain_epochs``,
-    ``pretrain_seconds`` (its loss and accuracy are logged per epoch). ``stopped_at`` (a pruned trial): when it
-    returns an epoch, the fit ended there on purpose; ``pruned_epoch`` is logged and nothing is scored."""
+    ``train_images`` and ``val_images``. ``stopped_at`` (a pruned trial): when it returns an epoch, the fit ended
+    there on purpose; ``pruned_epoch`` is logged and nothing is scored."""
     import mlflow
 
     model, history, seconds = fit(params, train_ds, val_ds, class_weight, workdir, extra_callbacks, verbose,
-                                  strategy=strategy, backup=backup, pretrain=pretrain, init=init)
+                                  strategy=strategy, backup=backup, init=init)
     metrics = {"epochs_run": int(len(history)), "train_seconds": round(seconds, 2),
                "train_images_per_s": round(n_train * len(history) / seconds, 2) if seconds else 0.0,
                "train_images": int(n_train), "val_images": int(n_val)}
-    if pretrain is not None:
-        last = pretrain.history.iloc[-1] if len(pretrain.history) else {}
-        metrics.update({"pretrain_images": int(pretrain.images), "pretrain_epochs": int(len(pretrain.history)),
-                        "pretrain_seconds": round(pretrain.seconds, 2)})
-        report_only = {"pretrain_loss": float(last.get("loss", float("nan"))),
-                       "pretrain_accuracy": float(last.get("accuracy", float("nan")))}
-    else:
-        report_only = {}
     stop = stopped_at() if stopped_at is not None else None
     if stop is not None:
         metrics["pruned_epoch"] = stop + 1
@@ -165,7 +147,7 @@ def fit_score_log(params: Params, train_ds, val_ds, class_weight: dict | None, w
     metrics = {**score(model, params, val_ds), "best_epoch": selection.best_epoch(history[metric], metric),
                **metrics}
     mlflow.log_metrics(metrics)
-    return Fitted(model, history, seconds, {**metrics, **report_only})
+    return Fitted(model, history, seconds, metrics)
 
 
 def publish(served, params: Params) -> dict[str, str]:

@@ -1,6 +1,5 @@
-"""The ``train`` stage's data: the tables it reads (augmented manifest, splits, the pretraining rows), the
-tf.data pipeline (:func:`make_dataset`: seeded per-epoch order, parallel decode, on-the-fly augmentation, mixup)
-and class weights."""
+"""The ``train`` stage's data: the tables it reads (augmented manifest, splits), the tf.data pipeline
+(:func:`make_dataset`: seeded per-epoch order, parallel decode, on-the-fly augmentation, mixup) and class weights."""
 
 from __future__ import annotations
 
@@ -59,22 +58,6 @@ def target_matrix(params: Params, table: pd.DataFrame, training: bool) -> np.nda
                    labels=table["label"])
 
 
-def phase_tables(params: Params, table: pd.DataFrame, datasets: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(pretraining rows, the other rows) of a train table; ``datasets``: each row's ``data.sources`` name.
-    Rows of a source with ``split: pretrain`` are trained on in the first phase only (``train.pretrain_epochs``)."""
-    sources = params.pretrain_sources
-    if not sources:
-        return table.iloc[:0], table
-    pre = datasets.isin(sources).to_numpy()
-    return table[pre].reset_index(drop=True), table[~pre].reset_index(drop=True)
-
-
-def manifest_datasets(params: Params, manifest: pd.DataFrame) -> pd.Series:
-    """The ``data.sources`` name of each augmented-manifest row, from ``splits.csv`` (the manifest's ``source``
-    column is the cropped image a row was made from)."""
-    return of_originals(params, manifest, ("source",))["source"].set_axis(manifest.index)
-
-
 def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Callable | None]:
     """(rows, augment) for :func:`make_dataset` over rows of the augmented manifest: the stage's files as they are
     (no augment), or with ``train.fresh_augmentation`` each row read from its cropped original (``source``) and
@@ -88,17 +71,14 @@ def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Cal
     return rows, OnTheFlyAugment(params, rows, params.augment.strength, fresh=True)
 
 
-def decoded_pixels(params: Params, rows: pd.DataFrame, pre_rows: pd.DataFrame):
-    """``make_dataset``'s ``pixels`` for the main phase's rows and the pretraining phase's (rows as
-    :func:`augmentation` gives them; (None, None) with ``train.pixel_cache`` off): one store of both tables'
-    images (:func:`kfer.data.pixels.decoded_images`), so that the two phases do not replace each other's."""
+def decoded_pixels(params: Params, rows: pd.DataFrame) -> tuple | None:
+    """``make_dataset``'s ``pixels`` for the train rows (as :func:`augmentation` gives them): their images decoded
+    once (:func:`kfer.data.pixels.decoded_images`), or None with ``train.pixel_cache`` off."""
     if not params.train.pixel_cache:
-        return None, None
+        return None
     from kfer.data.pixels import decoded_images
 
-    store, which = decoded_images(params, pd.concat([rows[["path"]], pre_rows[["path"]]], ignore_index=True))
-    n = len(rows)
-    return (store, which[:n]), ((store, which[n:]) if len(pre_rows) else None)
+    return decoded_images(params, rows[["path"]])
 
 
 def label_indices(params: Params, labels: pd.Series) -> np.ndarray:

@@ -65,12 +65,8 @@ def _plain(v):
 class TrainBackup:
     """The backup folder of one ``kfer train``: read at start, written after every epoch, deleted at the end."""
 
-    def __init__(self, params: Params, fp: str, sub: str | None = None) -> None:
-        """``sub``: a phase's backup in that sub-folder of the run's (the pretraining phase: ``pretrain``, with
-        ``params`` = :func:`kfer.training.train.pretrain_params`); deleted with the run's."""
+    def __init__(self, params: Params, fp: str) -> None:
         self.dir = Catalog(params).train_backup
-        if sub:
-            self.dir = self.dir / sub
         self.fingerprint = fp
         self.epochs = params.train.epochs
         self.state: dict | None = None
@@ -150,6 +146,15 @@ class TrainBackup:
     def callback(self, stateful: list, monitor: str, seconds_before: float):
         return _callback(self, stateful, monitor, seconds_before)
 
+    def restore_into(self, model) -> None:
+        """Load the last finished epoch's weights (and optimizer state) and dropout seed states into ``model``."""
+        state = self.state
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.dir / state["weights"])
+        for var, value in zip(_seed_variables(model), state["seeds"], strict=True):
+            var.assign(np.asarray(value, dtype=var.dtype))
+
     # --- the attempt interface of kfer.training.fit (shared with NoBackup) ---
     def checkpoints(self, workdir: Path) -> Path:  # noqa: ARG002 - the checkpoints live in the backup
         return self.checkpoint_pattern()
@@ -164,16 +169,6 @@ class TrainBackup:
 
     def best_file(self, checkpoints: Path) -> Path | None:  # noqa: ARG002
         return self.best_checkpoint()
-
-
-    def restore_into(self, model) -> None:
-        """Load the last finished epoch's weights (and optimizer state) and dropout seed states into ``model``."""
-        state = self.state
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.dir / state["weights"])
-        for var, value in zip(_seed_variables(model), state["seeds"], strict=True):
-            var.assign(np.asarray(value, dtype=var.dtype))
 
 
 class NoBackup:
@@ -201,9 +196,6 @@ class NoBackup:
 
     def history(self) -> pd.DataFrame:
         return pd.DataFrame()
-
-    def restore_into(self, model) -> None:  # never called: a NoBackup is never done
-        raise RuntimeError("nothing to restore: the fit is not backed up")
 
 
 def _seed_variables(model) -> list:

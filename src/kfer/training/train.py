@@ -8,10 +8,6 @@ rows, cropped, never augmented). The test split is not read here. Outputs for DV
 into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
 (per-epoch, for ``dvc plots``).
 
-With ``train.pretrain_epochs`` the manifest rows of the ``data.sources`` with ``split: pretrain`` are trained on
-first, alone (:class:`kfer.training.pretrain.Pretraining`, its own backup), and the other rows after, with a fresh
-optimizer.
-
 The stage reads its tables and makes its datasets (:mod:`kfer.training.inputs`), opens the MLflow run, runs the
 fit → score → log step that tuning shares (:func:`kfer.training.fit.fit_score_log`) inside the run's backup
 (:class:`kfer.training.resume.TrainBackup`, so a killed run resumes), publishes the served model and writes its
@@ -32,17 +28,7 @@ from kfer.config import Params
 from kfer.training import distribute, resume
 from kfer.training.fit import fit_score_log, publish, strip_for_serving
 from kfer.training.init import load as load_init
-from kfer.training.inputs import (
-    augmentation,
-    class_weights,
-    decoded_pixels,
-    make_dataset,
-    manifest_datasets,
-    phase_tables,
-    split_table,
-    train_table,
-)
-from kfer.training.pretrain import pretrain_params, pretraining
+from kfer.training.inputs import augmentation, class_weights, decoded_pixels, make_dataset, split_table, train_table
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +41,15 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
     cfg = params.train
     strategy = distribute.strategy(params)  # first: refuses TF_CONFIG at once; made before any dataset
     batch = distribute.global_batch(params, strategy)
-    manifest = train_table(params)
+    train_df = train_table(params)
     val_df = split_table(params, "val")
-    pre_df, train_df = (phase_tables(params, manifest, manifest_datasets(params, manifest))
-                        if params.pretrain_sources else (manifest.iloc[:0], manifest))
     if train_df.empty:
         raise ValueError("the train set is empty: check the crop and split reports")
     if val_df.empty:
         raise ValueError("the val split is empty: check split ratios (split.val) and the split report")
-    if params.pretrain_sources and pre_df.empty:
-        raise ValueError(f"train.pretrain_epochs: the data.sources with split: pretrain "
-                         f"({', '.join(params.pretrain_sources)}) have no train images: check the crop report")
-    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)%s",
-             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync,
-             f"; first {cfg.pretrain_epochs} epoch(s) on {len(pre_df)} pretraining images" if len(pre_df) else "")
-    fp = resume.fingerprint(params, manifest, val_df, batch)
+    log.info("train: %d train images (augmented), %d val images, %d classes, batch %d on %d replica(s)",
+             len(train_df), len(val_df), len(params.classes), batch, strategy.num_replicas_in_sync)
+    fp = resume.fingerprint(params, train_df, val_df, batch)
     backup = resume.TrainBackup(params, fp)
     init = load_init(params)  # train.init_from, before the run: a bad source is one line, no empty run
     tags = {"kfer.stage": "train", **(init.tags() if init else {})}
@@ -86,16 +66,12 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             backup.begin(run.info.run_id)
         weights = class_weights(params, train_df) if cfg.class_weights else None
         rows, augment = augmentation(params, train_df)  # the stage's files, or new copies each epoch
-        pre_rows, pre_augment = augmentation(pretrain_params(params), pre_df) if len(pre_df) else (pre_df, None)
-        pixels, pre_pixels = decoded_pixels(params, rows, pre_rows)
         train_ds = make_dataset(params, rows, training=True, augment=augment, batch_size=batch,
-                                first_epoch=backup.epoch, pixels=pixels)
+                                first_epoch=backup.epoch, pixels=decoded_pixels(params, rows))
         val_ds = make_dataset(params, val_df, training=False, batch_size=batch)
-        pretrain = (pretraining(params, pre_rows, pre_augment, pre_pixels, fp, batch, run.info.run_id)
-                    if len(pre_df) else None)
         fitted = fit_score_log(params, train_ds, val_ds, weights, tmp, n_train=len(train_df), n_val=len(val_df),
                                metric=cfg.monitor, extra_callbacks=[mlflow.keras.MlflowCallback()],
-                               strategy=strategy, backup=backup, pretrain=pretrain, init=init)
+                               strategy=strategy, backup=backup, init=init)
         model, history, seconds, metrics = fitted.model, fitted.history, fitted.seconds, fitted.metrics
         best_epoch = metrics["best_epoch"]
 
