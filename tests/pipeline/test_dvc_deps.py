@@ -18,8 +18,8 @@ ENTRY = {"crop": "kfer.data.crop", "split": "kfer.data.split", "augment": "kfer.
 
 def closure(module: str) -> set[str]:
     """Files (relative to the repository) of ``module`` and of every kfer module it imports, transitively: the
-    walk that gives the served model its code (:func:`kfer.serving.publish.module_closure`)."""
-    from kfer.serving.publish import module_closure, module_file
+    walk that gives the served model its code (:func:`kfer.imports.module_closure`)."""
+    from kfer.imports import module_closure, module_file
 
     return {module_file(m).relative_to(REPO).as_posix() for m in module_closure(module)}
 

@@ -5,7 +5,6 @@ serving imports (:func:`serving_modules`)."""
 
 from __future__ import annotations
 
-import ast
 import base64
 import contextlib
 import importlib.metadata
@@ -23,6 +22,7 @@ import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kfer.imports import PACKAGE, module_closure, module_file  # noqa: E402
 from kfer.serving.photo_model import (  # noqa: E402
     BOX_COLUMNS,
     CONFIG_ARTIFACT,
@@ -119,60 +119,11 @@ def example_faces(size: int, channels: int) -> np.ndarray:
     return np.repeat(img[None, :, :, None], channels, axis=-1).astype(np.float32)
 
 
-PACKAGE = "kfer"
 SERVING_ROOT = "kfer.serving.photo_model"  # the module the pickled PhotoEmotionModel lives in
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of the ``kfer`` module ``name`` (a package's ``__init__.py``), or None."""
-    base = Path(__file__).resolve().parents[1].joinpath(*name.split(".")[1:])
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def module_imports(module: str, source: str) -> set[str]:
-    """The ``kfer`` modules that a module's source imports, at module level or inside functions (``from a.b
-    import c`` counts ``a.b.c`` when that is a module, else ``a.b``)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".")[: len(module.split(".")) - node.level]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != PACKAGE:
-                continue
-            found.add(target)
-            found.update(f"{target}.{a.name}" for a in node.names if module_file(f"{target}.{a.name}"))
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
-    return found
-
-
-def module_closure(root: str) -> list[str]:
-    """``root`` and every ``kfer`` module it imports, transitively, with the packages that hold them (read from
-    their sources, imports inside functions included, so a new import is followed without a list to keep).
-    Names that are not modules (attributes of a package) are skipped. The one import walk of kfer: serving's
-    ``code_paths`` and the source deps of each stage in dvc.yaml (tests/test_dvc_deps.py) come from it."""
-    todo, seen = [root], set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        path = module_file(name)
-        if path is None:
-            continue
-        seen.add(name)
-        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
-        todo.extend([*parents, *(module_imports(name, path.read_text(encoding="utf-8")) - seen)])
-    return sorted(seen)
-
-
 def serving_modules() -> list[str]:
-    """The ``kfer`` modules the photo model needs when it is served: :func:`module_closure` of
+    """The ``kfer`` modules the photo model needs when it is served: :func:`kfer.imports.module_closure` of
     :mod:`kfer.serving.photo_model`, without ``kfer`` itself (written fresh by :func:`_serving_code`)."""
     return [m for m in module_closure(SERVING_ROOT) if m != PACKAGE]
 
