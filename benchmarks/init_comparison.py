@@ -107,15 +107,16 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
     from kfer import selection
     from kfer.config import Params, _deep_merge
     from kfer.data.augment import OnTheFlyAugment
-    from kfer.training import tune
     from kfer.training.fit import fit
     from kfer.training.inputs import class_weights, make_dataset
+    from kfer.training.tune.data import trial_table
+    from kfer.training.tune.trials import with_values
 
-    p = tune.with_values(params, values)
+    p = with_values(params, values)
     p2 = Params.model_validate(_deep_merge(p.model_dump(mode="json"), {"seed": seed}))
     p2._root = params.root
     p = p2
-    table = tune.trial_table(p)
+    table = trial_table(p)
     train_ds = make_dataset(p, table, training=True, augment=OnTheFlyAugment(p, table, p.augment.strength))
     val_ds = make_dataset(p, val_df, training=False)
     test_ds = make_dataset(p, test_df, training=False)
@@ -136,7 +137,7 @@ def train_once(params, values: dict, seed: int, val_df, test_df) -> dict:
 
 def _values(best_file: Path, default: dict) -> dict:
     """The searched values of a best-params file (params.yaml layout) over ``default``."""
-    from kfer.training.tune import SEARCHED
+    from kfer.training.tune.trials import SEARCHED
 
     best = yaml.safe_load(best_file.read_text(encoding="utf-8")) or {}
     return {**default, **{name: best[sec][key] for name, (sec, key) in SEARCHED.items()
@@ -240,10 +241,10 @@ def run(args, root: Path, data: Path) -> int:
     if args.best_params:
         tuned_values, tuned_name = _values(args.best_params, default), f"tuned ({args.best_params.name})"
     elif args.tune_trials:
-        from kfer.training import tune
+        from kfer.training.tune.stage import run_tune
 
         t0 = time.perf_counter()
-        summary = tune.run_tune(params, n_trials=args.tune_trials, timeout=args.tune_timeout)
+        summary = run_tune(params, n_trials=args.tune_trials, timeout=args.tune_timeout)
         tuned_values = _values(params.path(params.paths.tune_best), default)
         tuned_name = (f"tuned (trial {summary['best_trial']}, best of {summary['n_complete']} complete + "
                       f"{summary['n_pruned']} pruned trials, {time.perf_counter() - t0:.0f} s)")

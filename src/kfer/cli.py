@@ -204,8 +204,8 @@ def tune(ctx: click.Context, n_trials: int | None, timeout: float | None, worker
     when re-run; every trial is an MLflow child run of this invocation's run. Writes paths.tune_best and
     paths.tune_summary; `kfer register --tuned` registers the best trial's model.
     """
-    from kfer.training.tune import apply_best as do_apply
-    from kfer.training.tune import run_tune
+    from kfer.training.tune.apply import apply_best as do_apply
+    from kfer.training.tune.stage import run_tune
 
     params = _params(ctx)
     if apply_best:

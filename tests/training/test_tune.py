@@ -24,7 +24,25 @@ from kfer import files, tracking
 from kfer.config import load_params
 from kfer.data.augment import OnTheFlyAugment
 from kfer.data.pixels import PixelStoreError, decoded_images
-from kfer.training import tune
+from kfer.training.tune.apply import apply_best
+from kfer.training.tune.data import trial_table
+from kfer.training.tune.stage import run_tune
+from kfer.training.tune.study import (
+    BEST_RUN_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    WORKER_ATTR,
+    TuneError,
+    fingerprint,
+    open_study,
+    portable_url,
+    redact,
+    storage_url,
+)
+from kfer.training.tune.trials import nested_values, with_values
+from kfer.training.tune.workers import gpu_assignment, parse_visible_devices, visible_gpu_ids
 from tests.conftest import REPO, prepare_demo, write_params
 
 TINY = {
@@ -67,7 +85,7 @@ def project(base_project, tmp_path, monkeypatch):
 
 
 def _load(params):
-    study = optuna.load_study(study_name=tune.open_study(params).study_name, storage=tune.storage_url(params))
+    study = optuna.load_study(study_name=open_study(params).study_name, storage=storage_url(params))
     return study, study.get_trials(deepcopy=False)
 
 
@@ -82,33 +100,32 @@ def _runs(params):
 
 def test_storage_url_study_name_and_fingerprint(project):
     params = project()
-    url = tune.storage_url(params)
+    url = storage_url(params)
     assert url == "sqlite:///" + str((params.root / "optuna.db").resolve()) and url.startswith("sqlite:////")
-    assert tune.storage_url(params, "postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
-    assert "secret" not in tune.redact("postgresql://u:secret@db/optuna")
+    assert storage_url(params, "postgresql://u:secret@db/optuna") == "postgresql://u:secret@db/optuna"
+    assert "secret" not in redact("postgresql://u:secret@db/optuna")
     # what tune/summary.json records: no absolute path of this machine
-    assert tune.portable_url(params, url) == "sqlite:///optuna.db"
-    assert "secret" not in tune.portable_url(params, "postgresql://u:secret@db/optuna")
+    assert portable_url(params, url) == "sqlite:///optuna.db"
+    assert "secret" not in portable_url(params, "postgresql://u:secret@db/optuna")
     # short trials: tune.epochs (set) or train.epochs (null); the searched values and the objective as monitor
-    trial = tune.with_values(project({"tune": {"epochs": 2}}), GOOD)
+    trial = with_values(project({"tune": {"epochs": 2}}), GOOD)
     assert (trial.train.epochs, trial.train.monitor, trial.model.head_units) == (2, params.tune.metric, 8)
-    assert tune.with_values(project({"tune": {"epochs": None}}), GOOD).train.epochs == params.train.epochs
-    assert tune.fingerprint(project({"tune": {"epochs": 2}})) != tune.fingerprint(project({"tune": {"epochs": 1}}))
+    assert with_values(project({"tune": {"epochs": None}}), GOOD).train.epochs == params.train.epochs
+    assert fingerprint(project({"tune": {"epochs": 2}})) != fingerprint(project({"tune": {"epochs": 1}}))
 
-    study = tune.open_study(params)
-    assert study.study_name == f"kfer-{tune.fingerprint(params)}"
-    assert tune.open_study(params).study_name == study.study_name  # loaded again, not a new one
+    study = open_study(params)
+    assert study.study_name == f"kfer-{fingerprint(params)}"
+    assert open_study(params).study_name == study.study_name  # loaded again, not a new one
     # budget, workers and storage settings do not change the study; data or fixed params do
-    assert tune.fingerprint(project({"tune": {"n_trials": 50, "workers": 2, "timeout_s": 10}})) == \
-        tune.fingerprint(params)
-    assert tune.fingerprint(project({"train": {"decode_workers": 1}, "crop": {"workers": 1}})) == \
-        tune.fingerprint(params)  # speed-only settings keep the study
-    assert tune.fingerprint(project({"train": {"batch_size": 8}})) != tune.fingerprint(params)
+    assert fingerprint(project({"tune": {"n_trials": 50, "workers": 2, "timeout_s": 10}})) == fingerprint(params)
+    assert fingerprint(project({"train": {"decode_workers": 1}, "crop": {"workers": 1}})) == \
+        fingerprint(params)  # speed-only settings keep the study
+    assert fingerprint(project({"train": {"batch_size": 8}})) != fingerprint(params)
 
-    named = tune.open_study(params, study_name="shared")
+    named = open_study(params, study_name="shared")
     named.enqueue_trial(GOOD)
-    with pytest.raises(tune.TuneError, match="other data or fixed params"):
-        tune.open_study(project({"train": {"batch_size": 8}}), study_name="shared")
+    with pytest.raises(TuneError, match="other data or fixed params"):
+        open_study(project({"train": {"batch_size": 8}}), study_name="shared")
 
 
 def test_on_the_fly_augmentation_is_the_augment_stage(project):
@@ -116,7 +133,7 @@ def test_on_the_fly_augmentation_is_the_augment_stage(project):
     from kfer.training.inputs import make_dataset
 
     params = project()
-    table = tune.trial_table(params)
+    table = trial_table(params)
     splits = pd.read_csv(params.path(params.paths.splits), dtype=str, keep_default_na=False)
     assert set(table["path"]) == set(splits.loc[splits["split"] == "train", "path"])
     assert len(table) == (params.augment.copies + 1) * len(set(table["path"]))
@@ -211,7 +228,7 @@ def test_fresh_augmentation_draws_new_copies_every_epoch(project):
 
 def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(project):
     params = project()
-    table = tune.trial_table(params)
+    table = trial_table(params)
     folder = params.path(params.paths.pixel_store)
     old_umask = os.umask(0o027)
     try:
@@ -250,11 +267,11 @@ def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     splits = pd.read_csv(params.path(params.paths.splits), dtype=str, keep_default_na=False)
     for p in splits.loc[splits["split"] == "test", "path"]:
         params.path(p).write_bytes(b"not a png")  # the test split must never be read
-    study = tune.open_study(params)
+    study = open_study(params)
     for values in (GOOD, {**GOOD, "kernel_initializer": "glorot_uniform"}, BAD):
         study.enqueue_trial(values)
 
-    summary = tune.run_tune(params)
+    summary = run_tune(params)
 
     study, trials = _load(params)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
@@ -273,24 +290,24 @@ def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     client, parents, children = _runs(params)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.tags[tune.STUDY_TAG] == study.study_name
+    assert parent.data.tags[STUDY_TAG] == study.study_name
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
     assert parent.data.params["best.model.kernel_initializer"] == best.params["kernel_initializer"]
-    assert parent.data.tags[tune.BEST_RUN_TAG] == best.user_attrs[tune.RUN_ID_ATTR] == summary["best_run_id"]
+    assert parent.data.tags[BEST_RUN_TAG] == best.user_attrs[RUN_ID_ATTR] == summary["best_run_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     for plot in ("optimization_history", "param_importances", "parallel_coordinate", "slice"):
         assert f"optuna/{plot}.png" in artifacts, artifacts
     assert "optuna/trials.csv" in artifacts
 
     assert len(children) == 3
-    by_number = {int(r.data.tags[tune.TRIAL_TAG]): r for r in children}
+    by_number = {int(r.data.tags[TRIAL_TAG]): r for r in children}
     for t in trials:
         run = by_number[t.number]
-        assert run.info.run_id == t.user_attrs[tune.RUN_ID_ATTR]
+        assert run.info.run_id == t.user_attrs[RUN_ID_ATTR]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags[tune.STUDY_TAG] == study.study_name
-        assert run.data.tags[tune.STATE_TAG] == t.state.name
+        assert run.data.tags[STUDY_TAG] == study.study_name
+        assert run.data.tags[STATE_TAG] == t.state.name
         assert run.data.params["model.kernel_initializer"] == t.params["kernel_initializer"]
         assert float(run.data.params["train.learning_rate"]) == t.params["learning_rate"]
         assert float(run.data.params["augment.strength"]) == t.params["strength"]
@@ -307,7 +324,7 @@ def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     assert mv.tags["kfer.selected_by"] == f"best trial {best.number} of Optuna study {study.study_name} by val_loss"
 
     # re-running a finished study adds nothing and writes the same best params
-    again = tune.run_tune(params)
+    again = run_tune(params)
     assert len(_load(params)[1]) == 3 and again["best_params"] == summary["best_params"]
 
 
@@ -317,11 +334,11 @@ def test_apply_best_keeps_comments(tmp_path):
     params = load_params(tmp_path / "params.yaml")
     best = params.path(params.paths.tune_best)
     best.parent.mkdir(parents=True)
-    best.write_text("# header\n" + yaml.safe_dump(tune.nested_values(
+    best.write_text("# header\n" + yaml.safe_dump(nested_values(
         {"kernel_initializer": "glorot_uniform", "head_units": 256, "strength": 0.625,
          "learning_rate": 0.00123})), encoding="utf-8")
 
-    changed = tune.apply_best(params, tmp_path / "params.yaml")
+    changed = apply_best(params, tmp_path / "params.yaml")
     assert set(changed) == {"model.kernel_initializer", "model.head_units", "augment.strength",
                             "train.learning_rate"}
     new = (tmp_path / "params.yaml").read_text(encoding="utf-8")
@@ -333,7 +350,7 @@ def test_apply_best_keeps_comments(tmp_path):
     p = load_params(tmp_path / "params.yaml")
     assert (p.model.kernel_initializer, p.model.head_units, p.augment.strength, p.train.learning_rate) == \
         ("glorot_uniform", 256, 0.625, 0.00123)
-    assert tune.apply_best(p, tmp_path / "params.yaml") == {}
+    assert apply_best(p, tmp_path / "params.yaml") == {}
 
 
 def _env() -> dict:
@@ -344,8 +361,8 @@ def _env() -> dict:
 @pytest.mark.slow
 def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     params = project({"tune": {"n_trials": 2, "retry_stale": 1}})
-    name = tune.open_study(params).study_name
-    url = tune.storage_url(params)
+    name = open_study(params).study_name
+    url = storage_url(params)
     proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "tune"], cwd=params.root, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = None
@@ -353,7 +370,7 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None and killed is None:
             running = optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.RUNNING,))
-            if running and tune.RUN_ID_ATTR in running[0].user_attrs:  # mid-trial, its MLflow run started
+            if running and RUN_ID_ATTR in running[0].user_attrs:  # mid-trial, its MLflow run started
                 proc.send_signal(signal.SIGKILL)
                 killed = running[0]
             time.sleep(0.2)
@@ -364,7 +381,7 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     assert killed is not None, err.decode(errors="replace")[-3000:]
     assert optuna.load_study(study_name=name, storage=url).trials[killed.number].state == TrialState.RUNNING
 
-    summary = tune.run_tune(params)  # the same study: the stale trial ends FAIL and the budget is completed
+    summary = run_tune(params)  # the same study: the stale trial ends FAIL and the budget is completed
 
     _, trials = _load(params)
     states = [t.state for t in trials]
@@ -374,15 +391,15 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     assert len(retried) == 1 and retried[0].params == killed.params  # re-queued with the same params
 
     client, parents, children = _runs(params)
-    dead = client.get_run(killed.user_attrs[tune.RUN_ID_ATTR])
-    assert dead.info.status == "FAILED" and dead.data.tags[tune.STATE_TAG] == "FAIL"
+    dead = client.get_run(killed.user_attrs[RUN_ID_ATTR])
+    assert dead.info.status == "FAILED" and dead.data.tags[STATE_TAG] == "FAIL"
     finished = [p for p in parents if p.info.status == "FINISHED"]
     killed_parents = [p for p in parents if p.info.status == "KILLED"]
     assert len(parents) == 2 and len(finished) == 1 and len(killed_parents) == 1  # none left RUNNING
     # the killed invocation's parent, left RUNNING by SIGKILL (no handler runs), was closed by the rerun
     assert killed_parents[0].data.tags["kfer.end_reason"].startswith("owner process ")
     assert killed_parents[0].data.tags[tracking.OWNER_TAG].split(":")[1] == str(proc.pid)
-    again = client.get_run(retried[0].user_attrs[tune.RUN_ID_ATTR])
+    again = client.get_run(retried[0].user_attrs[RUN_ID_ATTR])
     assert again.data.tags["optuna.retry_of"] == str(killed.number)
     assert again.data.tags["mlflow.parentRunId"] == finished[0].info.run_id
 
@@ -390,7 +407,7 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
 @pytest.mark.slow
 def test_two_worker_processes_share_one_study(project):
     params = project({"train": {"epochs": 2}, "tune": {"n_trials": 4}})
-    summary = tune.run_tune(params, workers=2)
+    summary = run_tune(params, workers=2)
 
     _, trials = _load(params)
     numbers = [t.number for t in trials]
@@ -398,14 +415,14 @@ def test_two_worker_processes_share_one_study(project):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)  # none lost or left running
     assert 4 <= len(trials) <= 5  # two workers may both start the last trial in the same instant
     assert summary["n_complete"] + summary["n_pruned"] == len(trials)
-    workers = {t.user_attrs[tune.WORKER_ATTR] for t in trials}
+    workers = {t.user_attrs[WORKER_ATTR] for t in trials}
     assert len(workers) == 2 and str(os.getpid()) not in {w.split(":")[1] for w in workers}
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # no replayed random points
 
     _, parents, children = _runs(params)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(int(r.data.tags[tune.TRIAL_TAG]) for r in children) == numbers
-    assert {r.info.run_id for r in children} == {t.user_attrs[tune.RUN_ID_ATTR] for t in trials}
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == numbers
+    assert {r.info.run_id for r in children} == {t.user_attrs[RUN_ID_ATTR] for t in trials}
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in children)
     assert params.path(params.paths.tune_best).exists()
@@ -432,23 +449,23 @@ def test_trials_started_at_once_past_the_budget_give_way():
 
 
 def test_gpu_assignment_round_robin_over_visible_gpus(monkeypatch):
-    assert tune.gpu_assignment(4, ["0", "1"]) == ["0", "1", "0", "1"]
-    assert tune.gpu_assignment(3, ["0"]) == ["0", "0", "0"]
-    assert tune.gpu_assignment(2, []) == [None, None]  # no GPU: the workers' environment is left untouched
+    assert gpu_assignment(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert gpu_assignment(3, ["0"]) == ["0", "0", "0"]
+    assert gpu_assignment(2, []) == [None, None]  # no GPU: the workers' environment is left untouched
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the user's choice: workers get those ids
-    assert tune.visible_gpu_ids() == ["3", "5"]
-    assert tune.gpu_assignment(4, tune.visible_gpu_ids()) == ["3", "5", "3", "5"]
+    assert visible_gpu_ids() == ["3", "5"]
+    assert gpu_assignment(4, visible_gpu_ids()) == ["3", "5", "3", "5"]
     for value, ids in (("", []), ("-1", []), (" 2 , 7 ", ["2", "7"]), ("0,-1,1", ["0"]),
                        ("GPU-1a2b,MIG-3c4d", ["GPU-1a2b", "MIG-3c4d"])):
-        assert tune.parse_visible_devices(value) == ids, value
+        assert parse_visible_devices(value) == ids, value
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert tune.gpu_assignment(2, tune.visible_gpu_ids()) == [None, None]
+    assert gpu_assignment(2, visible_gpu_ids()) == [None, None]
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # unset: TensorFlow's physical GPUs (none on tensorflow-cpu)
     import tensorflow as tf
 
-    assert tune.visible_gpu_ids() == [str(i) for i in range(len(tf.config.list_physical_devices("GPU")))]
+    assert visible_gpu_ids() == [str(i) for i in range(len(tf.config.list_physical_devices("GPU")))]
 
 
 @pytest.mark.slow
@@ -461,14 +478,15 @@ def test_spawned_workers_get_their_gpu_before_tensorflow(project):
     script = textwrap.dedent("""
         import logging, os, sys
         from kfer import tracking
-        from kfer.training import tune
         from kfer.config import load_params
+        from kfer.training.tune.study import open_study, storage_url
+        from kfer.training.tune.workers import spawn_workers
         logging.basicConfig(level=logging.INFO)
         params = load_params("params.yaml")
-        study = tune.open_study(params)
+        study = open_study(params)
         tracking.setup(params, params.tune.experiment)  # the store exists before the workers, as under run_tune
-        codes = tune.spawn_workers(params, study, tune.storage_url(params), "no-parent-run", workers=3,
-                                    budget=0, timeout=None)
+        codes = spawn_workers(params, study, storage_url(params), "no-parent-run", workers=3, budget=0,
+                              timeout=None)
         print("codes", codes, "parent", os.environ["CUDA_VISIBLE_DEVICES"])
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=params.root, capture_output=True, text=True,
@@ -532,15 +550,15 @@ def test_label_policy_and_min_agreement_are_search_dimensions(project):
     """tune.space.label_policy / min_agreement: each trial trains on its policy's labels less its low-agreement
     photos, every trial is scored on one val label (tune.validation_label), the summary says which, and --apply
     writes the best policy into data."""
-    from kfer.training.tune.data import trial_rows, trial_table
+    from kfer.training.tune.data import trial_rows
 
     space = {"label_policy": ["uploader", "soft"], "min_agreement": [2, 3]}
     params = project({"tune": {"n_trials": 2, "space": space, "validation_label": "uploader",
                                "sampler": {"n_startup_trials": 5}}})
-    study = tune.open_study(params)
+    study = open_study(params)
     study.enqueue_trial({**GOOD, "label_policy": "uploader", "min_agreement": 3})
     study.enqueue_trial({**GOOD, "label_policy": "soft", "min_agreement": 2})
-    summary = tune.run_tune(params)
+    summary = run_tune(params)
 
     _, trials = _load(params)
     assert [t.params["label_policy"] for t in trials] == ["uploader", "soft"]
@@ -551,7 +569,7 @@ def test_label_policy_and_min_agreement_are_search_dimensions(project):
 
     # what a trial trains on: its policy's labels, less its photos below min_agreement
     table = trial_table(params)
-    p = tune.with_values(params, {"label_policy": "uploader", "min_agreement": 3})
+    p = with_values(params, {"label_policy": "uploader", "min_agreement": 3})
     rows, _ = trial_rows(p, table, None)
     assert (rows["label"] == rows["label_uploader"]).all() and (rows["agreement"] == "3").all()
     assert len(rows) < len(table)  # the demo's annotators disagree on some train photos
@@ -563,5 +581,5 @@ def test_label_policy_and_min_agreement_are_search_dimensions(project):
 
     # a searched range below data.min_agreement: those photos are not in splits.csv
     bad = project({"data": {"min_agreement": 3}, "tune": {"space": space}})
-    with pytest.raises(tune.TuneError, match="below data.min_agreement 3"):
-        tune.run_tune(bad)
+    with pytest.raises(TuneError, match="below data.min_agreement 3"):
+        run_tune(bad)

@@ -24,7 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kfer.training import tune
+from kfer.training.tune.study import RUN_ID_ATTR, STUDY_TAG, TRIAL_TAG, WORKER_ATTR
 from tests.training.test_tune import _env, _runs, base_project, project  # noqa: F401 - the tune tests' fixtures and helpers
 
 SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
@@ -143,17 +143,17 @@ def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
     # the budget, or one more: two workers may both start the last trial in the same instant (see trials.work)
     assert budget <= len(trials) <= budget + 1, numbers
     assert summary["n_complete"] + summary["n_pruned"] == len(trials) and summary["n_running"] == 0
-    workers = {t.user_attrs[tune.WORKER_ATTR] for t in trials}
+    workers = {t.user_attrs[WORKER_ATTR] for t in trials}
     assert len(workers) == 2 and str(proc.pid) not in {w.split(":")[1] for w in workers}  # the two spawned workers
     assert all(len(t.intermediate_values) == 1 for t in trials)  # --set tune.epochs=1 reached the workers
 
     _, parents, children = _runs(params)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.tags[tune.STUDY_TAG] == study.study_name
+    assert parent.data.tags[STUDY_TAG] == study.study_name
     assert parent.data.tags["optuna.storage"] == summary["storage"]
-    assert sorted(int(r.data.tags[tune.TRIAL_TAG]) for r in children) == sorted(numbers)
-    assert {r.info.run_id for r in children} == {t.user_attrs[tune.RUN_ID_ATTR] for t in trials}
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == sorted(numbers)
+    assert {r.info.run_id for r in children} == {t.user_attrs[RUN_ID_ATTR] for t in trials}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in children)
     print(f"kfer tune --workers 2 on PostgreSQL: {len(trials)} trials in {seconds:.1f} s")
