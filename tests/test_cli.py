@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kfer.cli import _parse_sets, main
+from kfer.cli import _overrides, _parse_sets, main
 from kfer.config import load_params
 from tests.conftest import REPO
 
@@ -41,6 +41,32 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     assert len(res.output.strip().splitlines()) == 1
     res = CliRunner().invoke(main, ["--set", "no-equals-sign", "crop"])
     assert res.exit_code != 0 and "KEY=VALUE" in res.output
+
+
+def test_merge_layers_a_params_file_over_params_yaml_before_set(tmp_path):
+    """`kfer --merge FILE`: a file in params.yaml's layout deep-merged over it (lists replaced, maps key by key,
+    null unmaps a label of a dropped class), in order, then --set; validated as params.yaml is."""
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(yaml.safe_dump({
+        "classes": [{"name": "joy", "ko": "기쁨"}, {"name": "neutral", "ko": "중립"}],
+        "data": {"label_map": {k: None for k in ("당황", "분노", "불안", "상처", "슬픔", "surprise", "angry", "fear",
+                                                 "sad")} | {"smile": "joy"}},
+        "train": {"epochs": 3, "batch_size": 8}}, allow_unicode=True), encoding="utf-8")
+    second.write_text("train: {epochs: 4}\n", encoding="utf-8")
+    over = _overrides((str(first), str(second)), ("train.epochs=5",))
+    assert over["train"] == {"epochs": 5, "batch_size": 8}
+    p = load_params(REPO / "params.yaml", overrides=over)
+    assert p.class_names == ["joy", "neutral"] and (p.train.epochs, p.train.batch_size) == (5, 8)
+    assert p.map_label("smile") == "joy" and p.map_label("happy") == "joy" and p.map_label("상처") is None
+    assert p.model.blocks == load_params(REPO / "params.yaml").model.blocks  # what no layer sets stays
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {kernel_initializer: zeros}\n", encoding="utf-8")
+    res = CliRunner().invoke(main, ["--params", str(REPO / "params.yaml"), "--merge", str(bad), "crop"])
+    assert res.exit_code == 2 and "kernel_initializer" in _one_error_line(res.stderr)
+    bad.write_text("- train\n", encoding="utf-8")
+    res = CliRunner().invoke(main, ["--merge", str(bad), "crop"])
+    assert res.exit_code == 2 and "expected a mapping" in res.output
 
 
 def test_mlproject_defaults_equal_params_yaml():

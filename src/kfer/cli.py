@@ -44,6 +44,26 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return out
 
 
+def _overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
+    """The ``--merge`` files (each a mapping in params.yaml's layout), then the ``--set`` values, deep-merged in
+    order into one nested dict."""
+    import yaml
+
+    from kfer.config import _deep_merge
+
+    out: dict = {}
+    for path in layers:
+        try:
+            layer = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--merge") from exc
+        if not isinstance(layer, dict):
+            raise click.BadParameter(f"{path}: expected a mapping of params keys (crop:, train:, ...)",
+                                     param_hint="--merge")
+        out = _deep_merge(out, layer)
+    return _deep_merge(out, _parse_sets(sets))
+
+
 class _OneLine(click.ClickException):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(" ".join(message.split()))  # one line, whatever the message held
@@ -75,11 +95,14 @@ class _Group(click.Group):
     "--params", "params_path", type=click.Path(dir_okay=False), default="params.yaml", show_default=True,
     help="params.yaml to read; paths in it are relative to its folder.",
 )
+@click.option("--merge", "layers", multiple=True, metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Deep-merge FILE (params.yaml's layout, any subset of its keys) over the params for this run "
+                   "only, e.g. --merge recipes/real-faces.yaml; repeatable, in order, before --set.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a param for this run only, e.g. --set train.epochs=3 (MLproject uses this).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an error.")
 @click.pass_context
-def main(ctx: click.Context, params_path: str, sets: tuple[str, ...], verbose: bool) -> None:
+def main(ctx: click.Context, params_path: str, layers: tuple[str, ...], sets: tuple[str, ...], verbose: bool) -> None:
     """kfer: Korean facial-expression recognition, from raw photos to a registered model.
 
     Each sub-command is one pipeline stage; `dvc repro` runs them in order (see dvc.yaml).
@@ -88,7 +111,7 @@ def main(ctx: click.Context, params_path: str, sets: tuple[str, ...], verbose: b
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    ctx.obj = {"params": params_path, "overrides": _parse_sets(sets), "verbose": verbose}
+    ctx.obj = {"params": params_path, "overrides": _overrides(layers, sets), "verbose": verbose}
 
 
 @main.command()

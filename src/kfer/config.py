@@ -135,7 +135,7 @@ class DataCfg(_Strict):
     labels_glob: str
     vote_tie: Literal["uploader", "skip"]
     on_bad_label_file: Literal["error", "skip"]
-    label_map: dict[str, str]
+    label_map: dict[str, str | None]  # None: not mapped (a layer that drops a class unmaps its labels)
     group: GroupCfg
     votes: VotesCfg | None  # a rater-vote table beside the images (folders layout); None: none
     sources: dict[str, SourceCfg]
@@ -394,7 +394,7 @@ class Params(_Strict):
         names = [c.name for c in self.classes]
         if len(names) != len(set(names)) or not names:
             raise ValueError(f"classes must be a non-empty list of unique names, got {names}")
-        bad = {k: v for k, v in self.data.label_map.items() if v not in names}
+        bad = {k: v for k, v in self.data.label_map.items() if v is not None and v not in names}
         if bad:
             raise ValueError(f"data.label_map maps to names that are not classes: {bad}")
         for src, scfg in self.data.sources.items():
