@@ -48,7 +48,7 @@ Four measurements, printed side by side in one run (all in this process, same Te
     test) and the CPU bound on the ratio. Target: on-the-fly / files >= 0.8 (PASS/FAIL).
 
 (e) **the real-faces recipe's input path vs in-memory tensors, training** — at each of ``--e-sizes`` (48, the
-    recipe's crop, and 224, AI Hub's), the recipe's model and settings (``benchmarks/real_faces.py`` ``RECIPE``:
+    recipe's crop, and 224, AI Hub's), the recipe's model and settings (``recipes/real-faces.yaml``:
     compact stem, blocks [2, 2, 2], width 16, fresh augmentation, ``augment.copies`` and ``strength``, batch 64,
     AdamW, class weights) trained on ``--e-n-images`` crops at 48 px (scaled by (48/S)² at other sizes, at least
     128) fed the way ``kfer train`` feeds it (``augmentation`` → ``decoded_pixels`` → ``make_dataset(...,
@@ -619,7 +619,7 @@ def part_d(args, tf, root: Path) -> dict:
 # --- (e) the recipe's input path (kfer train, fresh augmentation from the decoded store) vs memory, training ------
 def part_e(args, tf, keras, root: Path, S: int) -> dict:
     """The real-faces recipe's model trained from ``kfer train``'s input path and from in-memory tensors."""
-    from real_faces import RECIPE  # the recipe's one home
+    from real_faces import RECIPE  # recipes/real-faces.yaml
 
     from kfer.data.augment import run_augment
     from kfer.training.inputs import (

@@ -401,6 +401,22 @@ def medians(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def mean_sd(xs: Iterable[float | None]) -> str:
+    """``"0.701 ± 0.049"``: the mean and sample sd of the values that are not None (the value alone for one,
+    ``n/a`` for none)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+
+def paired(a: Iterable[float], b: Iterable[float]) -> str:
+    """``a − b`` paired by seed (the same seed: the same split, data order and augmentation draws), the mean then
+    each seed's: ``"+0.034 (+0.028, +0.040, +0.034)"``."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return f"{statistics.mean(d):+.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")"
+
+
 def ints(text: str) -> list[int]:
     """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
     return [int(v) for v in text.split(",") if v.strip()]

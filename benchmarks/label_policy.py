@@ -169,8 +169,9 @@ def run_tfeid(args, root: Path) -> dict:
 
 def run_aihub(args, root: Path) -> dict:
     log = root / "label_policy.log"
-    write_project(root, rf.RECIPE, {"train": {"epochs": 2, "warmup_epochs": 0, "experiment": "label-policy-aihub"},
-                                    "evaluate": {"photo_max_images": 8}})
+    settings = {k: rf.RECIPE[k] for k in ("crop", "augment", "model", "train")}  # not its classes and sources
+    write_project(root, settings, {"train": {"epochs": 2, "warmup_epochs": 0, "experiment": "label-policy-aihub"},
+                                   "evaluate": {"photo_max_images": 8}})
     kfer(root, "demo-data", "--aihub-photos", "--persons", "4", "--per-class", "2", "--size", "1440x1083",
          log=log)
     kfer(root, "crop", log=log)

