@@ -54,12 +54,12 @@ from harness import (  # noqa: E402
     measure,
     median,
     remove_or_keep,
+    shared_data,
     wait_idle,
     write_params,
 )
-from tfeid_project import GROUP_PATTERN, default_data, tfeid_overrides  # noqa: E402
 
-DEFAULT_DATA = default_data()
+GROUP_PATTERN = r"^(\d{2})"  # TFEID's performer: the first two digits of the file name
 SAMPLE_S = 0.05  # psutil sampling period for the process-tree memory
 
 
@@ -224,7 +224,9 @@ def steady_rate(res: dict, warmup: int | None) -> float | None:
 def crop_params(root: Path, raw: Path, image_size: int) -> Path:
     """Repo params.yaml + the TFEID overrides (+ disgust -> hurt: every image has a class), written to ``root``
     (outputs then land under ``root``) and loaded to validate it now rather than in the timed child."""
-    write_params(root, tfeid_overrides(raw, image_size), {"data": {"label_map": {"disgust": "hurt"}}})
+    write_params(root, {"paths": {"raw": str(raw)}, "crop": {"image_size": image_size, "workers": 0},
+                        "data": {"layout": "folders", "group": {"source": "regex", "pattern": GROUP_PATTERN},
+                                 "label_map": {"disgust": "hurt"}}})
     return root / "params.yaml"
 
 
@@ -412,7 +414,8 @@ def main() -> int:
                     help="images excluded from the steady-state rate (default: the first 10%% of each run)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each run wait up to S seconds for the machine to be idle (shared machines)")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TFEID folder (<label>/*.jpg)")
+    ap.add_argument("--data", type=Path, default=shared_data("tfeid_chen2013"),
+                    help="TFEID folder (<label>/*.jpg)")
     ap.add_argument("--no-half", action="store_true", help="skip ours on the first half (memory growth check)")
     ap.add_argument("--max-other", type=float, default=None, metavar="CPU_S",
                     help="re-run a contender (up to --tries times) when other processes used more than CPU_S "

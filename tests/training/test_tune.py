@@ -499,38 +499,6 @@ def test_spawned_workers_get_their_gpu_before_tensorflow(project):
     assert "TensorFlow was already imported" not in proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.realdata
-def test_init_comparison_benchmark_runs_on_tiny_settings(tmp_path, monkeypatch, capsys):
-    """benchmarks/init_comparison.py end to end on 6 TFEID performers, a tiny model and one epoch."""
-    import importlib.util
-
-    from tests.conftest import shared_dir
-
-    data = shared_dir("tfeid_chen2013")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    spec = importlib.util.spec_from_file_location("init_comparison", REPO / "benchmarks" / "init_comparison.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    best = tmp_path / "best_params.yaml"
-    best.write_text(yaml.safe_dump({"model": {"kernel_initializer": "lecun_normal", "head_units": 0},
-                                    "augment": {"strength": 0.5}}), encoding="utf-8")
-    out = tmp_path / "table.md"
-    code = bench.main(["--data", str(data), "--persons", "6", "--image-size", "32", "--epochs", "1",
-                       "--seeds", "1,2", "--blocks", "1,1", "--width", "4", "--head-units", "8", "--copies", "1",
-                       "--best-params", str(best), "--out", str(out), "--keep-dir", str(tmp_path / "proj")])
-    assert code == 0
-    text = out.read_text(encoding="utf-8")
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| config")]
-    assert [r.split(" | ")[1] for r in rows] == ["he_normal", "glorot_uniform", "lecun_normal"]
-    assert all(" ± " in r for r in rows) and "paired difference he_normal − glorot_uniform" in text
-    assert "paired difference tuned − default params in test_macro_f1 over 2 seeds" in text
-    splits = pd.read_csv(tmp_path / "proj" / "data" / "splits.csv", dtype=str)
-    assert (splits.groupby("group")["split"].nunique() == 1).all()  # person-disjoint
-    assert "disgust" not in set(splits["label"])
-    assert "| config |" in capsys.readouterr().out
-
-
 def test_owner_of_a_run_is_gone_only_when_its_process_is(tmp_path):
     """The check behind closing a killed `kfer tune`'s parent run: this process is alive, a finished child is
     gone, a reused pid (other start time) is gone, and a run owned on another host is never judged from here."""
