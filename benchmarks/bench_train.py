@@ -1,90 +1,51 @@
 #!/usr/bin/env python
 """Training throughput: our ResNet50 vs ``keras.applications.ResNet50``, and the tf.data input pipeline vs memory.
 
-Four measurements, printed side by side in one run (all in this process, same TensorFlow session):
+Three measurements, printed side by side in one run (all in this process, same TensorFlow session):
 
 (a) **model** — training images/s of ``kfer.training.model.build_resnet(S, 7, head_units=0,
     kernel_initializer="glorot_uniform")`` (default depth [3, 4, 6, 3] and width 64, i.e. the same backbone as
     Keras') against ``keras.applications.ResNet50(weights=None, input_shape=(S, S, 1), classes=7)``. Both get
     the same random batch (float32 in 0..255; ours rescales it inside the model with one ``Rescaling`` layer,
     Keras' does not), the same optimizer (Adam 1e-3), loss (categorical cross-entropy), batch size and number
-    of steps, fed from memory (``Dataset.from_tensors(batch).repeat()``, tf.data autotune off so that no
-    iterator-teardown stall is added, see below). Printed both for whole ``fit`` calls and for the median step.
-    Target: ours / keras >= 0.95.
+    of steps, fed from memory (``Dataset.from_tensors(batch).repeat()``, tf.data autotune off: with it on, TF
+    2.21 sometimes stalls when an iterator is deleted, see docs/performance.md). Printed both for whole ``fit``
+    calls and for the median step. Target: ours / keras >= 0.95.
 
-(b) **input pipeline** — N grayscale PNGs (S×S, smooth random "faces", written to a temporary folder) and a
-    table (path, label). A model built from a ``params.yaml`` written to that folder (the repository's, with
-    overrides; loaded with ``kfer.config.load_params``) is trained for the same number of epochs fed by
-    ``kfer.training.inputs.make_dataset(params, table, training=True)`` (shuffle → parallel file read + PNG decode →
-    cast/one-hot → batch → prefetch) and by ``Dataset.from_tensor_slices`` of the pre-decoded arrays
-    (``cache() → shuffle(N) → batch → prefetch``, autotune off): same images, same batch size, same shuffling,
-    the only difference is reading and decoding the files. A third contender, ``pipeline-noAT``, is
-    ``make_dataset`` with ``tf.data.Options().autotune.enabled = False``: with autotune on, TF 2.21 sometimes
-    stalls when an iterator is deleted (until the autotune thread's next wake-up; wake-ups come (2^k - 1)·10 ms
-    after the iterator's creation), and Keras deletes the train iterator at every epoch. Run for a small model (the point
-    is the pipeline: a fast model exposes it) and for the default model of params.yaml.
-    Target: pipeline / memory >= 0.9. Also printed: the pipelines alone (one pass without a model), images/s.
-
-(c) **input pipeline at full size** — as (b), at ``--c-size`` (224, AI Hub's crop size) gray: ``--c-n-images``
-    PNGs (512; the same smooth random "faces", ~30 KB each like real 224-px kfer crops), the small model
-    (``--c-models default`` for the params.yaml model, on ``--c-n-images-default`` PNGs: ResNet50 at 224 px
-    trains at ~1 img/s on 2 cores). Two contenders: ``make_dataset`` (files; ``train.decode_workers`` parallel
-    read + decode calls, ``--decode-workers`` to override params.yaml's ``auto``) and the same images decoded in
-    memory with the same shuffle; the script first checks that both give the same batches (first epoch, pixel
-    for pixel). Target: pipeline / memory >= 0.95 (PASS/FAIL).
-
-(d) **tuning input pipeline (on-the-fly augmentation)** — at ``--d-size`` (224) gray, ``--d-n-images`` (512) PNGs
-    written where the crop stage writes them, a ``splits.csv`` (all train) and the ``augment`` stage run on them
-    (``kfer.data.augment.run_augment``, ``augment.copies`` copies each, params.yaml's). One pass (1 epoch, no model) of
-    ``make_dataset(params, trial_table(params), training=True, augment=OnTheFlyAugment(params, trial, strength),
-    pixels=decoded_images(params, trial))`` (as a tuning trial: the train split decoded once per study) and the
-    same decoding each row's PNG (``on-the-fly-png``, ``tune.pixel_cache: false``) against
-    ``make_dataset(params, train_table(params), training=True)`` (the stage's manifest, as ``kfer train``): the
-    same rows, order and batches; the script first checks the bytes (first epoch, pixel for pixel). A fourth
-    contender, ``identity-fn``, maps a numpy function that returns its input (the ``tf.numpy_function``
-    overhead). Printed: img/s and CPU ms per row of each, ``augment_image``'s
-    single-thread µs per image split into its steps (generator, draws, the H×W quantized standard-normal field,
-    ``cv2.warpAffine``, noise + renormalization), its speed from 1 vs ``decode_workers`` Python threads (the GIL
-    test) and the CPU bound on the ratio. Target: on-the-fly / files >= 0.8 (PASS/FAIL).
+(c) **input pipeline** — at ``--c-size`` (224, AI Hub's crop size) gray: ``--c-n-images`` PNGs (512 smooth random
+    "faces", ~30 KB each like real 224-px kfer crops) and a table (path, label) in a temporary project (the
+    repository's params.yaml with overrides), a model trained fed by ``kfer.training.inputs.make_dataset(params,
+    table, training=True)`` (files: shuffle, ``train.decode_workers`` parallel read + PNG decode calls, batch,
+    prefetch; ``--decode-workers`` overrides params.yaml's ``auto``) and by the same images decoded in memory
+    with the same shuffle (``from_tensor_slices → cache → shuffle → batch → prefetch``); the script first checks
+    that both give the same batches (first epoch, pixel for pixel). The small model (``--small-blocks``,
+    ``--small-width``: a fast model exposes the pipeline), ``--c-models default`` for the params.yaml model (on
+    ``--c-n-images-default`` PNGs: ResNet50 at 224 px trains at ~1 img/s on 2 cores). Also the pipelines alone
+    (one pass without a model). Target: pipeline / memory >= 0.95 (PASS/FAIL).
 
 (e) **the real-faces recipe's input path vs in-memory tensors, training** — at each of ``--e-sizes`` (48, the
-    recipe's crop, and 224, AI Hub's), the recipe's model and settings (``recipes/real-faces.yaml``:
-    compact stem, blocks [2, 2, 2], width 16, fresh augmentation, ``augment.copies`` and ``strength``, batch 64,
-    AdamW, class weights) trained on ``--e-n-images`` crops at 48 px (scaled by (48/S)² at other sizes, at least
-    128) fed the way ``kfer train`` feeds it (``augmentation`` → ``decoded_pixels`` → ``make_dataset(...,
+    recipe's crop, and 224, AI Hub's), the recipe's model and settings (``recipes/real-faces.yaml``: compact
+    stem, blocks [2, 2, 2], width 16, fresh augmentation, ``augment.copies`` and ``strength``, batch 64, AdamW,
+    class weights) trained on ``--e-n-images`` crops at 48 px (scaled by (48/S)² at other sizes, at least 128)
+    fed the way ``kfer train`` feeds it (``augmentation`` → ``decoded_pixels`` → ``make_dataset(...,
     augment=OnTheFlyAugment, pixels=store)``: the crops decoded once into ``paths.pixel_store``, new copies drawn
-    every epoch) against the same number of rows as float32 tensors in memory (``from_tensor_slices`` → cache →
-    shuffle → batch, nothing decoded or augmented). ``--e-epochs`` epochs per timed fit. Target: recipe / memory
-    >= 0.9 at every size (PASS/FAIL).
+    every epoch) against the same number of rows as float32 tensors in memory (nothing decoded or augmented).
+    ``--e-epochs`` epochs per timed fit. Target: recipe / memory >= 0.9 at every size (PASS/FAIL).
 
 Every timed segment is repeated ``--rounds`` times, alternating the order of the contenders each round, after
 ``--warmup`` untimed steps per contender (tracing, first-call allocations); the median is reported. For every
 segment the CPU seconds used by *other* processes (``/proc/stat`` busy time minus this process' rusage) are
 printed: more than a few CPU-s means another job competed with the measurement; such a segment is discarded
 and re-run (``--max-other``, default 3 CPU-s; ``--tries``, default 3; before a retry it waits up to
-``max(--wait-idle, 60)`` s for a quiet machine).
-
-Usage (from the repository root)::
-
-    .venv/bin/python benchmarks/bench_train.py [--size 64] [--batch 32] [--steps 12] [--rounds 3]
-        [--parts a,b,c,d] [--n-images 1024] [--epochs-small 3] [--n-images-default 256] [--epochs-default 2]
-        [--small-blocks 1,1,1,1] [--small-width 16] [--c-size 224] [--c-n-images 512] [--c-models small]
-        [--c-n-images-default 64] [--c-epochs 1] [--d-size 224] [--d-n-images 512] [--d-breakdown 128]
-        [--e-sizes 48,224] [--e-n-images 2048] [--e-epochs 2]
-        [--decode-workers auto|N] [--no-op-determinism] [--threads INTRA,INTER] [--wait-idle S]
-        [--max-other CPU_S] [--tries N]
-
-``kfer.training.fit.fit`` enables TensorFlow op determinism; so does this script by default (``--no-op-determinism``
-to measure without it: it cannot be switched off again within a process).
+``max(--wait-idle, 60)`` s for a quiet machine). ``kfer.training.fit.fit`` enables TensorFlow op determinism; so
+does this script by default (``--no-op-determinism`` to measure without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -96,35 +57,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
-    Segment,
-    alternating,
-    cpu_model,
-    ints,
-    usable_cores,
-    wait_idle_cores,
-    write_params,
-)
+from harness import Segment, alternating, ints, machine_info, median, wait_idle_cores, write_params  # noqa: E402
 
 N_CLASSES = 7
-
-
-# --- machine info ---------------------------------------------------------------------------------------------
-def machine_info(tf, keras, args) -> None:
-    load = os.getloadavg()
-    print("== machine ==")
-    print(f"nproc (usable cores): {usable_cores()}   os.cpu_count: {os.cpu_count()}   CPU: {cpu_model() or '?'}")
-    print(f"python {platform.python_version()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
-          f"numpy {np.__version__}")
-    intra = tf.config.threading.get_intra_op_parallelism_threads()
-    inter = tf.config.threading.get_inter_op_parallelism_threads()
-    print(f"TF threads: intra_op {intra or 'default (0 = all cores)'}, inter_op {inter or 'default (0 = all cores)'}; "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: oneDNN on for x86)')}; "
-          f"GPUs: {len(tf.config.list_physical_devices('GPU'))}")
-    print(f"op determinism: {'on (as kfer.training.fit.fit)' if args.op_determinism else 'off'}")
-    print(f"load average (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-          + ("   WARNING: machine busy, timings unreliable" if load[0] > 0.5 else ""))
-    print()
+PARTS = "ace"
 
 
 # --- timing helpers -------------------------------------------------------------------------------------------
@@ -150,9 +86,8 @@ def no_autotune(tf, ds):
 
     Why: with autotune on, deleting an iterator sometimes (intermittently) waits for the autotune thread's next
     wake-up, and those come at exponentially growing intervals since the iterator was created (10 ms, 20 ms,
-    40 ms, ...). Keras makes
-    a new iterator every epoch of a finite dataset (and drops it at the end of every fit call), so the stall can
-    be as long as the epoch itself. See benchmarks/README.md.
+    40 ms, ...). Keras makes a new iterator every epoch of a finite dataset (and drops it at the end of every fit
+    call), so the stall can be as long as the epoch itself. See docs/performance.md.
     """
     opts = tf.data.Options()
     opts.autotune.enabled = False
@@ -198,15 +133,15 @@ def interleaved(contenders: dict, rounds: int, label: str) -> dict[str, list[dic
                 wait_idle_cores(RETRY["wait"])
             results[n].append(res)
             flag = "   <-- other processes busy" if res["other"] > max(2.0, 0.1 * res["wall"]) else ""
-            steps = (f"  median step {res['step_s']:.3f} s = {res['step_ips']:7.1f} img/s, "
-                     f"outside steps {res['before']:.2f} s before + {res['after']:.2f} s after" if "step_s" in res else "")
+            steps = (f"  median step {res['step_s']:.3f} s = {res['step_ips']:7.1f} img/s, outside steps "
+                     f"{res['before']:.2f} s before + {res['after']:.2f} s after" if "step_s" in res else "")
             print(f"  [{label}] round {r + 1} {n:>10}: {res['wall']:7.2f} s  {res['ips']:8.1f} img/s{steps}  "
                   f"own CPU {res['own']:6.1f} s  other CPU {res['other']:5.1f} s{flag}", flush=True)
     return results
 
 
 def _median(rs: list[dict], key: str = "ips") -> float:
-    return statistics.median(r[key] for r in rs)
+    return median(r[key] for r in rs)
 
 
 def _spread(rs: list[dict], key: str = "ips") -> str:
@@ -265,7 +200,7 @@ def part_a(args, tf, keras) -> dict:
     return out
 
 
-# --- (b) tf.data pipeline vs memory ----------------------------------------------------------------------------
+# --- (c) tf.data pipeline vs memory at full size -------------------------------------------------------------
 def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random grayscale images and labels: an 8×8 random grid upscaled (bicubic) plus gaussian noise
     (sigma 4), so that PNGs compress like face crops: ~3.1 KB at 64 px (the demo's 64-px crops: 2.0-2.5 KB),
@@ -283,18 +218,15 @@ def _fake_faces(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs, labels
 
 
-def fake_faces_project(root: Path, args, model_over: dict, n_images: int, size: int | None = None,
-                       under: str = "augmented") -> tuple:
+def fake_faces_project(root: Path, args, model_over: dict, n_images: int, size: int, under: str = "augmented"):
     """params.yaml (repo's + overrides) and N PNGs + table under root; returns (params, table, images, labels).
 
-    ``size`` defaults to ``--size``; ``--decode-workers`` (if given) sets ``train.decode_workers``. The PNGs go
-    to ``<paths.<under>>/train/<label>/`` (``under="cropped"``: where the crop stage writes, so that the augment
-    stage can run on them)."""
+    ``--decode-workers`` (if given) sets ``train.decode_workers``. The PNGs go to ``<paths.<under>>/train/<label>/``
+    (``under="cropped"``: where the crop stage writes, so that the augment stage can run on them)."""
     import pandas as pd
 
     from kfer import files
 
-    size = args.size if size is None else size
     train = {"batch_size": args.batch, "epochs": 1}
     if args.decode_workers is not None:
         train["decode_workers"] = args.decode_workers
@@ -354,48 +286,6 @@ def _race_feeds(feeds, params, table, args, epochs, n, B, steps, label):
     return alone, res, med
 
 
-def part_b(args, tf, keras, root: Path, variant: str) -> dict:
-    from kfer.training.inputs import make_dataset
-
-    if variant == "small":
-        model_over = {"blocks": args.small_blocks, "base_width": args.small_width}
-        epochs, n_images = args.epochs_small, args.n_images
-    else:
-        model_over = {}
-        epochs, n_images = args.epochs_default, args.n_images_default
-    params, table, imgs, labels = fake_faces_project(root, args, model_over, n_images)
-    m = params.model
-    n, B = len(table), params.train.batch_size
-    steps = -(-n // B)
-    png_bytes = [params.path(p).stat().st_size for p in table["path"]]
-    print(f"== (b) input pipeline vs memory — {variant} model ==")
-    print(f"settings: {n} PNGs {params.crop.image_size}x{params.crop.image_size} gray (mean {np.mean(png_bytes):.0f} "
-          f"bytes) in {root}; params {root / 'params.yaml'}; model blocks {list(m.blocks)} width {m.base_width} "
-          f"head {m.head_units} init {m.kernel_initializer}; batch {B} ({steps} steps/epoch), "
-          f"shuffle over the whole table, class weights {'on' if args.class_weights else 'off'}, "
-          f"kfer compile_model (Adam {params.train.learning_rate}, CE, accuracy, MacroF1); "
-          f"{epochs} epoch(s) = {epochs * n} images per timed fit (model.fit(ds, epochs={epochs}) as run_train), "
-          f"{args.rounds} alternating rounds")
-    print("  contenders: pipeline = kfer.training.inputs.make_dataset(params, table, training=True) as is; "
-          "pipeline-noAT = the same with tf.data autotune off (Options.autotune.enabled=False); "
-          "memory = from_tensor_slices(decoded arrays).cache().shuffle(N).batch().prefetch(AUTOTUNE), autotune off")
-
-    ds_pipe = make_dataset(params, table, training=True)
-    ds_fix = no_autotune(tf, make_dataset(params, table, training=True))
-    ds_mem = _memory_dataset(tf, imgs, labels, B, params.seed)
-    assert ds_pipe.element_spec[0].shape.as_list()[1:] == list(ds_mem.element_spec[0].shape)[1:]
-    feeds = {"pipeline": ds_pipe, "pipeline-noAT": ds_fix, "memory": ds_mem}
-
-    alone, res, med = _race_feeds(feeds, params, table, args, epochs, n, B, steps, f"b/{variant}")
-    ratio, ratio_fix = med["pipeline"] / med["memory"], med["pipeline-noAT"] / med["memory"]
-    print(f"  pipeline/memory = {ratio:.3f} (target >= 0.9: {'MET' if ratio >= 0.9 else 'NOT met'}); "
-          f"pipeline-noAT/memory = {ratio_fix:.3f} ({'MET' if ratio_fix >= 0.9 else 'NOT met'})")
-    print()
-    return {"pipeline": med["pipeline"], "fix": med["pipeline-noAT"], "memory": med["memory"], "ratio": ratio,
-            "ratio_fix": ratio_fix, "alone": alone, "res": res, "epochs": epochs}
-
-
-# --- (c) tf.data pipeline vs memory at full size (224 px) ------------------------------------------------------
 def _memory_dataset(tf, imgs: np.ndarray, labels: np.ndarray, batch: int, seed: int):
     """The decoded images as make_dataset yields them (float32 (B, S, S, 1), one-hot), same shuffle: the global
     seed and the op seed are set as make_dataset sets them, over a buffer of the whole table, so the k-th epoch
@@ -453,167 +343,6 @@ def part_c(args, tf, keras, root: Path, variant: str) -> dict:
     return {"pipeline": med["pipeline"], "memory": med["memory"], "ratio": ratio, "ratio_step": ratio_step,
             "alone": {k: _median(v) for k, v in alone.items()}, "res": res, "same": same, "workers": workers,
             "n": n, "epochs": epochs, "png_kb": float(png_kb.mean())}
-
-
-# --- (d) on-the-fly augmentation (tuning) vs pre-augmented files at 224 px ----------------------------------------
-def _augment_breakdown(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies: int, strength: float) -> dict:
-    """Single-thread µs per augmented image at this size: ``augment_image`` whole, and its steps timed one by
-    one as it runs them (generator, warp draws + sigma, the H×W standard-normal field, the warp, the noise and
-    renormalization). Every (image, copy 1..copies) once, after one untimed pass."""
-    from kfer.data import augment as A
-
-    work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
-    h, w = imgs.shape[1:3]
-    steps = dict.fromkeys(("rng_for", "draws", "normal", "warp", "noise"), 0.0)
-    for timed in (False, True):
-        t_whole = time.perf_counter()
-        for img, key, k in work:
-            A.augment_image(img, A.rng_for(seed, key, k), cfg, strength)
-        t_whole = time.perf_counter() - t_whole
-        for img, key, k in work:
-            t0 = time.perf_counter()
-            rng = A.rng_for(seed, key, k)
-            t1 = time.perf_counter()
-            p = A.sample_warp(rng, h, w, cfg, strength)
-            sigma = float(rng.uniform(cfg.noise_sigma[0], cfg.noise_sigma[1])) * strength
-            t2 = time.perf_counter()
-            z = A.standard_normal_field(rng, (h, w))
-            t3 = time.perf_counter()
-            out = A._warp(img, p, cfg.fill_mode)
-            t4 = time.perf_counter()
-            A._add_noise(out, sigma, z, overwrite=True)  # as augment_image calls it
-            t5 = time.perf_counter()
-            if timed:
-                for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                    steps[name] += dt
-    n = len(work)
-    return {"whole": 1e6 * t_whole / n, **{k: 1e6 * v / n for k, v in steps.items()}, "n": n}
-
-
-def _gil_scaling(cfg, seed: int, keys: list[str], imgs: np.ndarray, copies: int, strength: float,
-                 threads: int) -> tuple[float, float]:
-    """augment_image images/s from 1 Python thread and from ``threads`` threads (the same work split between
-    them): if the GIL serialized it, more threads would not go faster. One thread is timed before and after the
-    threads (the faster of the two is kept: a warm-up or a slower clock would flatter the threads)."""
-    import threading
-
-    from kfer.data.augment import augment_image, rng_for
-
-    work = [(img, key, k) for img, key in zip(imgs, keys, strict=True) for k in range(1, copies + 1)]
-
-    def run(part):
-        for img, key, k in part:
-            augment_image(img, rng_for(seed, key, k), cfg, strength)
-
-    out = []
-    for t in (1, threads, 1):
-        pool = [threading.Thread(target=run, args=(work[i::t],)) for i in range(t)]
-        t0 = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        out.append(len(work) / (time.perf_counter() - t0))
-    return max(out[0], out[2]), out[1]
-
-
-def part_d(args, tf, root: Path) -> dict:
-    """The tuning input pipeline (on-the-fly augmentation) vs the training one (files the augment stage wrote),
-    one pass each, no model."""
-    from kfer import files
-    from kfer.data.augment import OnTheFlyAugment, run_augment
-    from kfer.data.pixels import decoded_images
-    from kfer.training.inputs import decode_workers, make_dataset, train_table
-    from kfer.training.tune.data import trial_table
-
-    S = args.d_size
-    params, table, imgs, labels = fake_faces_project(root, args, {}, args.d_n_images, size=S, under="cropped")
-    cfg = params.augment
-    strength = float(cfg.strength)
-    splits = table.assign(group=[f"p{i % 20:02d}" for i in range(len(table))], split="train")
-    splits.to_csv(params.path(params.paths.splits), index=False)  # what the split stage would write
-    with Segment() as s_aug:
-        run_augment(params)
-    trial = trial_table(params)  # cropped rows × (1 + copies), as a tuning trial reads them
-    stage = train_table(params)  # the augment stage's manifest: the same rows, files
-    n, B, workers = len(trial), params.train.batch_size, decode_workers(params)
-    assert len(stage) == n and list(stage["label"]) == list(trial["label"])
-    fn = OnTheFlyAugment(params, trial, strength)
-    with Segment() as s_store:
-        pixels = decoded_images(params, trial)  # what a study builds once (tune.pixel_cache)
-    print(f"== (d) tuning input pipeline (on-the-fly augmentation) vs pre-augmented files at {S} px ==")
-    print(f"settings: {len(table)} PNGs {S}x{S} gray in {root}, augment.copies {cfg.copies} at strength {strength:g} "
-          f"= {n} rows per pass; the augment stage wrote the {len(table) * cfg.copies} copies in {s_aug.wall:.1f} s; "
-          f"train.decode_workers {params.train.decode_workers!r} = {workers} parallel call(s) per map; batch {B}; "
-          f"one pass (1 epoch) of make_dataset(training=True), no model, {args.rounds} alternating rounds; the "
-          f"study decoded the {len(table)} train images once into {pixels[0].filename} in {s_store.wall:.2f} s")
-    print("  contenders: on-the-fly = make_dataset(params, trial_table(params), training=True, augment="
-          "OnTheFlyAugment(params, trial, strength), pixels=decoded_images(params, trial)) (as a tuning trial "
-          "with tune.pixel_cache: true, the default); on-the-fly-png = the same decoding each row's PNG "
-          "(tune.pixel_cache: false); files = make_dataset(params, train_table(params), training=True) (the "
-          "augment stage's manifest, as kfer train); identity-fn = on-the-fly-png's pipeline with a numpy "
-          "function that returns its input (the tf.numpy_function overhead, one call per batch)")
-
-    feeds = {"on-the-fly": make_dataset(params, trial, training=True, augment=fn, pixels=pixels),
-             "on-the-fly-png": make_dataset(params, trial, training=True, augment=fn),
-             "files": make_dataset(params, stage, training=True)}
-    same = {k: all(np.array_equal(xa.numpy(), xb.numpy()) and np.array_equal(ya.numpy(), yb.numpy())
-                   for (xa, ya), (xb, yb) in zip(feeds[k], feeds["files"], strict=True))
-            for k in ("on-the-fly", "on-the-fly-png")}
-    print("  same batches as the augment stage's files (first epoch, pixel for pixel): "
-          + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))
-    same = all(same.values())
-
-    def identity(image, index, epoch):
-        return image
-
-    feeds["identity-fn"] = make_dataset(params, trial, training=True, augment=identity)
-
-    def iterate(ds):
-        with Segment() as s:
-            k = sum(int(xb.shape[0]) for xb, _ in ds)
-        assert k == n
-        return {"wall": s.wall, "ips": k / s.wall, "own": s.own, "other": s.other}
-
-    for ds in feeds.values():
-        iterate(ds)  # warm (file cache, tracing)
-    res = interleaved({k: (lambda ds=ds: iterate(ds)) for k, ds in feeds.items()}, args.rounds, "d 1 pass")
-    med = {k: _median(v) for k, v in res.items()}
-    cpu = {k: 1e3 * statistics.median(r["own"] for r in v) / n for k, v in res.items()}  # ms of CPU per row
-    ratio = med["on-the-fly"] / med["files"]
-
-    keys = list(table["path"])
-    k_sample = min(len(keys), args.d_breakdown)
-    sample = np.stack([files.read_image_gray(params.path(p)) for p in keys[:k_sample]])
-    cost = _augment_breakdown(cfg, params.seed, keys[:k_sample], sample, cfg.copies, strength)
-    one, many = _gil_scaling(cfg, params.seed, keys[:k_sample], sample, cfg.copies, strength, workers)
-    cores = {k: statistics.median(r["own"] / r["wall"] for r in v) for k, v in res.items()}
-    aug_share = cfg.copies / (cfg.copies + 1)
-    # on-the-fly-png does the files pipeline's work per row plus augment_image on `aug_share` of the rows: on
-    # the same cores its speed is at most files' × this (CPU-bound: both keep the cores busy); on-the-fly reads
-    # decoded pixels instead, so the bound does not hold for it
-    bound = cpu["files"] / (cpu["files"] + aug_share * cost["whole"] / 1e3)
-    bound_normal = cpu["files"] / (cpu["files"] + aug_share * cost["normal"] / 1e3)
-    print("  one pass, median img/s: " + ", ".join(f"{k} {med[k]:.0f} (range {_spread(res[k])})" for k in feeds))
-    print("  CPU per row (this process, all threads): " + ", ".join(f"{k} {cpu[k]:.3f} ms" for k in feeds)
-          + f"; tf.numpy_function overhead {cpu['identity-fn'] - cpu['files']:+.3f} ms/row; cores busy: "
-          + ", ".join(f"{k} {cores[k]:.2f}" for k in feeds))
-    print(f"  augment_image at {S} px, one thread, {cost['n']} images: {cost['whole']:.0f} µs/image = "
-          + " + ".join(f"{k} {cost[k]:.0f}" for k in ("rng_for", "draws", "normal", "warp", "noise"))
-          + " µs (normal: augment.standard_normal_field, 16 random bits a pixel looked up in a 65536-level normal "
-          "table; warp: cv2.warpAffine + flip; noise: float32 add, min-max renormalize, round)")
-    print(f"  GIL: augment_image {one:.0f} img/s from 1 Python thread, {many:.0f} img/s from {workers} "
-          f"({many / one:.2f}x; numpy's normal fill, its ufuncs and cv2 release the GIL)")
-    print(f"  CPU bound of on-the-fly-png: {aug_share:.2f} of the rows are augmented; the files pipeline's CPU "
-          f"per row plus augment_image's gives on-the-fly-png/files <= {bound:.2f} when both keep the same cores "
-          f"busy (measured {med['on-the-fly-png'] / med['files']:.3f}); the normal field alone <= "
-          f"{bound_normal:.2f}. on-the-fly decodes each image once per study, not 1 + copies times an epoch")
-    print(f"  on-the-fly/files = {ratio:.3f} (target >= 0.8: {'PASS' if ratio >= 0.8 else 'FAIL'}); "
-          f"same bytes as the augment stage: {'yes' if same else 'NO'}")
-    print()
-    return {"ips": med, "ratio": ratio, "cpu": cpu, "cost": cost, "gil": (one, many), "bound": bound,
-            "bound_normal": bound_normal, "cores": cores, "store_s": s_store.wall,
-            "same": same, "res": res, "n": n, "workers": workers}
 
 
 # --- (e) the recipe's input path (kfer train, fresh augmentation from the decoded store) vs memory, training ------
@@ -694,39 +423,28 @@ def _workers(text: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b,c,d,e",
-                    help="any of a, b, c, d, e, comma-separated (default a,b,c,d,e; 'abcde' too)")
-    ap.add_argument("--size", type=int, default=64, help="image side S (default 64)")
-    ap.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    ap.add_argument("--parts", default="a,c,e", help="any of a, c, e, comma-separated (default a,c,e; 'ace' too)")
+    ap.add_argument("--size", type=int, default=64, help="(a) image side S (default 64)")
+    ap.add_argument("--batch", type=int, default=32, help="(a, c) batch size (default 32)")
     ap.add_argument("--steps", type=int, default=12, help="(a) timed steps per round (default 12)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per contender (default 2)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds, median reported (default 3)")
     ap.add_argument("--metrics", action="store_true", help="(a) compile both with an accuracy metric too")
-    ap.add_argument("--n-images", type=int, default=1024, help="(b) number of PNGs, small model (default 1024)")
-    ap.add_argument("--b-models", default="small,default", help="(b) small, default or small,default")
-    ap.add_argument("--epochs-small", type=int, default=3, help="(b) epochs per timed fit, small model")
-    ap.add_argument("--n-images-default", type=int, default=256, help="(b) number of PNGs, default model (256)")
-    ap.add_argument("--epochs-default", type=int, default=2, help="(b) epochs per timed fit, default model")
-    ap.add_argument("--small-blocks", type=ints, default=[1, 1, 1, 1], help="(b, c) small model blocks (1,1,1,1)")
-    ap.add_argument("--small-width", type=int, default=16, help="(b, c) small model base width (16)")
+    ap.add_argument("--small-blocks", type=ints, default=[1, 1, 1, 1], help="(c) small model blocks (1,1,1,1)")
+    ap.add_argument("--small-width", type=int, default=16, help="(c) small model base width (16)")
     ap.add_argument("--c-size", type=int, default=224, help="(c) image side (default 224, AI Hub's)")
     ap.add_argument("--c-n-images", type=int, default=512, help="(c) number of PNGs, small model (default 512)")
     ap.add_argument("--c-models", default="small", help="(c) small, default or small,default (default small)")
     ap.add_argument("--c-n-images-default", type=int, default=64, help="(c) number of PNGs, default model (64)")
     ap.add_argument("--c-epochs", type=int, default=1, help="(c) epochs per timed fit (default 1)")
-    ap.add_argument("--d-size", type=int, default=224, help="(d) image side (default 224)")
-    ap.add_argument("--d-n-images", type=int, default=512,
-                    help="(d) number of PNGs; each pass reads them with augment.copies copies (default 512)")
-    ap.add_argument("--d-breakdown", type=int, default=128,
-                    help="(d) images (x augment.copies) timed one by one for the cost breakdown (default 128)")
     ap.add_argument("--e-sizes", type=ints, default=[48, 224], help="(e) image sides (default 48,224)")
     ap.add_argument("--e-n-images", type=int, default=2048,
                     help="(e) crops at 48 px, scaled by (48/S)^2 at other sizes, at least 128 (default 2048)")
     ap.add_argument("--e-epochs", type=int, default=2, help="(e) epochs per timed fit (default 2)")
     ap.add_argument("--decode-workers", type=_workers, default=None,
-                    help="(b, c, d) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
+                    help="(c) train.decode_workers: an integer >= 1 or auto (default: params.yaml's)")
     ap.add_argument("--no-class-weights", dest="class_weights", action="store_false",
-                    help="(b) fit without class_weight (run_train passes it by default)")
+                    help="(c) fit without class_weight (run_train passes it by default)")
     ap.add_argument("--no-op-determinism", dest="op_determinism", action="store_false")
     ap.add_argument("--threads", default=None, help="INTRA,INTER TensorFlow thread pools (default: TF's)")
     ap.add_argument("--wait-idle", type=float, default=0.0,
@@ -735,11 +453,12 @@ def main(argv=None) -> int:
                     help="discard and re-run a timed segment during which other processes used more CPU-s (3)")
     ap.add_argument("--tries", type=int, default=3, help="attempts per timed segment (default 3)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (b, c)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder of (c, e)")
     args = ap.parse_args(argv)
-    parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,b,c", "abc", "c", ...
-    if not parts or parts - set("abcde"):
-        ap.error(f"--parts: expected a, b, c, d and/or e, got {args.parts!r}")
+    parts = set(args.parts.replace(",", "").replace(" ", ""))  # "a,c", "ac", "c", ...
+    if not parts or parts - set(PARTS):
+        ap.error(f"--parts: expected a, c and/or e, got {args.parts!r} (parts b and d were removed: their runs "
+                 "are in docs/performance.md)")
 
     import tensorflow as tf
 
@@ -752,27 +471,26 @@ def main(argv=None) -> int:
     keras.mixed_precision.set_global_policy("float32")
     if args.op_determinism:
         tf.config.experimental.enable_op_determinism()
-    machine_info(tf, keras, args)
+    for ln in machine_info():
+        print(ln)
+    threads = [tf.config.threading.get_intra_op_parallelism_threads(),
+               tf.config.threading.get_inter_op_parallelism_threads()]
+    print(f"tensorflow   : threads intra_op {threads[0] or 'all cores'}, inter_op {threads[1] or 'all cores'}; "
+          f"GPUs {len(tf.config.list_physical_devices('GPU'))}; op determinism "
+          f"{'on (as kfer.training.fit.fit)' if args.op_determinism else 'off'}\n")
     RETRY.update(max_other=args.max_other, tries=max(1, args.tries), wait=max(args.wait_idle, 60.0))
     wait_idle_cores(args.wait_idle)
 
     t0 = time.perf_counter()
     a = part_a(args, tf, keras) if "a" in parts else None
-    b: dict[str, dict] = {}
     c: dict[str, dict] = {}
-    d: dict | None = None
     e: dict[int, dict] = {}
-    if parts & {"b", "c", "d", "e"}:
+    if parts & {"c", "e"}:
         tmp = Path(tempfile.mkdtemp(prefix="kfer-bench-train-"))
         try:
-            if "b" in parts:
-                for variant in [v.strip() for v in args.b_models.split(",") if v.strip()]:
-                    b[variant] = part_b(args, tf, keras, tmp / variant, variant)
             if "c" in parts:
                 for variant in [v.strip() for v in args.c_models.split(",") if v.strip()]:
                     c[variant] = part_c(args, tf, keras, tmp / f"c-{variant}", variant)
-            if "d" in parts:
-                d = part_d(args, tf, tmp / "d")
             if "e" in parts:
                 for size in args.e_sizes:
                     e[size] = part_e(args, tf, keras, tmp / f"e-{size}", size)
@@ -786,50 +504,27 @@ def main(argv=None) -> int:
     print(f"S={args.size} (c: {args.c_size}) batch={args.batch} rounds={args.rounds} "
           f"op_determinism={args.op_determinism} decode_workers={args.decode_workers or 'params.yaml'} "
           f"nproc={len(os.sched_getaffinity(0))} TF {tf.__version__}")
-    all_other = []
+    segments = [rs for r in ([a] if a else []) + [*c.values(), *e.values()] for rs in r["res"].values()]
     if a:
-        all_other += [r["other"] for rs in a["res"].values() for r in rs]
-        print(f"(a) train, ours ResNet50       {a['ours']:8.1f}   keras ResNet50   {a['keras']:8.1f}   "
-              f"ours/keras      {a['ratio']:.3f}  target >= 0.95 {'MET' if a['ratio'] >= 0.95 else 'NOT met'}"
-              "   (whole fit calls)")
-        print(f"(a) train, ours ResNet50       {a['ours_step']:8.1f}   keras ResNet50   {a['keras_step']:8.1f}   "
-              f"ours/keras      {a['ratio_step']:.3f}  target >= 0.95 "
-              f"{'MET' if a['ratio_step'] >= 0.95 else 'NOT met'}   (median step)")
-    for variant, r in b.items():
-        all_other += [x["other"] for rs in r["res"].values() for x in rs]
-        print(f"(b) train, {variant:>7} model: pipeline {r['pipeline']:8.1f}   memory {r['memory']:8.1f}   "
-              f"pipeline/memory {r['ratio']:.3f}  target >= 0.9  {'MET' if r['ratio'] >= 0.9 else 'NOT met'}")
-        print(f"(b) train, {variant:>7} model: pipeline-noAT {r['fix']:8.1f}   memory {r['memory']:8.1f}   "
-              f"pipeline-noAT/memory {r['ratio_fix']:.3f}  {'MET' if r['ratio_fix'] >= 0.9 else 'NOT met'}"
-              "   (autotune off: proposed fix)")
+        for what, key in (("whole fit calls", ""), ("median step", "_step")):
+            ratio = a[f"ratio{key}"]
+            print(f"(a) train, ours ResNet50 {a[f'ours{key}']:8.1f}   keras ResNet50 {a[f'keras{key}']:8.1f}   "
+                  f"ours/keras {ratio:.3f}  target >= 0.95 {'MET' if ratio >= 0.95 else 'NOT met'}   ({what})")
     for variant, r in c.items():
-        all_other += [x["other"] for rs in r["res"].values() for x in rs]
         print(f"(c) train {args.c_size} px, {variant:>7} model: pipeline {r['pipeline']:8.1f}   memory "
               f"{r['memory']:8.1f}   pipeline/memory {r['ratio']:.3f} (median step {r['ratio_step']:.3f})  "
               f"target >= 0.95  {'PASS' if r['ratio'] >= 0.95 else 'FAIL'}   decode_workers {r['workers']}, "
               f"same batches {'yes' if r['same'] else 'NO'}; no model: pipeline {r['alone']['pipeline']:.0f}, "
               f"memory {r['alone']['memory']:.0f} img/s")
-    if d:
-        all_other += [x["other"] for rs in d["res"].values() for x in rs]
-        ips, cost = d["ips"], d["cost"]
-        print(f"(d) 1 pass {args.d_size} px, no model: on-the-fly {ips['on-the-fly']:8.1f}   files "
-              f"{ips['files']:8.1f}   on-the-fly/files {d['ratio']:.3f}  target >= 0.8  "
-              f"{'PASS' if d['ratio'] >= 0.8 else 'FAIL'}   (on-the-fly-png {ips['on-the-fly-png']:.1f} = "
-              f"{ips['on-the-fly-png'] / ips['files']:.3f}, CPU bound {d['bound']:.2f}; normal field alone "
-              f"{d['bound_normal']:.2f}; same bytes "
-              f"{'yes' if d['same'] else 'NO'}; augment_image {cost['whole']:.0f} µs/image, of which normal "
-              f"{cost['normal']:.0f}, warp {cost['warp']:.0f}, noise {cost['noise']:.0f}; CPU/row on-the-fly "
-              f"{d['cpu']['on-the-fly']:.3f} ms, files {d['cpu']['files']:.3f} ms)")
     for size, r in e.items():
-        all_other += [x["other"] for rs in r["res"].values() for x in rs]
         print(f"(e) train {size} px, the recipe: kfer train's input {r['ips']['recipe']:8.1f}   memory "
               f"{r['ips']['memory']:8.1f}   recipe/memory {r['ratio']:.3f}  target >= 0.9  "
               f"{'PASS' if r['ratio'] >= 0.9 else 'FAIL'}   ({r['n']} rows an epoch, store built in "
               f"{r['store_s']:.1f} s)")
-    if all_other:
-        print(f"other processes' CPU during timed segments: max {max(all_other):.1f} CPU-s, "
-              f"total {sum(all_other):.1f} CPU-s"
-              + ("  (WARNING: contention, timings unreliable)" if max(all_other) > 2.0 else "  (quiet)"))
+    other = [x["other"] for rs in segments for x in rs]
+    if other:
+        print(f"other processes' CPU during timed segments: max {max(other):.1f} CPU-s, total {sum(other):.1f} CPU-s"
+              + ("  (WARNING: contention, timings unreliable)" if max(other) > 2.0 else "  (quiet)"))
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -170,7 +170,7 @@ def sample_warp(rng: np.random.Generator, h: int, w: int, cfg: AugmentCfg, s: fl
 #: The gaussian noise is the standard normal quantized to this many equiprobable levels (16 random bits per
 #: pixel through :func:`normal_table`): |z| <= 4.33, variance 0.99998, kurtosis 2.9991. Drawing the field
 #: this way costs ~0.05 ms at 224 px against ~0.5 ms for ``Generator.standard_normal`` (float64 or float32
-#: ziggurat): the field was two thirds of an augmentation (``benchmarks/bench_train.py --parts d``).
+#: ziggurat): the field was two thirds of an augmentation (docs/performance.md, ``bench_train.py`` part d).
 NOISE_LEVELS = 1 << 16
 
 

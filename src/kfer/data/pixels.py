@@ -3,7 +3,7 @@ read pixels from instead of decoding a PNG per row per epoch.
 
 With ``train.fresh_augmentation`` (and in every tuning trial) each train image is read 1 + ``augment.copies``
 times an epoch, as itself and as each copy drawn on the fly. Decoding its PNG every time was 60% of that input
-pipeline's CPU at 224 px (benchmarks/bench_train.py part d); the images are decoded once per data into
+pipeline's CPU at 224 px (docs/performance.md, bench_train.py part d); the images are decoded once per data into
 ``paths.pixel_store``/<key>.npy instead, memory-mapped by every reader (the train stage, every trial and every
 tuning worker). Size: images × S² × channels bytes (AI Hub at 224 px gray: ~50 KB an image).
 Switched by ``train.pixel_cache`` and ``tune.pixel_cache``; the batches are the same bytes either way.

@@ -152,7 +152,7 @@ def make_dataset(
 
     def augment_batch(images, rows, e):
         # one Python call per batch, not per image: tf.numpy_function costs ~0.2 ms of CPU a call
-        # (benchmarks/bench_train.py part d, identity-fn)
+        # (docs/performance.md, bench_train.py part d, identity-fn)
         return np.stack([np.asarray(augment(img, row, e), dtype=np.uint8) for img, row in zip(images, rows)])
 
     def aug(img, label, idx, e):
@@ -206,8 +206,9 @@ def make_dataset(
     else:
         ds = one_pass(tf.data.Dataset.range(n), tf.constant(0, tf.int64))
     # tf.data's autotune thread costs this pipeline ~20% on 2 cores (iterator teardown waits for its wake-up
-    # every epoch; benchmarks/bench_train.py part b): autotune off, and the maps' parallelism is set explicitly
-    # (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without autotune.
+    # every epoch; docs/performance.md, bench_train.py part b): autotune off, and the maps' parallelism is set
+    # explicitly (train.decode_workers) rather than left to the static default AUTOTUNE falls back to without
+    # autotune.
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
