@@ -401,13 +401,13 @@ def medians(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def mean_sd(xs: Iterable[float | None]) -> str:
-    """``"0.701 ± 0.049"``: the mean and sample sd of the values that are not None (the value alone for one,
-    ``n/a`` for none)."""
+def mean_sd(xs: Iterable[float | None], spec: str = ".3f") -> str:
+    """``"0.701 ± 0.049"``: the mean and sample sd of the values that are not None, in ``spec`` (the value alone
+    for one, ``n/a`` for none)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+    return format(statistics.mean(xs), spec) + (f" ± {statistics.stdev(xs):{spec}}" if len(xs) > 1 else "")
 
 
 def paired(a: Iterable[float], b: Iterable[float]) -> str:

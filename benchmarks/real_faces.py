@@ -247,7 +247,7 @@ def parse(argv):
     ap.add_argument("--fer-train", choices=["train", "off"], default="train",
                     help="FER2013's Training faces: trained on with the other sources (default), or not used")
     ap.add_argument("--without", default="", help=f"sources to leave out, comma-separated ({', '.join(LINKS)}); "
-                    "e.g. tfeid for the public-faces model that benchmarks/finetune_tfeid.py starts from")
+                    "e.g. tfeid for the public-faces model that benchmarks/tfeid.py starts from")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default the recipe's)")
     ap.add_argument("--image-size", type=int, default=None, help="crop.image_size (default the recipe's 48)")
     ap.add_argument("--stem", choices=["imagenet", "compact"], default=None, help="model.stem")
