@@ -496,7 +496,8 @@ def main() -> int:
                 idle += " [DISTURBED: kept the least disturbed attempt]"
             ru = res["rusage"]
             print(f"run {rep + 1}/{args.repeat} {name:9s}: {res['n']} images ({res['n_ok']} ok) in {res['wall']:.2f} s "
-                  f"= {res['n'] / res['wall']:.1f} img/s end to end; steady {_fmt(steady_rate(res, args.warmup))} img/s; "
+                  f"= {res['n'] / res['wall']:.1f} img/s end to end; "
+                  f"steady {_fmt(steady_rate(res, args.warmup))} img/s; "
                   f"peak {res['peak_tree_rss_mib']:.0f} MiB in {res['peak_procs']} proc "
                   f"[{ru['self_maxrss_mib']:.0f} + {ru['children_maxrss_mib']:.0f} MiB]; "
                   f"cpu {res['tree_cpu_s']:.1f} s, other processes {res['other_cpu_s']:.1f} cpu-s{idle}", flush=True)
@@ -535,7 +536,8 @@ def _summary(runs: dict, args, cmp: dict, n_images: int) -> None:
         best = lambda rs: max(r["n"] / r["wall"] for r in rs)  # noqa: E731
         print(f"  {'end-to-end images/s, best run':38s} {best(seed):10.1f} {best(ours):10.1f} "
               f"{best(ours) / best(seed):8.2f}x")
-    row(f"steady images/s (after {'10%' if w is None else w} images)", lambda r: steady_rate(r, w), lambda r: steady_rate(r, w))
+    row(f"steady images/s (after {'10%' if w is None else w} images)", lambda r: steady_rate(r, w),
+        lambda r: steady_rate(r, w))
     row("wall s, total", lambda r: r["wall"], lambda r: r["wall"], ".2f", False)
     row("  s for imports (in the fresh process)", lambda r: r["t_imported"], lambda r: r["t_imported"], ".2f", False)
     row("  s from start to 1st image written", lambda r: r["stamps"][0] - r["t_start"],

@@ -98,6 +98,7 @@ from harness import (  # noqa: E402
     measure,
     remove_or_keep,
     run_quiet,
+    usable_cores,
     wait_idle,
     write_params,
 )
@@ -164,7 +165,7 @@ def generate_pool(pool: Path, n_chunks: int, classes, args, size) -> list[dict]:
     pool.mkdir(parents=True, exist_ok=True)
     missing = [c for c in range(n_chunks) if not (pool / f"chunk-{c:04d}.json").exists()]
     if missing:
-        workers = min(len(missing), len(os.sched_getaffinity(0)))
+        workers = min(len(missing), usable_cores())
         tasks = [{"pool": str(pool), "chunk": c, "classes": classes, "persons": args.chunk_persons,
                   "per_class": args.per_class, "size": size, "seed": args.seed, "grain": args.grain}
                  for c in missing]
@@ -389,7 +390,8 @@ def stages_report(results: list[dict], max_other: float) -> tuple[list[str], lis
                          + " / ".join(f"{v:.0f}" for v in cmd) + f"  ratio {cmd[-1] / cmd[0]:.2f} "
                          + ("PASS" if ok_c else "FAIL"))
             md.append(f"| {STEP_LABEL[name]}: the kfer command alone |" + " |" * (len(ns) + 1) + " "
-                      + " / ".join(f"{v:.0f}" for v in cmd) + f" | {cmd[-1] / cmd[0]:.2f} {'PASS' if ok_c else 'FAIL'} |")
+                      + " / ".join(f"{v:.0f}" for v in cmd)
+                      + f" | {cmd[-1] / cmd[0]:.2f} {'PASS' if ok_c else 'FAIL'} |")
     lines.append(f"  (per image: per raw photo; split per cropped face; augment per train image. Sizes "
                  f"{small['n']}..{large['n']} photos, {small['persons']}..{large['persons']} persons; "
                  f"ratio = @{large['n']} / @{small['n']})")
@@ -692,7 +694,7 @@ def main() -> int:
     temp = args.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="kfer-bench-scale-")) if temp else args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     t_start = time.perf_counter()
     print("== scale benchmark: data stages + DVC over N photos, log_input and train start-up at "
           f"{args.rows:,} rows ==")

