@@ -1,5 +1,6 @@
 """What the benchmarks share: folders, machine info, waiting for an idle machine, CPU accounting, a process tree's
-memory, running a measured command or a ``kfer`` command, writing a temporary kfer project, timing helpers.
+memory, running a measured command or a ``kfer`` command, writing a temporary kfer project, timing helpers, and the
+statistics of studies over paired seeds (mean ± sd, differences paired by seed).
 
 The benchmarks run as ``python benchmarks/X.py``, so this folder is on ``sys.path``. A script that is also
 imported (by a test, by another benchmark) puts its own folder first, then imports from here::
@@ -401,6 +402,13 @@ def medians(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def ints(text: str) -> list[int]:
+    """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+# --- studies over paired seeds --------------------------------------------------------------------------------
+
 def mean_sd(xs: Iterable[float | None], spec: str = ".3f") -> str:
     """``"0.701 ± 0.049"``: the mean and sample sd of the values that are not None, in ``spec`` (the value alone
     for one, ``n/a`` for none)."""
@@ -416,7 +424,3 @@ def paired(a: Iterable[float], b: Iterable[float]) -> str:
     d = [x - y for x, y in zip(a, b, strict=True)]
     return f"{statistics.mean(d):+.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")"
 
-
-def ints(text: str) -> list[int]:
-    """``"3,4,6,3"`` → ``[3, 4, 6, 3]`` (argparse type)."""
-    return [int(v) for v in text.split(",") if v.strip()]
