@@ -57,6 +57,7 @@ from harness import (  # noqa: E402
     remove_or_keep,
     shared_data,
     wait_idle,
+    wh,
     write_params,
 )
 
@@ -306,11 +307,10 @@ def aihub_main(args) -> int:
     from kfer.config import load_params
     from kfer.data.faces import FaceCropper, decode_image
 
-    w, sep, h = args.size.lower().partition("x")
-    if not (sep and w.isdigit() and h.isdigit()) or args.aihub < 1 or args.rounds < 1:
-        print("bench_crop: --size must be WxH, --aihub and --rounds at least 1", file=sys.stderr)
+    if args.aihub < 1 or args.rounds < 1:
+        print("bench_crop: --aihub and --rounds must be at least 1", file=sys.stderr)
         return 2
-    size = (int(w), int(h))
+    size = args.size
     cv2.setNumThreads(1)
     crop = load_params(REPO / "params.yaml").crop  # the repository's crop settings, then this benchmark's
     cropper = dataclasses.replace(FaceCropper.from_params(crop), size=args.image_size, margin=args.margin,
@@ -428,7 +428,7 @@ def main() -> int:
     aihub.add_argument("--aihub", type=int, nargs="?", const=60, default=None, metavar="N",
                        help="instead: N (default 60) synthetic phone-sized photos, full colour decode vs "
                             "FaceCropper.crop_bytes, one process")
-    aihub.add_argument("--size", default="3088x2208", metavar="WxH", help="--aihub photo size (upright)")
+    aihub.add_argument("--size", type=wh, default="3088x2208", metavar="WxH", help="--aihub photo size (upright)")
     aihub.add_argument("--rounds", type=int, default=3, help="--aihub: alternating timed rounds (median)")
     aihub.add_argument("--margin", type=float, default=0.1, help="--aihub: FaceCropper margin")
     aihub.add_argument("--grain", type=float, default=1.0,

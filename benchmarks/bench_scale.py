@@ -100,6 +100,7 @@ from harness import (  # noqa: E402
     run_quiet,
     usable_cores,
     wait_idle,
+    wh,
     write_params,
 )
 
@@ -638,13 +639,6 @@ def _sizes(text: str) -> list[int]:
     return out
 
 
-def _wh(text: str) -> tuple[int, int]:
-    w, sep, h = text.lower().partition("x")
-    if not (sep and w.isdigit() and h.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 1440x1083, got {text!r}")
-    return int(w), int(h)
-
-
 def _parts(text: str) -> list[str]:
     out = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in out if p not in PARTS]
@@ -660,7 +654,7 @@ def main() -> int:
                     help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     ap.add_argument("--sizes", type=_sizes, default="1000,5000,20000",
                     help="stages: photo counts N, rounded up to whole persons (default 1000,5000,20000)")
-    ap.add_argument("--size", dest="wh", type=_wh, default="1440x1083", metavar="WxH",
+    ap.add_argument("--size", dest="wh", type=wh, default="1440x1083", metavar="WxH",
                     help="stages: upright photo size (default 1440x1083, AI Hub's smallest; phones give 3088x2208)")
     ap.add_argument("--per-class", type=int, default=4, help="stages: photos per person and class (default 4)")
     ap.add_argument("--chunk-persons", type=int, default=12, help="stages: persons per generation task (default 12)")

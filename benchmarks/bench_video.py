@@ -42,7 +42,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, Segment, machine_info, medians  # noqa: E402
+from harness import REPO, Segment, machine_info, medians, wh  # noqa: E402
 
 
 def tiny_photo_model(params, folder: Path):
@@ -86,7 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--size", type=wh, default="640x480", metavar="WxH")
     ap.add_argument("--every", type=int, default=None, help="N (default round(fps / 5), as kfer predict)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--growth-seconds", type=float, default=3.0, help="clip length of the faces-per-frame runs")
@@ -98,7 +98,7 @@ def main() -> int:
     from kfer.demo.video import write_demo_video
     from kfer.serving.video import default_every
 
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = args.size
     params = load_params(REPO / "params.yaml")
     work = args.keep or Path(tempfile.mkdtemp(prefix="kfer-bench-video-"))
     work.mkdir(parents=True, exist_ok=True)

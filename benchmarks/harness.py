@@ -407,6 +407,16 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def wh(text: str) -> tuple[int, int]:
+    """``"1440x1083"`` → ``(1440, 1083)`` (argparse type: width x height)."""
+    import argparse
+
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 1440x1083, got {text!r}")
+    return int(w), int(h)
+
+
 # --- studies over paired seeds --------------------------------------------------------------------------------
 
 def mean_sd(xs: Iterable[float | None], spec: str = ".3f") -> str:
