@@ -346,7 +346,7 @@ def write_project(root: Path, *layers: dict | Callable[[dict], dict], links: dic
     """
     import yaml
 
-    from kfer.config import _deep_merge
+    from kfer.config import deep_merge
 
     root.mkdir(parents=True, exist_ok=True)
     if dvc:
@@ -368,7 +368,7 @@ def write_project(root: Path, *layers: dict | Callable[[dict], dict], links: dic
         dest.symlink_to(target, target_is_directory=Path(target).is_dir())
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     for layer in layers:
-        params = layer(params) if callable(layer) else _deep_merge(params, layer)
+        params = layer(params) if callable(layer) else deep_merge(params, layer)
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return params
 

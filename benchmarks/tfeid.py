@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_faces as rf  # noqa: E402 - the recipe, the project writer and the scorer, one home
 from harness import in_project_dir, ints, kfer, mean_sd, paired, write_project  # noqa: E402
 
-from kfer.config import _deep_merge  # noqa: E402
+from kfer.config import deep_merge  # noqa: E402
 
 SOURCE = "tfeid"
 PUBLIC = "public model, no TFEID training"
@@ -113,7 +113,7 @@ def tfeid_project(root: Path, args, over: dict | None = None) -> tuple[dict, lis
     """The TFEID project (the recipe, ``over``, then the flags), the public model copied to models/init/ (a
     ``paths.init_models`` file) unless ``--scratch``. Returns the params and the ``--set`` that trains from it."""
     ns = argparse.Namespace(fer_train="off", without=[s for s in rf.LINKS if s != SOURCE],
-                            overrides=_deep_merge(over or {}, args.overrides))
+                            overrides=deep_merge(over or {}, args.overrides))
     params = rf.make_project(root, ns)
     if args.public is None or getattr(args, "scratch", False):
         return params, []

@@ -40,11 +40,11 @@ def write_params(root: Path, *overrides: dict | None):
 
     Every path in it resolves under ``root``.
     """
-    from kfer.config import _deep_merge, load_params
+    from kfer.config import deep_merge, load_params
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     for over in overrides:
-        raw = _deep_merge(raw, over or {})
+        raw = deep_merge(raw, over or {})
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return load_params(root / "params.yaml")

@@ -49,7 +49,7 @@ def _overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
     order into one nested dict."""
     import yaml
 
-    from kfer.config import _deep_merge
+    from kfer.config import deep_merge
 
     out: dict = {}
     for path in layers:
@@ -60,8 +60,8 @@ def _overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
         if not isinstance(layer, dict):
             raise click.BadParameter(f"{path}: expected a mapping of params keys (crop:, train:, ...)",
                                      param_hint="--merge")
-        out = _deep_merge(out, layer)
-    return _deep_merge(out, _parse_sets(sets))
+        out = deep_merge(out, layer)
+    return deep_merge(out, _parse_sets(sets))
 
 
 class _OneLine(click.ClickException):

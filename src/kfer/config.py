@@ -405,7 +405,7 @@ class Params(_Strict):
 
     def updated(self, over: dict) -> Params:
         """A validated copy with the nested dict ``over`` merged in (same root)."""
-        new = Params.model_validate(_deep_merge(self.model_dump(mode="json"), over))
+        new = Params.model_validate(deep_merge(self.model_dump(mode="json"), over))
         new._root = self.root
         return new
 
@@ -471,7 +471,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict | None = 
         raise UserError(f"invalid {p}: the file must be a mapping of keys (seed:, paths:, ...), "
                         f"not a {type(raw).__name__}")
     if overrides:
-        raw = _deep_merge(raw, overrides)
+        raw = deep_merge(raw, overrides)
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
@@ -480,11 +480,12 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict | None = 
     return params
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: mappings key by key, anything else (lists too) replaced."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out

@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from kfer.config import Params, _deep_merge  # noqa: E402
+from kfer.config import Params, deep_merge  # noqa: E402
 
 MODEL_URI_TAG = "kfer.model_uri"  # the photo model (pyfunc) logged by the run
 KERAS_URI_TAG = "kfer.keras_model_uri"
@@ -204,10 +204,10 @@ def _stage_outputs(params: Params) -> list[Path]:
     with contextlib.suppress(OSError, yaml.YAMLError):
         raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
         if isinstance(raw, dict):
-            ctx = _deep_merge(ctx, raw)
+            ctx = deep_merge(ctx, raw)
     for var in spec.get("vars") or []:
         if isinstance(var, dict):
-            ctx = _deep_merge(ctx, var)
+            ctx = deep_merge(ctx, var)
 
     def resolve(text: str) -> str | None:
         try:

@@ -32,9 +32,9 @@ SERVER_START_TIMEOUT_S = 120
 
 def params_at(root: Path, overrides: dict | None = None):
     """As the make_params fixture (repo params.yaml + overrides, paths under root), usable at module scope."""
-    from kfer.config import _deep_merge, load_params
+    from kfer.config import deep_merge, load_params
 
-    raw = _deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")),
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")),
                       {"crop": {"image_size": IMAGE_SIZE}, **(overrides or {})})
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"params-{abs(hash(json.dumps(overrides, sort_keys=True)))}.yaml"
