@@ -1,4 +1,5 @@
-"""Shared fixtures. Real-image tests use ../shared/data (read-only) and skip when it is absent."""
+"""Shared fixtures (the helpers that tests import are in tests/helpers.py). Real-image tests use ../shared/data
+(read-only) and skip when it is absent."""
 
 from __future__ import annotations
 
@@ -8,22 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("KFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+from tests.helpers import REPO, write_params
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def shared_dir(name: str) -> Path:
-    """A folder of the real shared data, or skip the test with a clear message."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"real-image data not available: {path} is absent (set KFER_SHARED_DATA to its folder)")
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -33,36 +24,6 @@ def _restore_sys_path():
     saved = list(sys.path)
     yield
     sys.path[:] = saved
-
-
-def write_params(root: Path, *overrides: dict | None):
-    """Write ``root/params.yaml`` (the repository's, with each override merged in turn) and load it.
-
-    Every path in it resolves under ``root``.
-    """
-    from kfer.config import deep_merge, load_params
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    for over in overrides:
-        raw = deep_merge(raw, over or {})
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return load_params(root / "params.yaml")
-
-
-def prepare_demo(params, n_persons: int = 5, per_class: int = 2, seed: int = 1):
-    """Synthetic demo photos → crop → split → augment, into the folders ``params`` names; returns ``params``."""
-    from kfer.data.augment import run_augment
-    from kfer.data.crop import run_crop
-    from kfer.data.split import run_split
-    from kfer.demo.photos import generate_demo
-
-    generate_demo(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
-                  n_persons=n_persons, per_class=per_class, seed=seed)
-    run_crop(params)
-    run_split(params)
-    run_augment(params)
-    return params
 
 
 @pytest.fixture
@@ -89,21 +50,3 @@ def copy_repo_files():
                 shutil.copy2(src, dest / name)
 
     return _copy
-
-
-def face_cropper(**settings):
-    """A :class:`kfer.data.faces.FaceCropper` of the repository's params.yaml ``crop`` settings, with ``settings``
-    (FaceCropper's field names) changed: the library has no defaults of its own."""
-    import dataclasses
-
-    from kfer.config import load_params
-    from kfer.data.faces import FaceCropper
-
-    return dataclasses.replace(FaceCropper.from_params(load_params(REPO / "params.yaml").crop), **settings)
-
-
-def augment_cfg(**settings):
-    """The repository's params.yaml ``augment`` section as an ``AugmentCfg``, with ``settings`` changed (validated)."""
-    from kfer.config import AugmentCfg, load_params
-
-    return AugmentCfg.model_validate({**load_params(REPO / "params.yaml").augment.model_dump(), **settings})

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from kfer.cli import _overrides, _parse_sets, main
 from kfer.config import load_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STAGES = {"crop", "split", "augment", "train", "evaluate", "register", "predict", "demo-data"}
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from kfer.config import ClassSpec, GroupCfg, Params, SourceCfg, load_params
 from kfer.data.faces import FaceCropper
 from kfer.errors import UserError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ENTRIES = (ClassSpec, SourceCfg, GroupCfg)  # items of user lists and maps, not keys of params.yaml
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kfer import errors, files
+from tests.helpers import augment_project, write_params
 
 
 @pytest.fixture
@@ -77,9 +78,8 @@ def test_stage_outputs_follow_the_umask(tmp_path, umask, mask, dir_mode, file_mo
     """Real stages: split (files) and augment (a folder of PNGs + manifest, written by worker code)."""
     from kfer.data.augment import run_augment
     from kfer.data.split import run_split
-    from tests.data.test_augment import make_project
 
-    params = make_project(tmp_path / "proj", workers=1, copies=1)
+    params = augment_project(tmp_path / "proj", workers=1, copies=1)
     umask(mask)
     run_augment(params)
     _check_tree(params.path(params.paths.augmented), dir_mode, file_mode)
@@ -202,7 +202,6 @@ def test_a_dead_worker_is_one_line_from_the_cli(tmp_path, monkeypatch):
 
     from kfer import cli
     from kfer.data import crop
-    from tests.conftest import write_params
 
     message = ("a worker process died (killed by SIGKILL, e.g. by the OOM killer) and the stage stopped: lower "
                "crop.workers (now 2 processes) so that the workers fit in memory, or free memory")

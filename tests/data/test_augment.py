@@ -12,11 +12,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kfer.config import load_params
 from kfer.data import augment
 from kfer.data.augment import (
     WarpParams,
@@ -30,9 +28,7 @@ from kfer.data.augment import (
     sample_warp,
     standard_normal_field,
 )
-from tests.conftest import augment_cfg
-
-REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+from tests.helpers import AUGMENT_CLASSES, augment_cfg, augment_project
 
 # Geometry-only config: noise disabled, flip off; ranges set per test.
 NO_NOISE = {"noise_sigma": (0.0, 0.0), "horizontal_flip": False}
@@ -306,36 +302,6 @@ def test_augment_image_is_the_warp_then_the_reference_noise(fill_mode):
 
 # --- the stage ---------------------------------------------------------------------------------------------
 
-CLASSES = ["joy", "anger", "sadness"]
-
-
-def make_project(tmp_path: Path, workers: int = 1, copies: int = 2, extra: dict | None = None):
-    """A tiny project in tmp_path: params.yaml (from the repo's, with tmp-relative paths), cropped PNGs, splits.csv."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-    raw["augment"].update({"workers": workers, "copies": copies})
-    raw["augment"].update(extra or {})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    rows = []
-    rng = np.random.default_rng(0)
-    for label in CLASSES:
-        d = tmp_path / "data" / "cropped" / label
-        d.mkdir(parents=True, exist_ok=True)
-        for i, split in enumerate(["train", "train", "train", "val", "test"]):
-            rel = f"data/cropped/{label}/p{i}_{label}.png"
-            img = cv2.GaussianBlur(rng.integers(0, 256, (24, 24), dtype=np.uint8), (5, 5), 0)
-            ok, buf = cv2.imencode(".png", img)
-            assert ok
-            (tmp_path / rel).write_bytes(buf.tobytes())
-            rows.append({"path": rel, "label": label, "group": f"person{i}", "split": split})
-    bad = "data/cropped/joy/corrupt.png"
-    (tmp_path / bad).write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    rows.append({"path": bad, "label": "joy", "group": "person9", "split": "train"})
-    rows.append({"path": "data/cropped/anger/gone.png", "label": "anger", "group": "person8", "split": "train"})
-    pd.DataFrame(rows).to_csv(tmp_path / "data" / "splits.csv", index=False)
-    return load_params(tmp_path / "params.yaml")
-
-
 def tree_digest(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -345,15 +311,15 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def test_run_augment_end_to_end(tmp_path):
-    params = make_project(tmp_path, workers=1, copies=2)
+    params = augment_project(tmp_path, workers=1, copies=2)
     report = run_augment(params)
     out = tmp_path / "data" / "augmented"
 
-    n_good = 3 * len(CLASSES)  # three readable train images per class
+    n_good = 3 * len(AUGMENT_CLASSES)  # three readable train images per class
     assert report["train_images"] == n_good + 2
     assert report["originals"] == n_good and report["augmented"] == 2 * n_good
     assert report["skipped"] == {"missing": 1, "unreadable": 1}
-    assert report["per_class"] == {name: (9 if name in CLASSES else 0) for name in params.class_names}
+    assert report["per_class"] == {name: (9 if name in AUGMENT_CLASSES else 0) for name in params.class_names}
     assert report["strength"] == 1.0 and report["copies"] == 2
     assert json.loads(params.path(params.paths.augment_report).read_text(encoding="utf-8")) == report
     # the DVC metrics: headline numbers only
@@ -386,8 +352,8 @@ def test_run_augment_end_to_end(tmp_path):
 
 
 def test_run_augment_identical_for_any_worker_count(tmp_path):
-    one = make_project(tmp_path / "one", workers=1)
-    two = make_project(tmp_path / "two", workers=2)
+    one = augment_project(tmp_path / "one", workers=1)
+    two = augment_project(tmp_path / "two", workers=2)
     r1, r2 = run_augment(one), run_augment(two)
     assert r1 == r2
     d1, d2 = tree_digest(tmp_path / "one" / "data" / "augmented"), tree_digest(tmp_path / "two" / "data" / "augmented")
@@ -395,7 +361,7 @@ def test_run_augment_identical_for_any_worker_count(tmp_path):
 
 
 def test_run_augment_strength_zero_copies_are_originals(tmp_path):
-    params = make_project(tmp_path, copies=1, extra={"strength": 0.0})
+    params = augment_project(tmp_path, copies=1, extra={"strength": 0.0})
     run_augment(params)
     man = pd.read_csv(tmp_path / "data" / "augmented" / "manifest.csv", dtype=str)
     for src, grp in man.groupby("source"):
@@ -404,7 +370,7 @@ def test_run_augment_strength_zero_copies_are_originals(tmp_path):
 
 
 def test_run_augment_exception_leaves_no_output(tmp_path, monkeypatch):
-    params = make_project(tmp_path, workers=1)
+    params = augment_project(tmp_path, workers=1)
     out = tmp_path / "data" / "augmented"
     real, calls = augment.augment_image, {"n": 0}
 
@@ -435,14 +401,14 @@ def test_run_augment_exception_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_run_augment_missing_splits(tmp_path):
-    params = make_project(tmp_path)
+    params = augment_project(tmp_path)
     (tmp_path / "data" / "splits.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"splits\.csv.*split"):
         run_augment(params)
 
 
 def test_run_augment_splits_lacking_columns(tmp_path):
-    params = make_project(tmp_path)
+    params = augment_project(tmp_path)
     pd.DataFrame({"path": ["a.png"], "label": ["joy"]}).to_csv(tmp_path / "data" / "splits.csv", index=False)
     with pytest.raises(ValueError, match=r"splits\.csv.*\['group', 'split'\]"):
         run_augment(params)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from kfer.catalog import MANIFEST_NAME as MANIFEST
 from kfer.data.crop import run_crop
-from tests.conftest import shared_dir
+from tests.helpers import shared_dir
 
 KO = {"joy": "기쁨", "anger": "분노", "sadness": "슬픔", "neutral": "중립"}
 

@@ -21,6 +21,7 @@ from kfer.data.images import decode_image
 from kfer.data.readers import read_records
 from kfer.data.split import run_split
 from kfer.demo.aihub import generate_aihub_photos
+from tests.helpers import write_params
 
 
 def _rows(params) -> list[dict]:
@@ -30,8 +31,6 @@ def _rows(params) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def aihub_project(tmp_path_factory):
-    from tests.conftest import write_params
-
     root = tmp_path_factory.mktemp("aihub")
     params = write_params(root, {"crop": {"workers": 2, "image_size": 48}})
     classes = [(c.name, c.ko) for c in params.classes]
@@ -107,7 +106,6 @@ def test_rotated_and_trailer_photos_crop_like_the_full_colour_decode(aihub_proje
 def test_training_faces_are_the_served_faces_pixel_for_pixel(tmp_path, size):
     """crop.box: match cuts each training face exactly as kfer predict / the served model cut that photo, also
     when the detector runs on a reduced decode (2400×1800: 1/4) and for EXIF-rotated photos."""
-    from tests.conftest import write_params
 
     params = write_params(tmp_path, {"crop": {"workers": 1, "image_size": 48}})
     summary = generate_aihub_photos(params.path(params.paths.raw), [(c.name, c.ko) for c in params.classes],
@@ -153,8 +151,6 @@ def test_crop_outputs_follow_the_umask(aihub_project):
 
 
 def test_aihub_photos_and_a_pre_cropped_set_in_one_raw_folder(tmp_path):
-    from tests.conftest import write_params
-
     params = write_params(tmp_path, {
         "crop": {"workers": 1, "image_size": 48},
         "data": {"sources": {

@@ -22,7 +22,7 @@ from kfer.data.faces import (
     read_image,
     square_box,
 )
-from tests.conftest import face_cropper, shared_dir
+from tests.helpers import face_cropper, shared_dir
 
 
 def _png(arr, mode=None) -> bytes:

@@ -16,7 +16,7 @@ from kfer.data.images import (
     decode_image,
     read_header,
 )
-from tests.conftest import face_cropper
+from tests.helpers import face_cropper
 
 
 def _photo(w=640, h=480, seed=0) -> np.ndarray:

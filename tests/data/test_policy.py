@@ -25,6 +25,7 @@ from kfer.data.policy import (
 from kfer.data.readers import read_records
 from kfer.data.split import run_split
 from kfer.errors import UserError
+from tests.helpers import shared_dir
 
 CLASSES = ["joy", "anger", "sadness", "neutral"]
 
@@ -277,7 +278,6 @@ def test_ferplus_votes_on_real_fer2013_faces(tmp_path, make_params):
     FER+ calls not a face, unknown or contempt are dropped by reason, a fear face ten raters call neutral trains as
     neutral under majority and keeps its original label as the uploader's; every other row of the table is counted
     as naming no file of this source."""
-    from tests.conftest import shared_dir
 
     fer = shared_dir("fer2013")
     table = fer / "ferplus_votes.csv"

@@ -12,7 +12,7 @@ import pytest
 from kfer.config import load_params
 from kfer.data.labels import annotated_box, check_box, load_label_json
 from kfer.data.readers import detect_layout, parse_aihub_name, read_records
-from tests.conftest import REPO, shared_dir
+from tests.helpers import REPO, shared_dir
 
 HEX = "9ec608b7b30306a66b5b9e2008bcd634dc1cf7e832c9b412c539fac85e45a5b1"
 SHORT = f"{HEX}_남_60_분노_20130314100000-002-000.jpg"

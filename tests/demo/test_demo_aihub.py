@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from kfer.config import load_params
 from kfer.demo.aihub import generate_aihub_photos, label_path, photo_dir
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CLASSES = [(c.name, c.ko) for c in load_params(REPO / "params.yaml").classes]
 KO = [ko for _, ko in CLASSES]

@@ -5,46 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
+from tests.helpers import SMALL_PIPELINE, run_tool, set_param, tool_env, train_runs
+
 pytestmark = pytest.mark.slow
-
-
-SMALL = {  # a small variant so that the whole pipeline runs in about a minute on 2 cores
-    "crop.image_size": 32,
-    "augment.copies": 1,
-    "model.blocks": [1, 1],
-    "model.base_width": 4,
-    "model.head_units": 8,
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "tune.n_trials": 2,
-}
-
-
-def _env() -> dict:
-    bindir = str(Path(sys.executable).parent)  # kfer and dvc of this environment, as after ./setup.sh
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the repo's own store
-    return {**env, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-            "COLUMNS": "400",  # DVC's tables at their full width, not cut to a terminal's
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def _run(cwd: Path, *cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out}"
-    return out
-
 
 MAX_WIDTH = 160  # the widest `dvc metrics show` / `dvc exp show --only-changed` table (issue 12)
 
@@ -57,33 +27,22 @@ def _ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", out))
 
 
-def _set_param(repo: Path, dotted: str, value) -> None:
-    p = repo / "params.yaml"
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    *parents, leaf = dotted.split(".")
-    node = data
-    for k in parents:
-        node = node[k]
-    node[leaf] = value
-    p.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
-
-
 def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     repo = tmp_path / "repo"
     repo.mkdir()
-    _run(repo, "git", "init", "-q")
+    run_tool(repo, "git", "init", "-q")
     copy_repo_files(repo, ["params.yaml", "dvc.yaml", "data.dvc", "dvc-storage", ".dvc/config", ".dvcignore",
                            ".gitignore", "src", "models/init"])
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "init")
+    run_tool(repo, "git", "add", "-A")
+    run_tool(repo, "git", "commit", "-qm", "init")
 
-    _run(repo, "dvc", "pull", "-q", "data.dvc")  # offline, from the remote stored in the repository
+    run_tool(repo, "dvc", "pull", "-q", "data.dvc")  # offline, from the remote stored in the repository
     raw_files = [p for p in (repo / "data" / "raw").rglob("*") if p.is_file()]
     assert any(p.suffix == ".json" for p in raw_files) and len(raw_files) > 100
 
-    for key, value in SMALL.items():
-        _set_param(repo, key, value)
-    out = _run(repo, "dvc", "repro")
+    for key, value in SMALL_PIPELINE.items():
+        set_param(repo, key, value)
+    out = run_tool(repo, "dvc", "repro")
     assert _ran(out) == {"crop", "split", "augment", "train", "evaluate", "tune"}, out
     crop = json.loads((repo / "reports" / "crop.json").read_text())
     assert crop["ok"] > 0 and crop["box_source"] == {"matched": crop["ok"]}
@@ -95,7 +54,7 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     assert all(len(s) == 1 for s in split_of_group.values()), "a person is in two splits"
     aug = json.loads((repo / "reports" / "augment.json").read_text())
     n_train = sum(r["split"] == "train" for r in rows)
-    assert aug["originals"] == n_train and aug["augmented"] == n_train * SMALL["augment.copies"]
+    assert aug["originals"] == n_train and aug["augmented"] == n_train * SMALL_PIPELINE["augment.copies"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"crop", "split", "augment", "train", "evaluate", "tune"}
     assert (repo / "tune" / "best_params.yaml").exists()
@@ -112,46 +71,36 @@ def test_dvc_pull_and_repro_data_stages(tmp_path, copy_repo_files):
     assert json.loads((repo / "reports" / "eval.json").read_text())["test_images"] > 0
 
     # DVC metrics are the stages' headline numbers: one narrow table, per-class tables only in the reports
-    table = _run(repo, "dvc", "metrics", "show")
+    table = run_tool(repo, "dvc", "metrics", "show")
     assert _width(table) <= MAX_WIDTH, table
     assert "per_class" not in table and "photo_accuracy" in table and "val_macro_f1" in table, table
     for name in ("crop", "split", "augment", "train", "eval", "tune"):
         head = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert 0 < len(head) <= 3 and all(isinstance(v, (int, float)) for v in head.values()), (name, head)
 
-    out = _run(repo, "dvc", "repro")
+    out = run_tool(repo, "dvc", "repro")
     assert _ran(out) == set(), f"second repro should do nothing:\n{out}"
 
-    _set_param(repo, "crop.workers", 1)  # not a dependency: output is the same for any worker count
-    assert _ran(_run(repo, "dvc", "repro")) == set()
+    set_param(repo, "crop.workers", 1)  # not a dependency: output is the same for any worker count
+    assert _ran(run_tool(repo, "dvc", "repro")) == set()
 
-    _set_param(repo, "train.registered_model", "another-name")  # not a training input
-    assert _ran(_run(repo, "dvc", "repro")) == set()
+    set_param(repo, "train.registered_model", "another-name")  # not a training input
+    assert _ran(run_tool(repo, "dvc", "repro")) == set()
 
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "first run")  # the baseline of `dvc exp show` below
-    _set_param(repo, "augment.strength", 0.5)
-    out = _run(repo, "dvc", "repro")
+    run_tool(repo, "git", "add", "-A")
+    run_tool(repo, "git", "commit", "-qm", "first run")  # the baseline of `dvc exp show` below
+    set_param(repo, "augment.strength", 0.5)
+    out = run_tool(repo, "dvc", "repro")
     assert _ran(out) == {"augment", "train", "evaluate"}, out
     assert json.loads((repo / "reports" / "augment.json").read_text())["strength"] == 0.5
     # comparing with the committed run: the changed param and metrics fit the width (README's command)
-    table = _run(repo, "dvc", "exp", "show", "--only-changed", "--drop", "^(data|models|src)/", "--no-pager")
+    table = run_tool(repo, "dvc", "exp", "show", "--only-changed", "--drop", "^(data|models|src)/", "--no-pager")
     assert _width(table) <= MAX_WIDTH and "augment.strength" in table, table
 
-    _set_param(repo, "model.head_units", 4)
-    out = _run(repo, "dvc", "repro")
+    set_param(repo, "model.head_units", 4)
+    out = run_tool(repo, "dvc", "repro")
     assert _ran(out) == {"train", "evaluate"}, out
-    assert "up to date" in _run(repo, "dvc", "status").lower()
-
-
-def _train_runs(repo: Path) -> list:
-    db = repo / "mlflow.db"
-    if not db.exists():
-        return []
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("kfer")
-    return [] if exp is None else [r for r in client.search_runs([exp.experiment_id])
-                                   if r.data.tags.get("kfer.stage") == "train"]
+    assert "up to date" in run_tool(repo, "dvc", "status").lower()
 
 
 def test_dvc_exp_temp_queue_and_mlflow_run_log_into_the_main_stores(tmp_path, copy_repo_files):
@@ -161,33 +110,33 @@ def test_dvc_exp_temp_queue_and_mlflow_run_log_into_the_main_stores(tmp_path, co
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    _run(repo, "git", "init", "-q")
+    run_tool(repo, "git", "init", "-q")
     copy_repo_files(repo, ["params.yaml", "dvc.yaml", "data.dvc", "dvc-storage", ".dvc/config", ".dvcignore",
                            ".gitignore", "src", "MLproject", "models/init"])
-    for key, value in SMALL.items():
-        _set_param(repo, key, value)
-    _set_param(repo, "train.epochs", 1)
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", "init")
-    _run(repo, "dvc", "pull", "-q", "data.dvc")
-    _run(repo, "dvc", "repro", "augment")  # the data stages once, in the workspace (the experiments reuse them)
-    assert _train_runs(repo) == []
+    for key, value in SMALL_PIPELINE.items():
+        set_param(repo, key, value)
+    set_param(repo, "train.epochs", 1)
+    run_tool(repo, "git", "add", "-A")
+    run_tool(repo, "git", "commit", "-qm", "init")
+    run_tool(repo, "dvc", "pull", "-q", "data.dvc")
+    run_tool(repo, "dvc", "repro", "augment")  # the data stages once, in the workspace (the experiments reuse them)
+    assert train_runs(repo) == []
 
-    _run(repo, "dvc", "exp", "run", "--temp", "train", "-S", "model.head_units=4")
-    runs = _train_runs(repo)
+    run_tool(repo, "dvc", "exp", "run", "--temp", "train", "-S", "model.head_units=4")
+    runs = train_runs(repo)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["model.head_units"] == "4"
 
-    _run(repo, "dvc", "exp", "run", "--queue", "train", "-S", "model.head_units=2")
-    _run(repo, "dvc", "queue", "start", "-j", "1")
+    run_tool(repo, "dvc", "exp", "run", "--queue", "train", "-S", "model.head_units=2")
+    run_tool(repo, "dvc", "queue", "start", "-j", "1")
     deadline = time.time() + 420
     while time.time() < deadline:
-        status = _run(repo, "dvc", "queue", "status")
+        status = run_tool(repo, "dvc", "queue", "status")
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     assert "Success" in status and "Failed" not in status, status
-    _run(repo, "dvc", "queue", "stop", "--kill")
-    runs = _train_runs(repo)
+    run_tool(repo, "dvc", "queue", "stop", "--kill")
+    runs = train_runs(repo)
     assert sorted(r.data.params["model.head_units"] for r in runs) == ["2", "4"], [r.data.params for r in runs]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing left (or lost) in DVC's copies
@@ -197,13 +146,13 @@ def test_dvc_exp_temp_queue_and_mlflow_run_log_into_the_main_stores(tmp_path, co
     tiny = ["-P", "epochs=1", "-P", "head_units=3", "-P", "batch_size=32", "-P", "learning_rate=0.001",
             "-P", "kernel_initializer=he_normal"]
     proc = subprocess.run(["mlflow", "run", ".", "-e", "train", "--env-manager", "local", *tiny], cwd=repo,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=tool_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "add --experiment-name kfer to the mlflow run command" in proc.stderr, \
         proc.stderr[-3000:]
-    out = _run(repo, "mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", "kfer",
+    out = run_tool(repo, "mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", "kfer",
                *tiny)
     mlflow_run_id = re.findall(r"=== Run \(ID '(\w+)'\) succeeded ===", out)
-    runs = {r.data.params["model.head_units"]: r for r in _train_runs(repo)}
+    runs = {r.data.params["model.head_units"]: r for r in train_runs(repo)}
     assert sorted(runs) == ["2", "3", "4"] and mlflow_run_id == [runs["3"].info.run_id], out[-3000:]
     assert runs["3"].info.status == "FINISHED" and runs["3"].data.params["epochs"] == "1"  # MLflow's -P, same run
-    assert "train" not in _run(repo, "dvc", "status", "train")  # dvc.lock is the run's
+    assert "train" not in run_tool(repo, "dvc", "status", "train")  # dvc.lock is the run's

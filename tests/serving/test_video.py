@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serving.test_registry_predict import ENV, params_at, tiny_model
+from tests.helpers import MLFLOW_ENV, params_at, tiny_model
 
 FPS, N_FRAMES = 10.0, 30
 GAP = range(12, 15)  # frames without a face
@@ -51,7 +51,7 @@ def photo_model(tmp_path_factory):
     from kfer.serving.publish import log_models
 
     root = tmp_path_factory.mktemp("video-store")
-    old_env, old_cwd = os.environ.pop(ENV, None), Path.cwd()
+    old_env, old_cwd = os.environ.pop(MLFLOW_ENV, None), Path.cwd()
     os.chdir(root)
     try:
         params = params_at(root)
@@ -64,9 +64,9 @@ def photo_model(tmp_path_factory):
         mlflow.set_tracking_uri(None)
         os.chdir(old_cwd)
         if old_env is None:
-            os.environ.pop(ENV, None)
+            os.environ.pop(MLFLOW_ENV, None)
         else:
-            os.environ[ENV] = old_env
+            os.environ[MLFLOW_ENV] = old_env
 
 
 def _kfer(photo_model, *args):

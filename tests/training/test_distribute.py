@@ -4,24 +4,17 @@ effect, mixed precision (bfloat16 on CPU) with a float32 served model. Real Tens
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import keras
 import mlflow
 import pytest
 
 from kfer import tracking
-from tests.conftest import prepare_demo
-from tests.training.test_train import TINY
-
-
-def _env(**extra):
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+from tests.helpers import TINY, prepare_demo, subprocess_env
 
 
 @pytest.fixture
@@ -35,7 +28,7 @@ def test_tf_config_stops_kfer_train_at_once_with_one_line(project):
                             "task": {"type": "worker", "index": 0}})
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kfer.cli", "train"], cwd=project.root, capture_output=True,
-                          text=True, env=_env(TF_CONFIG=tf_config), timeout=120)
+                          text=True, env=subprocess_env(TF_CONFIG=tf_config), timeout=120)
     assert proc.returncode == 2, proc.stderr  # kfer's exit status for a user's mistake
     lines = [x for x in proc.stderr.splitlines() if x.startswith("Error:") or "Traceback" in x]
     assert len(lines) == 1 and "does not train across machines" in lines[0], proc.stderr
@@ -57,7 +50,7 @@ def test_mirrored_strategy_over_two_logical_cpus_trains_and_logs_once(project):
         main(["train"])
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=project.root, capture_output=True, text=True,
-                          env=_env(), timeout=600)
+                          env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch 32 on 2 replica(s)" in proc.stderr, proc.stderr[-3000:]  # 16 per replica, global 32
     client = mlflow.MlflowClient(tracking.tracking_uri(project))

@@ -20,14 +20,10 @@ from kfer.serving import registry
 from kfer.training.init import INIT_SOURCE_TAG, INIT_TAG, InitError, apply, load
 from kfer.training.model import build_from_params
 from kfer.training.train import run_train
-from tests.conftest import REPO, prepare_demo, write_params
+from kfer.config import deep_merge
+from tests.helpers import REPO, TINY, prepare_demo, subprocess_env, write_params
 
-TINY = {
-    "crop": {"image_size": 32, "workers": 1},
-    "augment": {"copies": 1, "workers": 1},
-    "model": {"blocks": [1, 1], "base_width": 4, "head_units": 8},
-    "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0, "registered_model": "kfer-init-test"},
-}
+SETTINGS = deep_merge(TINY, {"train": {"epochs": 1, "registered_model": "kfer-init-test"}})
 HEAD_LAYERS = ("head", "predictions")
 
 
@@ -36,7 +32,7 @@ def trained(tmp_path_factory):
     """A tiny project trained once and registered (@champion): the model to start from."""
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("init-from")
-    params = prepare_demo(write_params(root, TINY))
+    params = prepare_demo(write_params(root, SETTINGS))
     result = run_train(params)
     registry.register(params, run_id=result["run_id"])
     yield params, result
@@ -45,7 +41,7 @@ def trained(tmp_path_factory):
 
 
 def _with(params, over: dict):
-    return write_params(params.root, TINY, over)
+    return write_params(params.root, SETTINGS, over)
 
 
 def _weights(model) -> dict[str, list[np.ndarray]]:
@@ -155,11 +151,10 @@ def test_kfer_train_fine_tunes_and_tracks_where_the_weights_came_from(trained):
     assert report["init_from"]["rebuilt"] == [] and report["init_from"]["layers_loaded"] > 10
 
     # the CLI: a source of another architecture is one line, exit 2, and no run is started
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     n_runs = len(mlflow.MlflowClient(tracking.tracking_uri(p)).search_runs(
         [run.info.experiment_id]))
     proc = subprocess.run([sys.executable, "-m", "kfer.cli", "--set", "model.base_width=8", "train"], cwd=p.root,
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("Error: train.init_from models:/kfer-init-test@champion is another architecture")

@@ -18,8 +18,7 @@ from kfer.training.inputs import make_dataset, mixup
 from kfer.training.model import build_resnet
 from kfer.training.schedule import lr_at, make_optimizer
 from kfer.training.train import run_train
-from tests.conftest import prepare_demo
-from tests.training.test_train import TINY
+from tests.helpers import TINY, prepare_demo
 
 
 def test_warmup_then_cosine_per_batch(make_params):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,23 +13,18 @@ import pandas as pd
 import pytest
 
 from kfer import tracking
-from tests.conftest import prepare_demo
-from tests.training.test_train import TINY
+from tests.helpers import TINY, prepare_demo, subprocess_env
 
 # small batches: epochs long enough to be killed in; head dropout: its seed state must be restored too
 FOUR_EPOCHS = {**TINY, "train": {**TINY["train"], "epochs": 4, "batch_size": 4},
                "model": {**TINY["model"], "head_dropout": 0.3}}
 
 
-def _env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
 def _train(root: Path, kill_at: str | None = None) -> tuple[int, list[str]]:
     """Run `kfer train` in ``root``; with ``kill_at``, SIGKILL it as soon as that line is printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "train"], cwd=root, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "train"], cwd=root,
+                            env=subprocess_env(PYTHONUNBUFFERED="1"), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import mlflow
@@ -19,14 +18,7 @@ from kfer import tracking
 from kfer.training.inputs import class_weights, train_table
 from kfer.training.model import build_resnet
 from kfer.training.train import run_train
-from tests.conftest import prepare_demo
-
-TINY = {
-    "crop": {"image_size": 32, "workers": 1},
-    "augment": {"copies": 1, "workers": 1},
-    "model": {"blocks": [1, 1], "base_width": 4, "head_units": 8},
-    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
-}
+from tests.helpers import TINY, prepare_demo, subprocess_env
 
 
 @pytest.fixture
@@ -118,9 +110,8 @@ def test_sigterm_ends_run_killed(tiny_project):
     params = tiny_project
     (params.root / "params.yaml").write_text(
         (params.root / "params.yaml").read_text().replace("epochs: 2", "epochs: 200"), encoding="utf-8")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "train", "--run-name", "long"], cwd=params.root,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     client = mlflow.MlflowClient(tracking.tracking_uri(params))
     deadline, run = time.time() + 120, None
     while time.time() < deadline and proc.poll() is None:

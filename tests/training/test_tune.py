@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -43,13 +42,11 @@ from kfer.training.tune.study import (
 )
 from kfer.training.tune.trials import nested_values, with_values
 from kfer.training.tune.workers import gpu_assignment, parse_visible_devices, visible_gpu_ids
-from tests.conftest import REPO, prepare_demo, write_params
+from kfer.config import deep_merge
+from tests.helpers import REPO, TINY, prepare_demo, subprocess_env, write_params
 
-TINY = {
-    "crop": {"image_size": 32, "workers": 1},
-    "augment": {"copies": 1, "workers": 1},
-    "model": {"blocks": [1, 1], "base_width": 4, "head_units": 8},
-    "train": {"epochs": 3, "batch_size": 16, "early_stopping_patience": 0},
+SETTINGS = deep_merge(TINY, {
+    "train": {"epochs": 3},
     "tune": {
         "n_trials": 3,
         "space": {"head_units": [0, 8], "learning_rate": [1.0e-3, 100.0]},
@@ -57,7 +54,7 @@ TINY = {
         "heartbeat_interval": 1,
         "grace_period": 2,
     },
-}
+})
 # a trial at this learning rate diverges at once: its val macro-F1 stays at the one-class floor
 GOOD = {"kernel_initializer": "he_normal", "head_units": 8, "strength": 0.5, "learning_rate": 1e-2}
 BAD = {**GOOD, "learning_rate": 100.0}
@@ -67,7 +64,7 @@ BAD = {**GOOD, "learning_rate": 100.0}
 def base_project(tmp_path_factory):
     """Demo data → crop → split → augment at 32 px, once for the module."""
     root = tmp_path_factory.mktemp("tune-base")
-    prepare_demo(write_params(root, TINY))
+    prepare_demo(write_params(root, SETTINGS))
     return root
 
 
@@ -79,7 +76,7 @@ def project(base_project, tmp_path, monkeypatch):
     shutil.copytree(base_project / "data", root / "data")
 
     def make(overrides: dict | None = None):
-        return write_params(root, TINY, overrides)
+        return write_params(root, SETTINGS, overrides)
 
     return make
 
@@ -353,17 +350,12 @@ def test_apply_best_keeps_comments(tmp_path):
     assert apply_best(p, tmp_path / "params.yaml") == {}
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
-
-
 @pytest.mark.slow
 def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     params = project({"tune": {"n_trials": 2, "retry_stale": 1}})
     name = open_study(params).study_name
     url = storage_url(params)
-    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "tune"], cwd=params.root, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "tune"], cwd=params.root, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = None
     try:
@@ -490,7 +482,7 @@ def test_spawned_workers_get_their_gpu_before_tensorflow(project):
         print("codes", codes, "parent", os.environ["CUDA_VISIBLE_DEVICES"])
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=params.root, capture_output=True, text=True,
-                          env={**_env(), "CUDA_VISIBLE_DEVICES": "3,5"}, timeout=300)
+                          env=subprocess_env(CUDA_VISIBLE_DEVICES="3,5"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "codes [0, 0, 0] parent 3,5" in proc.stdout, proc.stderr[-3000:]  # the parent's own env unchanged
     for worker, device in ((1, "3"), (2, "5"), (3, "3")):

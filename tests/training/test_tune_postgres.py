@@ -25,7 +25,8 @@ import pytest
 from optuna.trial import TrialState
 
 from kfer.training.tune.study import RUN_ID_ATTR, STUDY_TAG, TRIAL_TAG, WORKER_ATTR
-from tests.training.test_tune import _env, _runs, base_project, project  # noqa: F401 - the tune tests' fixtures and helpers
+from tests.helpers import subprocess_env
+from tests.training.test_tune import _runs, base_project, project  # noqa: F401 - the tune tests' fixtures and helpers
 
 SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
 INSTALL_HINT = ("install the PostgreSQL server: `apt-get install postgresql` (Debian/Ubuntu; binaries in "
@@ -121,7 +122,8 @@ def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "--set", "tune.epochs=1", "tune", "--storage",
                              postgres_url, "--workers", "2", "--trials", str(budget)],
-                            cwd=params.root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=params.root, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
         _, err = proc.communicate(timeout=300)
     finally:
