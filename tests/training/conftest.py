@@ -1,32 +1,24 @@
-"""`kfer tune --workers 2` on a real PostgreSQL server (started here, on 127.0.0.1, in a temporary folder).
+"""Fixtures of the training tests: a PostgreSQL server for the tune storage test.
 
-Needs the server binaries (initdb, pg_ctl, postgres: Debian ``apt-get install postgresql``, macOS ``brew install
-postgresql``) and the psycopg driver (a kfer dependency: ``./setup.sh``); skips with a message otherwise. The
-server refuses to run as root, so under root it runs as the ``postgres`` user (made by the Debian package).
+The server needs its binaries (initdb, pg_ctl, postgres: Debian ``apt-get install postgresql``, macOS ``brew install
+postgresql``) and the psycopg driver (a kfer dependency: ``./setup.sh``); a test that asks for it skips with a message
+otherwise. The server refuses to run as root, so under root it runs as the ``postgres`` user (made by the Debian
+package).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pwd
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.trial import TrialState
-
-from kfer.training.tune.study import RUN_ID_ATTR, STUDY_TAG, TRIAL_TAG, WORKER_ATTR
-from tests.helpers import subprocess_env
-from tests.training.test_tune import _runs, base_project, project  # noqa: F401 - the tune tests' fixtures and helpers
 
 SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
 INSTALL_HINT = ("install the PostgreSQL server: `apt-get install postgresql` (Debian/Ubuntu; binaries in "
@@ -113,49 +105,3 @@ def postgres_url(tmp_path):
         if run_as:
             with contextlib.suppress(OSError):
                 shutil.rmtree(base)
-
-
-@pytest.mark.slow
-def test_two_workers_share_a_study_in_postgresql(project, postgres_url):
-    params = project()
-    budget = 4
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "--set", "tune.epochs=1", "tune", "--storage",
-                             postgres_url, "--workers", "2", "--trials", str(budget)],
-                            cwd=params.root, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err[-5000:]
-    seconds = time.monotonic() - t0
-    summary = json.loads(params.path(params.paths.tune_summary).read_text(encoding="utf-8"))
-    assert summary["storage"].startswith("postgresql://") and "kfer-test-secret" not in summary["storage"]
-    assert not params.path(params.paths.optuna_db).exists()  # nothing went to the default SQLite storage
-
-    study = optuna.load_study(study_name=summary["study_name"], storage=postgres_url)
-    trials = study.get_trials(deepcopy=False)
-    numbers = [t.number for t in trials]
-    assert sorted(numbers) == list(range(len(trials))) and len(set(numbers)) == len(trials)  # distinct
-    left = [(t.number, t.state.name) for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert left == []  # none RUNNING (lost) or FAIL
-    # the budget, or one more: two workers may both start the last trial in the same instant (see trials.work)
-    assert budget <= len(trials) <= budget + 1, numbers
-    assert summary["n_complete"] + summary["n_pruned"] == len(trials) and summary["n_running"] == 0
-    workers = {t.user_attrs[WORKER_ATTR] for t in trials}
-    assert len(workers) == 2 and str(proc.pid) not in {w.split(":")[1] for w in workers}  # the two spawned workers
-    assert all(len(t.intermediate_values) == 1 for t in trials)  # --set tune.epochs=1 reached the workers
-
-    _, parents, children = _runs(params)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    assert parent.data.tags[STUDY_TAG] == study.study_name
-    assert parent.data.tags["optuna.storage"] == summary["storage"]
-    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == sorted(numbers)
-    assert {r.info.run_id for r in children} == {t.user_attrs[RUN_ID_ATTR] for t in trials}
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    assert all(r.info.status == "FINISHED" for r in children)
-    print(f"kfer tune --workers 2 on PostgreSQL: {len(trials)} trials in {seconds:.1f} s")
