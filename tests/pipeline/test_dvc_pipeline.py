@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import SMALL_PIPELINE, run_tool, set_param, tool_env, train_runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.training]
 
 MAX_WIDTH = 160  # the widest `dvc metrics show` / `dvc exp show --only-changed` table (issue 12)
 

@@ -74,6 +74,7 @@ def test_dirty_without_dvc_yaml_or_git(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_dvc_repro_tags_the_train_run_clean(tmp_path, copy_repo_files):
     """In a clean committed repository, `dvc repro` of the train stage (whose git-tracked outputs DVC deletes first)
     tags the MLflow run git.dirty false; an edited params.yaml makes it true."""

@@ -191,6 +191,7 @@ def project(tmp_path_factory):
             "labels": labels, "held_out": held_out, "files": files}
 
 
+@pytest.mark.training
 def test_trained_model_looks_at_the_eyes_and_mouth_not_the_background(project):
     from kfer.serving import explain
 
@@ -221,6 +222,7 @@ def mlflow_store(project, monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it
 
 
+@pytest.mark.training
 def test_predict_explain_writes_an_overlay_per_face(project, mlflow_store, tmp_path):
     from click.testing import CliRunner
 
@@ -249,6 +251,7 @@ def test_predict_explain_writes_an_overlay_per_face(project, mlflow_store, tmp_p
         assert Path(f["explanation"]).parent == out and img.shape[1] == 4 * S and img.shape[0] > 4 * S
 
 
+@pytest.mark.training
 def test_evaluate_writes_and_logs_the_gradcam_grid(project, mlflow_store):
     import mlflow
 

@@ -40,6 +40,7 @@ def test_tf_config_stops_kfer_train_at_once_with_one_line(project):
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.training
 def test_mirrored_strategy_over_two_logical_cpus_trains_and_logs_once(project):
     script = textwrap.dedent("""
         import sys
@@ -81,6 +82,7 @@ def _fit(params, tmp_path):
     return seen, model, history
 
 
+@pytest.mark.training
 def test_xla_takes_effect_when_asked(project, tmp_path, make_params):
     from tensorflow.python.framework import config as tf_config
 
@@ -97,6 +99,7 @@ def test_xla_takes_effect_when_asked(project, tmp_path, make_params):
         make_params({"train": {"xla": True}}, root=tmp_path / "bad")
 
 
+@pytest.mark.training
 def test_bfloat16_training_serves_float32(project, tmp_path, make_params):
     import numpy as np
 

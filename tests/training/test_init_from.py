@@ -52,6 +52,7 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.training
 def test_registered_model_gives_every_weight_and_a_new_head_when_the_head_or_classes_differ(trained):
     params, result = trained
     source = _weights(keras.models.load_model(params.path(params.paths.model), compile=False))
@@ -93,6 +94,7 @@ def test_registered_model_gives_every_weight_and_a_new_head_when_the_head_or_cla
     assert model.output_shape == (None, len(classes))
 
 
+@pytest.mark.training
 def test_a_run_model_and_a_local_file_are_sources_too(trained):
     params, result = trained
     source = _weights(keras.models.load_model(params.path(params.paths.model), compile=False))
@@ -114,6 +116,7 @@ def test_a_run_model_and_a_local_file_are_sources_too(trained):
     assert all(_same(w, source[n]) for n, w in _weights(model).items())
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("over, message", [
     ({"model": {"base_width": 8}}, "is another architecture: it has conv1_conv of shapes"),
     ({"model": {"blocks": [1, 1, 1]}}, "is another architecture: it has no layer conv4_block1_"),
@@ -127,6 +130,7 @@ def test_another_architecture_or_input_is_one_clear_error(trained, over, message
         load(p)  # checked against params' model when loaded: before kfer train starts its run
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("spec, message", [
     ("models:/no-such-model@champion", "train.init_from models:/no-such-model@champion: "),
     ("elsewhere/model.keras", "must be inside paths.init_models"),
@@ -139,6 +143,7 @@ def test_a_bad_source_is_one_clear_error(trained, spec, message):
         load(_with(params, {"train": {"init_from": spec}}))
 
 
+@pytest.mark.training
 def test_kfer_train_fine_tunes_and_tracks_where_the_weights_came_from(trained):
     params, _ = trained
     p = _with(params, {"train": {"init_from": "models:/kfer-init-test@champion"}})
@@ -170,6 +175,7 @@ def test_dvc_sees_init_from_and_the_local_models_folder():
     assert (REPO / "models" / "init").is_dir()  # exists in a fresh clone: DVC needs the dependency to exist
 
 
+@pytest.mark.training
 def test_a_served_flip_tta_model_loads_in_a_fresh_process(trained, tmp_path):
     """The served model of the real-faces recipe has flip TTA (a HorizontalFlip layer): `kfer train` in a new
     process must be able to load it as train.init_from (nothing else there has imported kfer.serving.layers)."""

@@ -115,6 +115,7 @@ def test_compact_stem_halves_the_resolution_once():
         build_resnet(48, 6, blocks=(1,), stem="cifar")
 
 
+@pytest.mark.training
 def test_run_with_every_knob_is_tracked_and_serves_the_tta_model(tmp_path, make_params, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     over = json.loads(json.dumps(TINY))

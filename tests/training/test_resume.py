@@ -45,6 +45,7 @@ def two_projects(tmp_path, make_params, monkeypatch):
     return [prepare_demo(make_params(FOUR_EPOCHS, root=tmp_path / name)) for name in ("ref", "killed")]
 
 
+@pytest.mark.training
 def test_sigkill_after_epoch_2_resumes_at_epoch_3_with_the_uninterrupted_result(two_projects):
     ref, killed = two_projects
     code, out = _train(ref.root)

@@ -50,6 +50,7 @@ def test_class_weights_inverse_frequency(tiny_project):
     assert abs(sum(w.values()) / 7 - 1.0) < 0.3  # balanced demo data: close to 1 each
 
 
+@pytest.mark.training
 def test_two_epoch_run_is_fully_tracked(tiny_project):
     params = tiny_project
     result = run_train(params)
@@ -93,6 +94,7 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     assert np.load(store, mmap_mode="r").shape[0] == full["train_images"]
 
 
+@pytest.mark.training
 def test_crashing_run_ends_failed(tiny_project):
     params = tiny_project
     bad = params.path(train_table(params)["path"].iloc[0])
@@ -106,6 +108,7 @@ def test_crashing_run_ends_failed(tiny_project):
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_sigterm_ends_run_killed(tiny_project):
     params = tiny_project
     (params.root / "params.yaml").write_text(
@@ -226,6 +229,7 @@ def test_decode_workers_change_speed_only(tmp_path, make_params):
             make_params({"train": {"decode_workers": bad}}, root=tmp_path / f"bad{k}")
 
 
+@pytest.mark.training
 def test_soft_policy_trains_on_the_vote_distributions(tmp_path, make_params, monkeypatch):
     """data.label_policy soft: the train batches carry each photo's vote distribution (the uploader as
     data.soft_uploader_weight more votes), the val batches the hard label; a run with mixup and class weights

@@ -259,6 +259,7 @@ def test_decoded_store_is_built_once_per_data_and_rebuilt_when_an_image_changes(
     assert not list(folder.glob("*.npy")) and not list(folder.glob(".*tmp*"))
 
 
+@pytest.mark.training
 def test_study_prunes_tracks_in_mlflow_and_writes_best(project):
     # objective val_loss: the diverging trial's loss (~1e11) is far above the others' (~2) from the first epoch,
     # whereas every trial's val macro-F1 sits near the one-class floor on this tiny set, so pruning on it would
@@ -354,6 +355,7 @@ def test_apply_best_keeps_comments(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
     params = project({"tune": {"n_trials": 2, "retry_stale": 1}})
     name = open_study(params).study_name
@@ -400,6 +402,7 @@ def test_killed_worker_trial_ends_fail_and_rerun_completes_budget(project):
 
 
 @pytest.mark.slow
+@pytest.mark.training
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
 def test_two_worker_processes_share_one_study(project, storage, request):
     """`kfer tune --workers 2` on the default SQLite storage and on a real PostgreSQL server (postgres_url, started
@@ -540,6 +543,7 @@ def test_owner_of_a_run_is_gone_only_when_its_process_is(tmp_path):
     assert not tracking._owner_gone(f"another-{host}:{child.pid}:{child_start}")
 
 
+@pytest.mark.training
 def test_label_policy_and_min_agreement_are_search_dimensions(project):
     """tune.space.label_policy / min_agreement: each trial trains on its policy's labels less its low-agreement
     photos, every trial is scored on one val label (tune.validation_label), the summary says which, and --apply
