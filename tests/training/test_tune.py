@@ -461,7 +461,7 @@ def test_trials_started_at_once_past_the_budget_give_way():
     """Two workers that count the study at the same moment both start a trial; the budget stays exact: the
     RUNNING trials with the lowest numbers keep the free places, a later one ends FAIL without training."""
     from kfer.training.tune.study import SURPLUS_ATTR, is_surplus
-    from kfer.training.tune.trials import SurplusTrial, _objective
+    from kfer.training.tune.trials import SurplusTrial, objective
 
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     done = study.ask()
@@ -473,7 +473,7 @@ def test_trials_started_at_once_past_the_budget_give_way():
     study.tell(a, 0.5)  # budget 2 reached: nobody else runs
     assert is_surplus(study, b.number, 2) and not is_surplus(study, b.number, 3)
     with pytest.raises(SurplusTrial, match="budget"):
-        _objective(c, None, budget=2)  # gives way before it trains (no context needed)
+        objective(c, None, budget=2)  # gives way before it trains (no context needed)
     assert c.user_attrs[SURPLUS_ATTR] is True
 
 

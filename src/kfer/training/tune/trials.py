@@ -165,7 +165,11 @@ class SurplusTrial(RuntimeError):
     """The trial started when the budget was already taken (see :func:`kfer.training.tune.study.is_surplus`)."""
 
 
-def _objective(trial, ctx: Context, budget: int | None = None) -> float:
+def objective(trial, ctx: Context, budget: int | None = None) -> float:
+    """Optuna's objective for one trial: the trial's best ``tune.metric``, trained on its suggested values in a
+    nested MLflow run tagged with its study and number (``optuna.TrialPruned`` when the pruner stops it). With
+    ``budget``, a trial started when other workers' trials had taken the budget's last place ends at once
+    (:class:`SurplusTrial`), without training."""
     import keras
     import mlflow
     import optuna
@@ -245,7 +249,7 @@ def work(ctx: Context, study, budget: int, deadline: float | None) -> int:
             continue
         waiting = False
         finished: list = []
-        study.optimize(lambda t: _objective(t, ctx, budget), n_trials=1, catch=(Exception,),
+        study.optimize(lambda t: objective(t, ctx, budget), n_trials=1, catch=(Exception,),
                        callbacks=[lambda s, t: finished.append(t)], gc_after_trial=True)
         if finished and finished[-1].user_attrs.get(SURPLUS_ATTR):
             continue  # not run, not a failure: the loop now waits for the budget's running trials
