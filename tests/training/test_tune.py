@@ -528,19 +528,33 @@ def test_spawned_workers_get_their_gpu_before_tensorflow(project):
     assert "TensorFlow was already imported" not in proc.stderr
 
 
-def test_owner_of_a_run_is_gone_only_when_its_process_is(tmp_path):
-    """The check behind closing a killed `kfer tune`'s parent run: this process is alive, a finished child is
-    gone, a reused pid (other start time) is gone, and a run owned on another host is never judged from here."""
-    me = tracking.owner_tag()
-    host, pid, start = me.split(":")
-    assert pid == str(os.getpid()) and start != "?" and not tracking._owner_gone(me)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
-    child_start = tracking._start_time(child.pid)
-    assert child_start is not None and not tracking._owner_gone(f"{host}:{child.pid}:{child_start}")
-    child.wait()
-    assert tracking._owner_gone(f"{host}:{child.pid}:{child_start}")
-    assert tracking._owner_gone(f"{host}:{pid}:{int(start) + 1}")  # same pid, another process
-    assert not tracking._owner_gone(f"another-{host}:{child.pid}:{child_start}")
+def test_orphaned_runs_are_closed_only_when_their_owner_process_is_gone(make_params, monkeypatch):
+    """tracking.close_orphaned_runs, which closes a killed `kfer tune`'s parent run: a RUNNING run owned by this
+    process or by a live child stays open, one of a reused pid (same pid, another start time) ends KILLED, so does
+    the child's once it has exited, and a run owned on another host is never judged from here."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = make_params()
+    code = "import sys; from kfer import tracking; print(tracking.owner_tag(), flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=subprocess_env())
+    child_tag = child.stdout.readline().strip()  # then it waits for its stdin to close
+    try:
+        me = tracking.owner_tag()
+        host, pid, start = me.split(":")
+        assert pid == str(os.getpid()) and start != "?" and child_tag.split(":")[:2] == [host, str(child.pid)]
+        owners = {"me": me, "child": child_tag, "reused pid": f"{host}:{pid}:{int(start) + 1}",
+                  "other host": f"another-{child_tag}"}
+        exp_id = tracking.setup(params, "owners")
+        client = mlflow.MlflowClient()
+        runs = {name: client.create_run(exp_id, tags={"kfer.stage": "tune", tracking.OWNER_TAG: owner}).info.run_id
+                for name, owner in owners.items()}
+        assert tracking.close_orphaned_runs(params, "owners", "tune") == [runs["reused pid"]]
+    finally:
+        child.communicate("", timeout=60)  # the child exits
+    assert tracking.close_orphaned_runs(params, "owners", "tune") == [runs["child"]]
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"me": "RUNNING", "child": "KILLED", "reused pid": "KILLED", "other host": "RUNNING"}
+    assert client.get_run(runs["child"]).data.tags["kfer.end_reason"] == f"owner process {child_tag} gone (killed)"
 
 
 @pytest.mark.training
