@@ -18,15 +18,14 @@ from hypothesis import strategies as st
 from kfer.data import augment
 from kfer.data.augment import (
     WarpParams,
-    _add_noise,
-    _affine_matrix,
-    _warp,
+    add_noise,
     augment_image,
     normal_table,
     rng_for,
     run_augment,
     sample_warp,
     standard_normal_field,
+    warp,
 )
 from tests.helpers import AUGMENT_CLASSES, augment_cfg, augment_project
 
@@ -144,7 +143,7 @@ def test_warp_matches_keras_apply_affine_transform(case, fill_mode):
         order=1,
         **case,
     )[:, :, 0]
-    ours = _warp(img, WarpParams(**case), fill_mode)
+    ours = warp(img, WarpParams(**case), fill_mode)
     diff = np.abs(ours.astype(np.float64) - expected)
     assert diff[6:-6, 6:-6].mean() < 0.5  # interior: rounding and cv2's 1/32-pixel fixed point only
     # Borders included, except the outermost pixel: at exact multiples of 90 degrees, scipy's "constant" mode
@@ -152,16 +151,16 @@ def test_warp_matches_keras_apply_affine_transform(case, fill_mode):
     assert diff[1:-1, 1:-1].mean() < 2.0
 
 
-def test_affine_matrix_is_identity_for_neutral_parameters():
-    np.testing.assert_allclose(_affine_matrix(30, 50), [[1, 0, 0], [0, 1, 0]], atol=1e-12)
+def test_neutral_warp_is_the_identity():
     img = np.random.default_rng(3).integers(0, 256, (30, 50), dtype=np.uint8)
-    assert _warp(img, WarpParams()).tobytes() == img.tobytes()
+    for fill_mode in ("nearest", "reflect", "wrap", "constant"):
+        assert warp(img, WarpParams(), fill_mode).tobytes() == img.tobytes(), fill_mode
 
 
 def test_rotation_90_degrees_is_counter_clockwise_quarter_turn():
     img = np.zeros((64, 64), np.uint8)
     img[6:10, 30:34] = 255  # a marker above the centre
-    out = _warp(img, WarpParams(theta=90.0))
+    out = warp(img, WarpParams(theta=90.0))
     assert np.array_equal(out, np.rot90(img))  # Keras: positive theta turns counter-clockwise
     x, y = blob_centroid(out)
     assert x < 16 and abs(y - 31.5) < 1  # the top marker is now on the left
@@ -169,7 +168,7 @@ def test_rotation_90_degrees_is_counter_clockwise_quarter_turn():
 
 def test_rotation_about_centre_of_non_square_image():
     img = np.random.default_rng(0).integers(0, 256, (20, 33), dtype=np.uint8)
-    assert np.array_equal(_warp(img, WarpParams(theta=180.0)), img[::-1, ::-1])
+    assert np.array_equal(warp(img, WarpParams(theta=180.0)), img[::-1, ::-1])
 
 
 def test_sampled_rotation_is_in_degrees():
@@ -226,7 +225,7 @@ def test_horizontal_flip_only_when_enabled():
 
 def test_noise_is_min_max_renormalized():
     img = (smooth_image() // 4 + 60).astype(np.uint8)  # low contrast: 60..123
-    out = _add_noise(img, 3.0, standard_normal_field(np.random.default_rng(0), img.shape))
+    out = add_noise(img, 3.0, standard_normal_field(np.random.default_rng(0), img.shape))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
     cfg = augment_cfg(rotation_deg=0.0, shift=0.0, shear_deg=0.0, zoom=0.0, horizontal_flip=False, noise_sigma=(4, 4))
     out = augment_image(img, rng_for(0, "n", 1), cfg)
@@ -252,9 +251,9 @@ def test_noise_field_is_a_quantized_standard_normal():
 
 def test_zero_sigma_adds_no_noise_and_no_stretch():
     img = (smooth_image() // 4 + 60).astype(np.uint8)
-    assert _add_noise(img, 0.0, np.ones(img.shape)).tobytes() == img.tobytes()
+    assert add_noise(img, 0.0, np.ones(img.shape)).tobytes() == img.tobytes()
     const = np.full((8, 8), 77, np.uint8)
-    assert _add_noise(const, 0.0, np.ones(const.shape)).tobytes() == const.tobytes()
+    assert add_noise(const, 0.0, np.ones(const.shape)).tobytes() == const.tobytes()
 
 
 def _reference_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray) -> np.ndarray:
@@ -280,23 +279,23 @@ def test_in_place_noise_gives_the_reference_bytes(h, w, sigma, kind, seed):
     z = standard_normal_field(rng, (h, w))
     expected = _reference_noise(img, sigma, z)
     kept = z.copy()
-    assert _add_noise(img, sigma, z).tobytes() == expected.tobytes()
+    assert add_noise(img, sigma, z).tobytes() == expected.tobytes()
     assert np.array_equal(z, kept)  # overwrite=False leaves the field alone
-    out = _add_noise(img, sigma, z, overwrite=True)  # uses z as its work buffer
+    out = add_noise(img, sigma, z, overwrite=True)  # uses z as its work buffer
     assert out.dtype == np.uint8 and out.shape == img.shape and out.tobytes() == expected.tobytes()
     assert not np.shares_memory(out, z)
 
 
 @pytest.mark.parametrize("fill_mode", ["nearest", "constant"])
 def test_augment_image_is_the_warp_then_the_reference_noise(fill_mode):
-    """augment_image = the draws in their documented order, _warp, then the noise step as first written."""
+    """augment_image = the draws in their documented order, warp, then the noise step as first written."""
     cfg = augment_cfg(fill_mode=fill_mode)
     img = smooth_image(56, 56)
     for k in range(1, 6):
         rng = rng_for(3, "faces/a.png", k)
         p = sample_warp(rng, 56, 56, cfg, 1.0)
         sigma = float(rng.uniform(*cfg.noise_sigma))
-        expected = _reference_noise(_warp(img, p, fill_mode), sigma, standard_normal_field(rng, (56, 56)))
+        expected = _reference_noise(warp(img, p, fill_mode), sigma, standard_normal_field(rng, (56, 56)))
         assert augment_image(img, rng_for(3, "faces/a.png", k), cfg).tobytes() == expected.tobytes()
 
 
@@ -422,9 +421,28 @@ def test_module_does_not_import_tensorflow():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_output_stems_disambiguate_collisions():
-    rows = pd.DataFrame(
-        {"path": ["a/joy/x.png", "b/joy/x.png", "a/joy/y.png", "a/anger/x.png"], "label": ["joy", "joy", "joy", "anger"]}
-    )
-    stems = augment._output_stems(rows)
-    assert stems[2:] == ["y", "x"] and stems[0] != stems[1] and all(s.startswith("x__") for s in stems[:2])
+def test_run_augment_keeps_apart_originals_of_one_name_and_class(tmp_path):
+    """Two train crops of one class with the same file name (from two folders) get distinct copy names (the name plus
+    a short hash of its path), each copy made from its own original; a name shared across classes needs no hash."""
+    params = augment_project(tmp_path, copies=1)
+    splits = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str)
+    rng = np.random.default_rng(7)
+    extra = []
+    for rel, label in (("data/other/joy/p0_joy.png", "joy"), ("data/other/anger/p0_joy.png", "anger")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), cv2.GaussianBlur(rng.integers(0, 256, (24, 24), dtype=np.uint8), (5, 5), 0))
+        extra.append({"path": rel, "label": label, "group": "person7", "split": "train"})
+    pd.concat([splits, pd.DataFrame(extra)]).to_csv(tmp_path / "data" / "splits.csv", index=False)
+    run_augment(params)
+
+    man = pd.read_csv(tmp_path / "data" / "augmented" / "manifest.csv", dtype=str, keep_default_na=False)
+    copies = man[man["copy"] == "1"].set_index("source")["path"]
+    twins = [Path(copies[src]) for src in ("data/cropped/joy/p0_joy.png", "data/other/joy/p0_joy.png")]
+    assert twins[0] != twins[1]
+    assert all(p.parent.as_posix() == "data/augmented/train/joy" and p.name.startswith("p0_joy__") for p in twins)
+    assert copies["data/other/anger/p0_joy.png"] == "data/augmented/train/anger/p0_joy__aug1.png"
+    assert copies["data/cropped/joy/p1_joy.png"] == "data/augmented/train/joy/p1_joy__aug1.png"
+    for src, path in copies.items():
+        original = cv2.imread(str(tmp_path / src), cv2.IMREAD_GRAYSCALE)
+        expected = augment_image(original, rng_for(params.seed, src, 1), params.augment)
+        assert np.array_equal(cv2.imread(str(tmp_path / path), cv2.IMREAD_UNCHANGED), expected), src

@@ -43,7 +43,7 @@ SPLIT_COLUMNS = ("path", "label", "group", "split")
 TRAIN_DIR = "train"
 
 #: Keras fill_mode -> OpenCV border mode. scipy's "nearest" and "reflect" (half-sample mirror) are exactly
-#: cv2's REPLICATE and REFLECT; "constant" is emulated in :func:`_warp` to match scipy (cval, no edge blending);
+#: cv2's REPLICATE and REFLECT; "constant" is emulated in :func:`warp` to match scipy (cval, no edge blending);
 #: "wrap" is the true periodic wrap (scipy's "grid-wrap"), not scipy's overlapping-edge "wrap".
 BORDER_MODES = {
     "nearest": cv2.BORDER_REPLICATE,
@@ -121,7 +121,7 @@ def _affine_matrix(
     return (offset @ m @ reset)[:2]
 
 
-def _warp(img: np.ndarray, p: WarpParams, fill_mode: str = "nearest", cval: float = 0.0) -> np.ndarray:
+def warp(img: np.ndarray, p: WarpParams, fill_mode: str = "nearest", cval: float = 0.0) -> np.ndarray:
     """Apply ``p`` to a 2-D image with one ``cv2.warpAffine`` (bilinear), then the optional flip."""
     if fill_mode not in BORDER_MODES:
         raise ValueError(f"unknown fill_mode {fill_mode!r}; expected one of {sorted(BORDER_MODES)}")
@@ -193,7 +193,7 @@ def standard_normal_field(rng: np.random.Generator, shape: tuple[int, ...]) -> n
     return np.take(normal_table(), levels)
 
 
-def _add_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray, overwrite: bool = False) -> np.ndarray:
+def add_noise(img: np.ndarray, sigma: float, standard_normal: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Add N(0, sigma) noise (0..255 units) in float32, min-max renormalize to [0, 255], round to uint8.
 
     ``sigma == 0`` returns the image unchanged (no renormalization). A constant result (max == min) cannot be
@@ -261,8 +261,8 @@ def augment_image(
     p = sample_warp(rng, h, w, cfg, s)
     sigma = float(rng.uniform(cfg.noise_sigma[0], cfg.noise_sigma[1])) * s
     standard_normal = standard_normal_field(rng, (h, w))
-    out = _warp(np.ascontiguousarray(img), p, cfg.fill_mode)
-    return _add_noise(out, sigma, standard_normal, overwrite=True)  # the field is ours: its buffer is reused
+    out = warp(np.ascontiguousarray(img), p, cfg.fill_mode)
+    return add_noise(out, sigma, standard_normal, overwrite=True)  # the field is ours: its buffer is reused
 
 
 class OnTheFlyAugment:
