@@ -46,12 +46,18 @@ def test_recipe_params_are_checked(make_params):
 
 
 def test_weight_decay_spares_batch_norm_and_biases(make_params):
+    """One optimizer step with zero gradients: only weight decay moves a variable, and it moves the kernels alone
+    (every variable set to 1 first, so that a decayed bias, beta or gamma would show)."""
     model = build_resnet(16, 3, blocks=(1,), base_width=2, head_units=4)
+    variables = model.trainable_variables
     for opt_name in ("adamw", "sgd"):
         opt = make_optimizer(make_params({"train": {"optimizer": opt_name, "weight_decay": 0.05}}))
-        opt.build(model.trainable_variables)
-        decayed = {v.name for v in model.trainable_variables if opt._use_weight_decay(v)}
-        assert decayed == {"kernel"}, (opt_name, decayed)
+        for v in variables:
+            v.assign(np.ones(v.shape, "float32"))
+        opt.apply_gradients([(np.zeros(v.shape, "float32"), v) for v in variables])
+        moved = {v.name for v in variables if not np.all(v.numpy() == 1.0)}
+        assert moved == {"kernel"}, (opt_name, moved)
+        assert all((v.numpy() < 1.0).all() for v in variables if v.name == "kernel"), opt_name  # towards 0
     sgd = make_optimizer(make_params({"train": {"optimizer": "sgd"}}))
     assert sgd.nesterov and sgd.momentum == 0.9 and not sgd.weight_decay
 
