@@ -42,7 +42,7 @@ from pathlib import Path
 import click
 import yaml
 
-from kfer.cli import _parse_sets
+from kfer.cli import parse_sets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import REPO, alternating, in_project_dir, kfer, mean_sd, paired, shared_data, write_project  # noqa: E402
@@ -278,7 +278,7 @@ def parse(argv):
              "model.blocks": [int(b) for b in args.blocks.split(",")] if args.blocks else None}
     sets = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + args.sets
     try:  # the `kfer --set` parser: the same KEY=VALUE syntax and YAML values
-        args.overrides = _parse_sets(tuple(sets))
+        args.overrides = parse_sets(tuple(sets))
     except click.BadParameter as exc:
         ap.error(exc.format_message())
     args.without = [s for s in args.without.split(",") if s]

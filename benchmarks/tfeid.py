@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_faces as rf  # noqa: E402 - the recipe, the project writer and the scorer, one home
 from harness import in_project_dir, ints, kfer, mean_sd, paired, write_project  # noqa: E402
 
+from kfer.cli import parse_sets  # noqa: E402
 from kfer.config import deep_merge  # noqa: E402
 
 SOURCE = "tfeid"
@@ -73,7 +74,7 @@ def parse(argv):
         args.policies = args.policies.split(",")
         if bad := sorted(set(args.policies) - set(POLICIES)):
             pol.error(f"--policies: {bad} are not {POLICIES}")
-    args.overrides = rf._parse_sets(tuple([f"train.epochs={args.epochs}", *args.sets]))
+    args.overrides = parse_sets(tuple([f"train.epochs={args.epochs}", *args.sets]))
     return args
 
 

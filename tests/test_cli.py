@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kfer.cli import _overrides, _parse_sets, main
+from kfer.cli import main, merged_overrides, parse_sets
 from kfer.config import load_params
 from tests.helpers import REPO
 
@@ -29,7 +29,7 @@ def test_help_lists_every_stage():
 
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
-    sets = _parse_sets(("train.epochs=3", "model.blocks=[1, 1]", "model.kernel_initializer=glorot_uniform",
+    sets = parse_sets(("train.epochs=3", "model.blocks=[1, 1]", "model.kernel_initializer=glorot_uniform",
                         "train.learning_rate=1e-4"))
     p = load_params(REPO / "params.yaml", overrides=sets)
     assert p.train.epochs == 3 and p.model.blocks == (1, 1) and p.train.learning_rate == 1e-4
@@ -54,14 +54,14 @@ def test_merge_layers_a_params_file_over_params_yaml_before_set(tmp_path):
                                                  "sad")} | {"smile": "joy"}},
         "train": {"epochs": 3, "batch_size": 8}}, allow_unicode=True), encoding="utf-8")
     second.write_text("train: {epochs: 4}\n", encoding="utf-8")
-    over = _overrides((str(first), str(second)), ("train.epochs=5",))
+    over = merged_overrides((str(first), str(second)), ("train.epochs=5",))
     assert over["train"] == {"epochs": 5, "batch_size": 8}
     p = load_params(REPO / "params.yaml", overrides=over)
     assert p.class_names == ["joy", "neutral"] and (p.train.epochs, p.train.batch_size) == (5, 8)
     assert p.map_label("smile") == "joy" and p.map_label("happy") == "joy" and p.map_label("상처") is None
     assert p.model.blocks == load_params(REPO / "params.yaml").model.blocks  # what no layer sets stays
 
-    recipe = load_params(REPO / "params.yaml", overrides=_overrides((str(REPO / "recipes/real-faces.yaml"),), ()))
+    recipe = load_params(REPO / "params.yaml", overrides=merged_overrides((str(REPO / "recipes/real-faces.yaml"),), ()))
     assert "hurt" not in recipe.class_names and len(recipe.classes) == 6 and recipe.map_label("상처") is None
     assert {k: s.split for k, s in recipe.data.sources.items()} == {
         "fer2013": "heldout", "fer2013_train": "train", "ckplus": "auto", "tfeid": "auto", "muxspace": "auto"}

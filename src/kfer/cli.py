@@ -23,7 +23,7 @@ def _params(ctx: click.Context):
     return load_params(ctx.obj["params"], overrides=ctx.obj["overrides"])
 
 
-def _parse_sets(values: tuple[str, ...]) -> dict:
+def parse_sets(values: tuple[str, ...]) -> dict:
     """``("train.epochs=3", "model.head_units=0")`` -> nested dict with YAML-typed values."""
     import yaml
 
@@ -44,7 +44,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return out
 
 
-def _overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
+def merged_overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
     """The ``--merge`` files (each a mapping in params.yaml's layout), then the ``--set`` values, deep-merged in
     order into one nested dict."""
     import yaml
@@ -61,7 +61,7 @@ def _overrides(layers: tuple[str, ...], sets: tuple[str, ...]) -> dict:
             raise click.BadParameter(f"{path}: expected a mapping of params keys (crop:, train:, ...)",
                                      param_hint="--merge")
         out = deep_merge(out, layer)
-    return deep_merge(out, _parse_sets(sets))
+    return deep_merge(out, parse_sets(sets))
 
 
 class _OneLine(click.ClickException):
@@ -111,7 +111,7 @@ def main(ctx: click.Context, params_path: str, layers: tuple[str, ...], sets: tu
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    ctx.obj = {"params": params_path, "overrides": _overrides(layers, sets), "verbose": verbose}
+    ctx.obj = {"params": params_path, "overrides": merged_overrides(layers, sets), "verbose": verbose}
 
 
 @main.command()
