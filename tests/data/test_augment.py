@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
@@ -47,13 +46,14 @@ def blob_centroid(img: np.ndarray) -> tuple[float, float]:
 
 
 def keras_apply_affine_transform():
-    """Keras' own apply_affine_transform (the function behind ImageDataGenerator.apply_transform)."""
-    for mod in ("keras.src.legacy.preprocessing.image", "keras._tf_keras.keras.preprocessing.image"):
-        try:
-            return importlib.import_module(mod).apply_affine_transform
-        except (ImportError, AttributeError):
-            continue
-    pytest.skip("this Keras exposes no apply_affine_transform")
+    """Keras' own apply_affine_transform (the function behind ImageDataGenerator.apply_transform), by its public
+    name in TensorFlow's tf.keras."""
+    import tensorflow as tf
+
+    try:
+        return tf.keras.preprocessing.image.apply_affine_transform
+    except AttributeError:
+        pytest.skip("this TensorFlow's tf.keras has no preprocessing.image.apply_affine_transform")
 
 
 # --- randomness / determinism ------------------------------------------------------------------------------

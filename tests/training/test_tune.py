@@ -499,10 +499,10 @@ def test_gpu_assignment_round_robin_over_visible_gpus(monkeypatch):
 
 @pytest.mark.slow
 def test_spawned_workers_get_their_gpu_before_tensorflow(project):
-    """The real worker path (spawn, workers._worker_main) with a budget of 0, from a fresh process as `kfer tune` is one
-    (this test process may hold other code on sys.path, e.g. a loaded model's code_paths, which spawned children
-    inherit): each child reports the CUDA_VISIBLE_DEVICES it runs with, and TensorFlow was not imported before
-    it was set."""
+    """The real worker path (spawn_workers: spawned processes) with a budget of 0, from a fresh process as `kfer tune`
+    is one (this test process may hold other code on sys.path, e.g. a loaded model's code_paths, which spawned
+    children inherit): each child reports the CUDA_VISIBLE_DEVICES it runs with, and TensorFlow was not imported
+    before it was set."""
     params = project()
     script = textwrap.dedent("""
         import logging, os, sys
