@@ -62,20 +62,32 @@ def test_weight_decay_spares_batch_norm_and_biases(make_params):
     assert sgd.nesterov and sgd.momentum == 0.9 and not sgd.weight_decay
 
 
-def test_mixup_is_a_seeded_convex_blend_within_the_batch():
-    x = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1) * 10
-    y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
-    rows = np.array([5, 1, 2, 3, 4, 0], np.int64)
-    mx, my = (t.numpy() for t in mixup(x, y, rows, 0.4, seed=7))
-    assert np.allclose(my.sum(1), 1.0) and (my >= 0).all()
-    assert not np.allclose(mx, x)  # blended
-    # each image is λ·itself + (1-λ)·a partner with the label weights of the same λ
-    own = my[np.arange(6), [0, 1, 2, 0, 1, 2]]
-    assert ((mx.ravel() >= 0) & (mx.ravel() <= 50)).all() and (own >= 0).all()
-    again = [t.numpy() for t in mixup(x, y, rows, 0.4, seed=7)]
+def test_mixup_blends_each_image_and_its_target_with_one_partner_of_the_batch():
+    """inputs.mixup: row i becomes λᵢ·xᵢ + (1-λᵢ)·x_π(i) and its target the same blend of the two targets, with the
+    same λᵢ; π is a permutation of the batch and λ is drawn per row; the same seed and batch start give the same
+    draws, another batch start (rows[0]) or seed other ones."""
+    n = 8
+    x = np.random.default_rng(0).uniform(0, 255, (n, 3, 3, 1)).astype(np.float32)
+    y = np.eye(n, dtype=np.float32)  # each row's target names the row: a blended target shows the partner and λ
+    rows = np.arange(100, 100 + n, dtype=np.int64)
+
+    def draw(rows, seed):
+        mx, my = (t.numpy() for t in mixup(x, y, rows, 0.4, seed=seed))
+        lam = my[np.arange(n), np.arange(n)]  # the weight of the row's own target
+        others = np.where(np.eye(n, dtype=bool), -1.0, my)
+        partner = np.where(lam > 1 - 1e-6, np.arange(n), others.argmax(1))  # λ = 1: its own partner
+        return mx, my, lam, partner
+
+    mx, my, lam, partner = draw(rows, 7)
+    assert sorted(partner.tolist()) == list(range(n)) and (partner != np.arange(n)).any()  # pairs within the batch
+    assert ((lam >= 0) & (lam <= 1)).all() and len(np.unique(lam)) > n // 2  # one λ per row
+    np.testing.assert_allclose(my, lam[:, None] * y + (1 - lam[:, None]) * y[partner], atol=1e-6)
+    blend = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner]
+    np.testing.assert_allclose(mx, blend, rtol=1e-5, atol=1e-3)  # the images: the same λ and partner
+    again = draw(rows, 7)
     assert np.array_equal(again[0], mx) and np.array_equal(again[1], my)
-    other = mixup(x, y, rows[::-1].copy(), 0.4, seed=7)[0].numpy()  # another batch start: other pairs
-    assert not np.array_equal(other, mx)
+    for other in (draw(rows + 1, 7), draw(rows, 8)):  # another batch start, another seed: other λ and pairs
+        assert not np.allclose(other[2], lam) and not np.array_equal(other[3], partner)
 
 
 def test_mixup_only_blends_training_batches(tmp_path, make_params):
