@@ -44,10 +44,15 @@ def test_resnet50_matches_keras_applications_parameter_count():
     assert glorot.get_layer("conv1_conv").kernel_initializer.__class__.__name__ == "GlorotUniform"
 
 
-def test_class_weights_inverse_frequency(tiny_project):
-    w = class_weights(tiny_project, train_table(tiny_project))
-    assert len(w) == 7 and all(v > 0 for v in w.values())
-    assert abs(sum(w.values()) / 7 - 1.0) < 0.3  # balanced demo data: close to 1 each
+def test_class_weights_are_inverse_frequencies_over_the_classes_present(make_params):
+    import pandas as pd
+
+    params = make_params()
+    names = params.class_names
+    table = pd.DataFrame({"label": [names[2]] * 6 + [names[0]] * 3 + [names[5]]})  # 10 rows of 3 classes
+    expected = {i: 1.0 for i in range(len(names))}  # a class without rows: 1
+    expected.update({2: 10 / (3 * 6), 0: 10 / (3 * 3), 5: 10 / (3 * 1)})  # n / (k · count)
+    assert class_weights(params, table) == pytest.approx(expected)
 
 
 @pytest.mark.training
