@@ -550,8 +550,8 @@ def child_startup(cfg: dict) -> dict:
         df = synthetic_table(cfg["rows"], 2, len(params.classes))
         params.path(params.paths.splits).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(params.path(params.paths.splits), index=False)
-        man = df[["path", "label", "group"]].assign(source=df["path"], copy=0)[
-            ["path", "source", "label", "group", "copy"]]
+        man = df[["path", "label", "group"]].assign(original=df["path"], copy=0)[
+            ["path", "original", "label", "group", "copy"]]
         man_path = params.path(params.paths.augmented) / "manifest.csv"
         man_path.parent.mkdir(parents=True, exist_ok=True)
         man.to_csv(man_path, index=False)

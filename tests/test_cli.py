@@ -223,3 +223,18 @@ def test_train_before_augment_is_one_line(tmp_path):
     line = _one_error_line("\n".join(ln for ln in res.stderr.splitlines() if ln.startswith(("Error", "Trace"))))
     assert line == (f"Error: augmented manifest {tmp_path / 'data/augmented/manifest.csv'} not found: run "
                     "`dvc repro augment` (or `kfer augment`) first")
+
+
+def test_train_on_an_augmented_manifest_with_source_is_one_line(tmp_path):
+    """The augmented manifest's `original` column (the cropped original's path) was named `source` before: such a
+    manifest is one line naming the stage to re-run."""
+    (tmp_path / "params.yaml").write_text(_GOOD, encoding="utf-8")
+    manifest = tmp_path / "data" / "augmented" / "manifest.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("path,source,label,group,copy\ndata/cropped/joy/a.png,data/cropped/joy/a.png,joy,p1,0\n",
+                        encoding="utf-8")
+    res = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "train"])
+    assert res.exit_code == 2, res.output
+    line = _one_error_line("\n".join(ln for ln in res.stderr.splitlines() if ln.startswith(("Error", "Trace"))))
+    assert line == (f"Error: augmented manifest {manifest} lacks column(s) ['original'] (has ['path', 'source', "
+                    "'label', 'group', 'copy']): re-run `dvc repro augment` (or `kfer augment`)")

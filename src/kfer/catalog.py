@@ -8,7 +8,8 @@ The tables, the contract between the data stages and training (paths in them rel
   :data:`CROP_MANIFEST_COLUMNS`: one row per raw path, skipped ones with their reason;
 * ``splits``: ``paths.splits``, written by ``kfer split``, columns :data:`SPLITS_COLUMNS`: one row per face;
 * ``augment_manifest``: ``<paths.augmented>/manifest.csv``, written by ``kfer augment``, columns
-  :data:`AUGMENT_MANIFEST_COLUMNS`: one row per train image (originals and copies).
+  :data:`AUGMENT_MANIFEST_COLUMNS`: one row per train image (originals and copies), ``original`` the cropped
+  original's path (as in ``splits``), ``path`` the image's own (the original's for copy 0).
 
 Every other file of ``params.paths`` (reports, headline metrics, the model, the history) is reached as an
 attribute of the catalog (``Catalog(params).train_run``) and JSON is written with :meth:`Catalog.write_json`.
@@ -40,7 +41,8 @@ CROP_MANIFEST_COLUMNS = (
 #: crop manifest's, so that training and tuning can apply another policy
 SPLITS_COLUMNS = ("path", "label", "group", "source", "split", "label_uploader", "label_majority", "votes",
                   "agreement")
-AUGMENT_MANIFEST_COLUMNS = ("path", "source", "label", "group", "copy")
+#: ``original`` is the cropped original's path; ``source`` (the dataset name) is a column of the other two tables only
+AUGMENT_MANIFEST_COLUMNS = ("path", "original", "label", "group", "copy")
 
 
 @dataclass(frozen=True)

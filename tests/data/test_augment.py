@@ -326,24 +326,24 @@ def test_run_augment_end_to_end(tmp_path):
         "images": 3 * n_good, "skipped": 2}
 
     man = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(man.columns) == ["path", "source", "label", "group", "copy"]
+    assert list(man.columns) == ["path", "original", "label", "group", "copy"]
     assert len(man) == 3 * n_good
     splits = pd.read_csv(tmp_path / "data" / "splits.csv", dtype=str)
-    train_sources = set(splits.loc[splits.split == "train", "path"])
-    assert set(man["source"]) <= train_sources  # val/test never augmented
+    train_originals = set(splits.loc[splits.split == "train", "path"])
+    assert set(man["original"]) <= train_originals  # val/test never augmented
     assert not any("val" in p or "test" in p for p in man["path"])
     for row in man.itertuples(index=False):
         assert (tmp_path / row.path).is_file() and ".tmp-" not in row.path
-        stem = Path(row.source).stem
+        stem = Path(row.original).stem
         if row.copy == "0":  # the original is referenced where the crop stage wrote it, not copied
-            assert row.path == row.source
+            assert row.path == row.original
         else:
             assert row.path.startswith("data/augmented/train/" + row.label + "/")
             assert Path(row.path).name == f"{stem}__aug{row.copy}.png"
             aug = cv2.imread(str(tmp_path / row.path), cv2.IMREAD_UNCHANGED)
-            src = cv2.imread(str(tmp_path / row.source), cv2.IMREAD_GRAYSCALE)
+            src = cv2.imread(str(tmp_path / row.original), cv2.IMREAD_GRAYSCALE)
             assert aug.shape == src.shape and aug.dtype == np.uint8
-            expected = augment_image(src, rng_for(params.seed, row.source, int(row.copy)), params.augment)
+            expected = augment_image(src, rng_for(params.seed, row.original, int(row.copy)), params.augment)
             assert np.array_equal(aug, expected)
     files_on_disk = {p.relative_to(tmp_path).as_posix() for p in out.rglob("*.png")}
     assert files_on_disk == set(man.loc[man["copy"] != "0", "path"])  # only the augmented copies are written
@@ -363,7 +363,7 @@ def test_run_augment_strength_zero_copies_are_originals(tmp_path):
     params = augment_project(tmp_path, copies=1, extra={"strength": 0.0})
     run_augment(params)
     man = pd.read_csv(tmp_path / "data" / "augmented" / "manifest.csv", dtype=str)
-    for src, grp in man.groupby("source"):
+    for src, grp in man.groupby("original"):
         imgs = [cv2.imread(str(tmp_path / p), cv2.IMREAD_UNCHANGED) for p in grp["path"]]
         assert len(imgs) == 2 and np.array_equal(imgs[0], imgs[1]), src
 
@@ -436,7 +436,7 @@ def test_run_augment_keeps_apart_originals_of_one_name_and_class(tmp_path):
     run_augment(params)
 
     man = pd.read_csv(tmp_path / "data" / "augmented" / "manifest.csv", dtype=str, keep_default_na=False)
-    copies = man[man["copy"] == "1"].set_index("source")["path"]
+    copies = man[man["copy"] == "1"].set_index("original")["path"]
     twins = [Path(copies[src]) for src in ("data/cropped/joy/p0_joy.png", "data/other/joy/p0_joy.png")]
     assert twins[0] != twins[1]
     assert all(p.parent.as_posix() == "data/augmented/train/joy" and p.name.startswith("p0_joy__") for p in twins)

@@ -142,7 +142,7 @@ def test_on_the_fly_augmentation_is_the_augment_stage(project):
                       augment=OnTheFlyAugment(params, table, params.augment.strength))
     got = np.concatenate([x.numpy() for x, _ in ds]).astype(np.uint8)[..., 0]
     manifest = pd.read_csv(params.path(params.paths.augmented) / "manifest.csv", dtype=str, keep_default_na=False)
-    stage = {(r.source, int(r.copy)): r.path for r in manifest.itertuples()}
+    stage = {(r.original, int(r.copy)): r.path for r in manifest.itertuples()}
     for i, row in enumerate(table.itertuples()):
         expected = files.read_image_gray(params.path(stage[(row.path, row.copy)]))
         np.testing.assert_array_equal(got[i], expected, err_msg=f"{row.path} copy {row.copy}")
@@ -182,7 +182,7 @@ def test_fresh_augmentation_draws_new_copies_every_epoch(project):
     params = project({"train": {"fresh_augmentation": True, "epochs": 3}})
     manifest = train_table(params)
     rows, fn = augmentation(params, manifest)
-    assert list(rows["path"]) == list(manifest["source"]) and list(rows["copy"]) == list(manifest["copy"])
+    assert list(rows["path"]) == list(manifest["original"]) and list(rows["copy"]) == list(manifest["copy"])
     off_rows, off_fn = augmentation(project(), manifest)
     assert off_fn is None and off_rows is manifest  # off: the stage's files as they are
 

@@ -401,7 +401,7 @@ def run_augment(params: Params) -> dict:
                     continue
                 for copy, name in written:
                     path = row.path if name is None else params.rel(target / TRAIN_DIR / row.label / name)
-                    out.writerow({"path": path, "source": row.path, "label": row.label, "group": row.group,
+                    out.writerow({"path": path, "original": row.path, "label": row.label, "group": row.group,
                                   "copy": copy})
                     per_class[row.label] += 1
                     if copy == 0:

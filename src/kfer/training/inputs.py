@@ -16,9 +16,9 @@ from kfer.data.policy import OPINION_COLUMNS, hard_labels, targets
 
 
 def train_table(params: Params) -> pd.DataFrame:
-    """The augmented manifest's rows, each with its original's opinions (``splits.csv``, by the ``source`` column)
-    for the soft policy's targets."""
-    manifest = Catalog(params).read("augment_manifest", ("path", "label"))
+    """The augmented manifest's rows (every column of its contract, else one error naming the stage to re-run),
+    each with its original's opinions (``splits.csv``, by the ``original`` column) for the soft policy's targets."""
+    manifest = Catalog(params).read("augment_manifest")
     if params.data.label_policy != "soft":
         return manifest
     return pd.concat([manifest.reset_index(drop=True), of_originals(params, manifest, OPINION_COLUMNS)], axis=1)
@@ -26,13 +26,13 @@ def train_table(params: Params) -> pd.DataFrame:
 
 def of_originals(params: Params, manifest: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
     """``columns`` of ``splits.csv`` for each augmented-manifest row, from the row of its cropped original (the
-    manifest's ``source`` column), in the manifest's order."""
+    manifest's ``original`` column), in the manifest's order."""
     splits = Catalog(params).read("splits", ("path", *columns)).set_index("path")
-    missing = ~manifest["source"].isin(splits.index)
+    missing = ~manifest["original"].isin(splits.index)
     if missing.any():
         raise ValueError(f"{int(missing.sum())} rows of the augmented manifest are not in {params.paths.splits}: "
                          "re-run kfer augment")
-    return splits.loc[manifest["source"], list(columns)].reset_index(drop=True)
+    return splits.loc[manifest["original"], list(columns)].reset_index(drop=True)
 
 
 def split_table(params: Params, split: str) -> pd.DataFrame:
@@ -60,14 +60,14 @@ def target_matrix(params: Params, table: pd.DataFrame, training: bool) -> np.nda
 
 def augmentation(params: Params, table: pd.DataFrame) -> tuple[pd.DataFrame, Callable | None]:
     """(rows, augment) for :func:`make_dataset` over rows of the augmented manifest: the stage's files as they are
-    (no augment), or with ``train.fresh_augmentation`` each row read from its cropped original (``source``) and
+    (no augment), or with ``train.fresh_augmentation`` each row read from its cropped original (``original``) and
     augmented on the fly with new draws every epoch (:class:`kfer.data.augment.OnTheFlyAugment`; epoch 0 is byte for
     byte the stage's files)."""
     if not params.train.fresh_augmentation:
         return table, None
     from kfer.data.augment import OnTheFlyAugment
 
-    rows = table.assign(path=table["source"]).reset_index(drop=True)
+    rows = table.assign(path=table["original"]).reset_index(drop=True)
     return rows, OnTheFlyAugment(params, rows, params.augment.strength, fresh=True)
 
 
