@@ -4,10 +4,13 @@ module imports these from here, never from another test module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +174,34 @@ def save_intensity_model(params, sharpness: float = 200.0):
     return model
 
 
+@contextlib.contextmanager
+def store_folder(root: Path) -> Iterator[None]:
+    """For a module's own MLflow store under ``root``: no MLFLOW_TRACKING_URI from the environment and ``root`` as the
+    working folder (whatever MLflow writes to ./mlruns stays there) while it lasts; then MLflow forgets the store and
+    both are put back."""
+    import mlflow
+
+    old_env, old_cwd = os.environ.pop(MLFLOW_ENV, None), Path.cwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # forget the store (this also unsets the variable MLflow exported)
+        os.chdir(old_cwd)
+        if old_env is None:
+            os.environ.pop(MLFLOW_ENV, None)
+        else:
+            os.environ[MLFLOW_ENV] = old_env
+
+
 # --- subprocesses ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (a server started later may still find it taken)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a ``kfer``, ``dvc``, ``mlflow`` or ``python`` subprocess: this process's without

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 
 from kfer.cli import main, merged_overrides, parse_sets
 from kfer.config import load_params
-from tests.helpers import REPO
+from tests.helpers import REPO, subprocess_env
 
 STAGES = {"crop", "split", "augment", "train", "evaluate", "register", "predict", "demo-data"}
 
@@ -189,9 +188,8 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def _kfer(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([sys.executable, "-m", "kfer.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "kfer.cli", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_the_real_cli_prints_one_line_and_exits_2(tmp_path):

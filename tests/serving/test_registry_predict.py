@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,16 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import MLFLOW_ENV, SHARED_DATA, params_at, shared_dir, subprocess_env, tiny_model
+from tests.helpers import (
+    MLFLOW_ENV,
+    SHARED_DATA,
+    free_port,
+    params_at,
+    shared_dir,
+    store_folder,
+    subprocess_env,
+    tiny_model,
+)
 
 SERVER_START_TIMEOUT_S = 120
 
@@ -58,9 +66,7 @@ def store(tmp_path_factory):
     from kfer.serving.publish import log_models
 
     root = tmp_path_factory.mktemp("registry")
-    old_env, old_cwd = os.environ.pop(MLFLOW_ENV, None), Path.cwd()
-    os.chdir(root)  # whatever MLflow writes to ./mlruns stays in the test folder
-    try:
+    with store_folder(root):
         write_lineage(root)  # every run below gets these hashes as tags (tracking.lineage_tags)
         params = params_at(root)
         uri = tracking.tracking_uri(params)
@@ -93,13 +99,6 @@ def store(tmp_path_factory):
             mlflow.log_metrics({"best_val_macro_f1": 0.9, "best_val_loss": 2.0})
         runs["other"] = run.info.run_id
         yield {"params": params, "runs": runs, "uri": uri, "root": root}
-    finally:
-        mlflow.set_tracking_uri(None)  # forget the store (this also unsets the variable MLflow exported)
-        os.chdir(old_cwd)
-        if old_env is None:
-            os.environ.pop(MLFLOW_ENV, None)
-        else:
-            os.environ[MLFLOW_ENV] = old_env
 
 
 def versions(name: str):
@@ -293,12 +292,6 @@ def test_predict_photos_real_photo(face_photos, store, tmp_path):
     assert [f["label"] for f in again[0]["faces"]] == [f["label"] for f in two["faces"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -316,7 +309,7 @@ def test_model_server_serves_the_champion(store, tmp_path):
     params = store["params"]
     register(params)
     name = params.train.registered_model
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     # `mlflow models serve` execs `uvicorn` by name: subprocess_env puts the venv's bin on PATH
     env = subprocess_env(**{MLFLOW_ENV: store["uri"]}, MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")

@@ -9,13 +9,12 @@ which 12 and 14 show no face; both faces come back after those 2 missed samples 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import MLFLOW_ENV, params_at, tiny_model
+from tests.helpers import params_at, store_folder, tiny_model
 
 FPS, N_FRAMES = 10.0, 30
 GAP = range(12, 15)  # frames without a face
@@ -51,22 +50,13 @@ def photo_model(tmp_path_factory):
     from kfer.serving.publish import log_models
 
     root = tmp_path_factory.mktemp("video-store")
-    old_env, old_cwd = os.environ.pop(MLFLOW_ENV, None), Path.cwd()
-    os.chdir(root)
-    try:
+    with store_folder(root):
         params = params_at(root)
         mlflow.set_tracking_uri(tracking.tracking_uri(params))
         with tracking.tracked_run(params, "video-model"):
             uri = log_models(tiny_model(len(params.classes), 7), params)["model_uri"]
         params_file = next(root.glob("params-*.yaml"))
         yield params_file, uri, load_photo_model(uri, params)
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.chdir(old_cwd)
-        if old_env is None:
-            os.environ.pop(MLFLOW_ENV, None)
-        else:
-            os.environ[MLFLOW_ENV] = old_env
 
 
 def _kfer(photo_model, *args):

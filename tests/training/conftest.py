@@ -13,12 +13,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
 INSTALL_HINT = ("install the PostgreSQL server: `apt-get install postgresql` (Debian/Ubuntu; binaries in "
@@ -37,12 +38,6 @@ def _server_bin() -> Path | None:
         if all((folder / tool).is_file() for tool in SERVER_TOOLS):
             return folder
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -85,7 +80,7 @@ def postgres_url(tmp_path):
         pg("initdb", "-D", str(data), "-U", "kfer", "--pwfile", str(pwfile), "--auth=scram-sha-256",
            "--encoding=UTF8", "--no-locale", "--no-sync")
         for _ in range(3):  # the port is free when chosen; another process could take it before the server does
-            port = _free_port()
+            port = free_port()
             opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' -c fsync=off"
             proc = pg("pg_ctl", "-D", str(data), "-l", str(log_file), "-o", opts, "-w", "-t", "60", "start",
                       check=False)
