@@ -18,7 +18,7 @@ from PIL import Image
 
 from kfer.catalog import MANIFEST_NAME as MANIFEST
 from kfer.data.crop import run_crop
-from tests.helpers import shared_dir
+from tests.helpers import shared_dir, subprocess_env
 
 KO = {"joy": "기쁨", "anger": "분노", "sadness": "슬픔", "neutral": "중립"}
 
@@ -150,8 +150,7 @@ def test_interrupted_crop_leaves_previous_output_whole(tmp_path, make_params):
     for p in raw.iterdir():
         p.unlink()
     make_aihub_raw(raw, persons=6, per_class=12, seed=3)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and not any(
@@ -215,9 +214,8 @@ def test_nothing_usable_is_one_line_from_the_cli_and_keeps_the_old_output(tmp_pa
     before = sorted(p.name for p in (tmp_path / "data" / "cropped").rglob("*"))
     for p in raw.glob("*.jpg"):
         p.write_bytes(b"")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kfer.cli", "crop"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error")]
     assert len(err) == 1 and "empty_file 4" in err[0] and "Traceback" not in proc.stderr
