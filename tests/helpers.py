@@ -174,6 +174,8 @@ def save_intensity_model(params, sharpness: float = 200.0):
     return model
 
 
+# --- MLflow stores ---------------------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def store_folder(root: Path) -> Iterator[None]:
     """For a module's own MLflow store under ``root``: no MLFLOW_TRACKING_URI from the environment and ``root`` as the
