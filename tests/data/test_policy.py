@@ -117,18 +117,21 @@ def test_agreement_tally_per_uploader_class():
 
 # --- a rater-vote table beside folder-layout images (TFEID's manifest.csv) ------------------------------------
 
-def _votes_project(tmp_path, make_params, rows, extra=None):
-    raw = tmp_path / "data" / "raw"
-    for rel, *_ in rows:
+def _raw_with_table(raw, name: str, header: list[str], images, rows) -> None:
+    """Placeholder files for ``images`` (the readers decode no pixels) and the table ``name`` of ``rows``."""
+    for rel in images:
         (raw / rel).parent.mkdir(parents=True, exist_ok=True)
         (raw / rel).write_bytes(b"\x89PNG not decoded by the readers")
-    with open(raw / "manifest.csv", "w", encoding="utf-8", newline="") as fh:
+    with open(raw / name, "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["file", "label", "vote_happy", "vote_angry", "vote_disgust", "vote_peace", "vote_top"])
-        for rel, *votes in rows:
-            w.writerow([rel, rel.split("/")[0], *votes])
-        for line in extra or ():
-            w.writerow(line)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _votes_project(tmp_path, make_params, rows, extra=None):
+    _raw_with_table(tmp_path / "data" / "raw", "manifest.csv",
+                    ["file", "label", "vote_happy", "vote_angry", "vote_disgust", "vote_peace", "vote_top"],
+                    [rel for rel, *_ in rows], [*((rel, rel.split("/")[0], *v) for rel, *v in rows), *(extra or ())])
     return make_params({"data": {"layout": "folders", "group": {"source": "regex", "pattern": r"^(\d{2})"},
                                  "votes": {"file": "manifest.csv", "key": "file", "prefix": "vote_"},
                                  "label_map": {"happy": "joy", "angry": "anger", "peace": "neutral"}}})
@@ -170,13 +173,10 @@ def test_a_face_whose_largest_share_is_no_class_is_dropped_by_reason(tmp_path, m
             ("angry/d.png", "0.0", "0.4", "0.0", "0.0", "0.4"),  # a class ties the top: the tie rule, kept
             ("angry/e.png", "0.0", "0.4", "0.2", "0.2", "0.2"),  # a class on top: kept
             ("angry/f.png", "0.0", "0.0", "0.0", "0.5", "0.5")]  # nf ties unknown: still not a face
-    for rel, *_ in rows:
-        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
-        (raw / rel).write_bytes(b"x")
-    with open(raw / "votes.csv", "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "vote_happy", "vote_angry", "vote_disgust", "vote_unknown", "vote_nf", "ferplus_name"])
-        w.writerows([*rows, ("gone/x.png", "1", "0", "0", "0", "0", ""), ("angry/e.png", "1", "0", "0", "0", "0", ""),
+    _raw_with_table(raw, "votes.csv",
+                    ["file", "vote_happy", "vote_angry", "vote_disgust", "vote_unknown", "vote_nf", "ferplus_name"],
+                    [rel for rel, *_ in rows],
+                    [*rows, ("gone/x.png", "1", "0", "0", "0", "0", ""), ("angry/e.png", "1", "0", "0", "0", "0", ""),
                      ("happy/a.png", "1", "0", "0", "0", "0", "")])
     params = make_params({"data": {"layout": "folders", "group": {"source": "none"},
                                    "votes": {"file": "votes.csv", "key": "file", "prefix": "vote_"},
