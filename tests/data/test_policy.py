@@ -273,6 +273,7 @@ def test_min_agreement_drops_train_photos_only_and_counts_them(tmp_path, make_pa
     assert json.loads((tmp_path / "reports" / "split.json").read_text(encoding="utf-8"))["min_agreement"] == 3
 
 
+@pytest.mark.realdata
 def test_ferplus_votes_on_real_fer2013_faces(tmp_path, make_params):
     """The real FER+ table (10 crowd votes per FER2013 face) read as data.votes beside real FER2013 files: the faces
     FER+ calls not a face, unknown or contempt are dropped by reason, a fear face ten raters call neutral trains as
