@@ -64,7 +64,8 @@ def test_merge_layers_a_params_file_over_params_yaml_before_set(tmp_path):
     assert "hurt" not in recipe.class_names and len(recipe.classes) == 6 and recipe.map_label("상처") is None
     assert {k: s.split for k, s in recipe.data.sources.items()} == {
         "fer2013": "heldout", "fer2013_train": "train", "ckplus": "auto", "tfeid": "auto", "muxspace": "auto"}
-    assert recipe.data.label_policy == "majority" and recipe.data.sources["fer2013"].votes.file == "ferplus_votes.csv"
+    assert (recipe.data.label_policy, recipe.data.soft_uploader_weight) == ("soft", 0.0)  # FER+'s distribution
+    assert recipe.data.sources["fer2013"].votes.file == "ferplus_votes.csv"
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kernel_initializer: zeros}\n", encoding="utf-8")
