@@ -140,12 +140,17 @@ def child_ours(cfg: dict) -> dict:
     t_imported = time.perf_counter()
     stamps: list[float] = []
 
-    def stamping_tqdm(iterable, *args, **kwargs):  # replaces the progress bar: same iteration, plus a clock
-        for item in iterable:
-            stamps.append(time.perf_counter())
-            yield item
+    class StampingBar:  # replaces the crop stage's progress bar (tqdm(total=...), update(), close()): a clock
+        def __init__(self, *args, **kwargs):
+            pass
 
-    crop.tqdm = stamping_tqdm
+        def update(self, n: int = 1) -> None:
+            stamps.extend([time.perf_counter()] * n)
+
+        def close(self) -> None:
+            pass
+
+    crop.tqdm = StampingBar
     params = load_params(cfg["params"])
     t_start = time.perf_counter()
     report = crop.run_crop(params)
