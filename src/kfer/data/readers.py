@@ -420,8 +420,8 @@ def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], r
         try:
             values = [(keys[c], float(row[c] or 0)) for c in keys]
         except (TypeError, ValueError):
-            values = [("", math.nan)]
-        if any(not math.isfinite(v) or v < 0 for _, v in values):
+            values = None
+        if values is None or any(not math.isfinite(v) or v < 0 for _, v in values):
             counts["votes_not_numeric"] += 1
             table[key] = {}
             continue
