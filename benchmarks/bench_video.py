@@ -42,7 +42,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, Segment, machine_info, medians, wh  # noqa: E402
+from harness import REPO, Segment, machine_info, medians, positive, wh  # noqa: E402
 
 
 def tiny_photo_model(params, folder: Path):
@@ -84,12 +84,12 @@ def run(video: Path, model, every: int, out: Path):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--seconds", type=positive(float), default=10.0)
+    ap.add_argument("--fps", type=positive(float), default=30.0)
     ap.add_argument("--size", type=wh, default="640x480", metavar="WxH")
-    ap.add_argument("--every", type=int, default=None, help="N (default round(fps / 5), as kfer predict)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--growth-seconds", type=float, default=3.0, help="clip length of the faces-per-frame runs")
+    ap.add_argument("--every", type=positive(int), default=None, help="N (default round(fps / 5), as kfer predict)")
+    ap.add_argument("--rounds", type=positive(int), default=2)
+    ap.add_argument("--growth-seconds", type=positive(float), default=3.0, help="clip length of the faces-per-frame runs")
     ap.add_argument("--model", default=None, help="a photo model URI instead of the tiny untrained one")
     ap.add_argument("--keep", type=Path, default=None, help="write the videos and CSVs here and keep them")
     args = ap.parse_args()

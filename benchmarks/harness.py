@@ -407,6 +407,24 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def positive(kind: type = float):
+    """An argparse type: a number of ``kind`` above 0, else a usage error naming the value."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} above 0, "
+                                             f"got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def wh(text: str) -> tuple[int, int]:
     """``"1440x1083"`` → ``(1440, 1083)`` (argparse type: width x height)."""
     import argparse
