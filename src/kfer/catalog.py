@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "manifest.csv"  # the table inside the cropped and the augmented folders
 CROP_MANIFEST_COLUMNS = (
     "path", "raw", "source", "label", "source_label", "label_from",
-    "label_uploader", "label_majority", "votes", "agreement", "group",
+    "label_uploader", "label_majority", "votes", "agreement", "group", "groups",
     "x0", "y0", "x1", "y1", "box_source", "confidence", "n_faces", "match_iou", "status", "detail",
 )
 #: ``label`` is the hard label of ``data.label_policy``; the four opinion columns (:mod:`kfer.data.policy`) are the
 #: crop manifest's, so that training and tuning can apply another policy
 SPLITS_COLUMNS = ("path", "label", "group", "source", "split", "label_uploader", "label_majority", "votes",
-                  "agreement")
+                  "agreement", "groups")
+#: ``groups``: the face's group fields, ``gender=male;age_group=20s`` (:mod:`kfer.data.groups`), for accuracy by group
 #: ``original`` is the cropped original's path; ``source`` (the dataset name) is a column of the other two tables only
 AUGMENT_MANIFEST_COLUMNS = ("path", "original", "label", "group", "copy")
 

@@ -106,6 +106,39 @@ class VotesCfg(_Strict):
     prefix: str  # vote columns are <prefix><label>
 
 
+GROUP_FIELD = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class GroupsCfg(_Strict):
+    """A table of per-person group fields beside a source's images (TFEID's ``performers.csv``): one row per
+    person, ``key`` = the person as ``data.group`` names it (``key_pattern``'s first capture group when set:
+    TFEID's ``P01`` -> ``01``), ``columns`` = report field -> table column (``{gender: gender, age_group: age}``).
+    Fields ``gender`` and ``age_group`` are normalized (:mod:`kfer.data.groups`); others are kept as written."""
+
+    file: str  # relative to the source folder (the raw folder without data.sources)
+    key: str  # the column naming the person
+    columns: dict[str, str]  # report field -> table column
+    key_pattern: str | None = None  # a regex on the key whose first capture group is the person; None: the key
+
+    @model_validator(mode="after")
+    def _valid(self) -> GroupsCfg:
+        if not self.columns:
+            raise ValueError("data.groups.columns must name at least one field: column (e.g. {gender: gender})")
+        for name in self.columns:
+            if not GROUP_FIELD.match(name) or name == "source":
+                raise ValueError(f"data.groups.columns field {name!r} must be a lowercase name such as gender or "
+                                 "age_group (source is reserved: the source name is always a group field)")
+        if self.key_pattern is not None:
+            try:
+                rx = re.compile(self.key_pattern)
+            except re.error as exc:
+                raise ValueError(f"data.groups.key_pattern {self.key_pattern!r} is not a valid regular expression: "
+                                 f"{exc}") from None
+            if rx.groups < 1:
+                raise ValueError(f"data.groups.key_pattern {self.key_pattern!r} needs a capture group")
+        return self
+
+
 class SourceCfg(_Strict):
     """One dataset in a sub-folder of paths.raw (``data.sources``); unset keys follow ``data`` / ``crop``."""
 
@@ -119,6 +152,7 @@ class SourceCfg(_Strict):
     # set kept whole for scoring, e.g. FER2013's PublicTest beside its Training split as a split: train source)
     split: Literal["auto", "train", "heldout"] = "auto"
     votes: VotesCfg | None = None  # None: data.votes
+    groups: GroupsCfg | None = None  # None: data.groups
 
     @field_validator("split", mode="before")
     @classmethod
@@ -138,6 +172,7 @@ class DataCfg(_Strict):
     label_map: dict[str, str | None]  # None: not mapped (a layer that drops a class unmaps its labels)
     group: GroupCfg
     votes: VotesCfg | None  # a rater-vote table beside the images (folders layout); None: none
+    groups: GroupsCfg | None  # a per-person table of group fields (gender, age) beside the images; None: none
     sources: dict[str, SourceCfg]
     # which label trains (applied by `kfer split` and `kfer train`, not by `kfer crop`: changing it re-cuts no face)
     label_policy: LabelPolicy
@@ -306,6 +341,7 @@ Initializer = Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal
 
 class EvaluateCfg(_Strict):
     photo_max_images: int = Field(ge=0)  # photo path: score this many test photos (seeded sample); 0 = all
+    group_min_n: int = Field(ge=1)  # per-group scores: a group with fewer test faces is counted, with no claim
 
 
 class SearchSpaceCfg(_Strict):

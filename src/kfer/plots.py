@@ -243,6 +243,42 @@ def image_grid(
         return _save(fig, path)
 
 
+def plot_groups(report: dict, path: str | os.PathLike, title: str = "Accuracy by group") -> Path:
+    """One panel per group field of a group table (:mod:`kfer.reporting.groups`): each group's accuracy as a dot
+    with its 95% interval as a bar, labelled with its count; groups too small for a claim are listed grey with
+    their count and no dot."""
+    fields = list(report["fields"].items())
+    sizes = [max(1, len(entry["values"])) for _, entry in fields]
+    with _style():
+        fig = _new_figure(7.0, 0.8 + sum(0.38 * n + 0.7 for n in sizes))
+        axes = fig.subplots(len(fields), 1, squeeze=False, height_ratios=[n + 1.5 for n in sizes]).ravel()
+        for ax, (field, entry) in zip(axes, fields, strict=True):
+            values = list(entry["values"].items())
+            ys = np.arange(len(values))[::-1]
+            for y, (value, m) in zip(ys, values, strict=True):
+                if m["claim"]:
+                    acc = m["accuracy"]
+                    ax.errorbar(acc, y, xerr=[[acc - m["accuracy_low"]], [m["accuracy_high"] - acc]], fmt="o",
+                                color="#1f77b4", ecolor="#1f77b4", capsize=3)
+                    ax.text(1.02, y, f"{acc:.2f}", va="center", fontsize=8, transform=ax.get_yaxis_transform())
+                else:
+                    ax.text(0.02, y, "too few faces: no claim", va="center", color="#888888", fontsize=8,
+                            transform=ax.get_yaxis_transform())
+            ax.set_yticks(ys, labels=[f"{v} (n={m['n']})" for v, m in values])
+            for label, (_, m) in zip(ax.get_yticklabels(), values, strict=True):
+                if not m["claim"]:
+                    label.set_color("#888888")
+            ax.set_xlim(0.0, 1.0)
+            ax.set_ylim(-0.7, len(values) - 0.3)
+            ax.grid(axis="x", alpha=0.3)
+            gap = entry.get("largest_gap")
+            ax.set_title(f"{field}" + (f": largest gap {gap['gap']:.2f} ({gap['best']} vs {gap['worst']})"
+                                       if gap else ""), fontsize=10, loc="left")
+        axes[-1].set_xlabel(f"accuracy, {report.get('interval', 'wilson 95%')} interval")
+        fig.suptitle(title)
+        return _save(fig, path)
+
+
 def plot_timeline(
     tracks: dict[int, tuple[np.ndarray, np.ndarray]],
     class_labels: Sequence[str],

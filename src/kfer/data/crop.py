@@ -31,6 +31,7 @@ from tqdm import tqdm
 from kfer import files
 from kfer.catalog import Catalog
 from kfer.config import Params
+from kfer.data import groups as group_fields
 from kfer.data.faces import FaceCropper, ImageError
 from kfer.data.images import read_bytes
 from kfer.data.policy import AgreementTally
@@ -65,6 +66,9 @@ FALLBACKS = {
     "votes_empty": "votes table rows whose shares are all 0: that photo keeps its folder label, without votes",
     "votes_row_no_file": "votes table rows whose key names no image of the source: not used",
     "votes_row_duplicate": "votes table rows whose key was seen before: the first row counts",
+    "groups_person_missing": "photos whose person the groups table does not list: its fields are unknown",
+    "groups_row_bad_key": "groups table rows with a blank key or one data.groups.key_pattern does not match: not used",
+    "groups_row_duplicate": "groups table rows whose person was seen before: the first row counts",
 }
 
 _cropper: FaceCropper | None = None
@@ -202,6 +206,7 @@ def _manifest_row(params: Params, rec: Record, res: dict, out: Path | None) -> d
         "label_from": rec.label_from,
         **rec.opinions.row(),
         "group": rec.group or "",
+        "groups": group_fields.encode(rec.groups),
         **{k: ("" if v is None else v) for k, v in zip(("x0", "y0", "x1", "y1"), box, strict=True)},
         "box_source": res.get("box_source", ""),
         "confidence": res.get("confidence", ""),
@@ -228,6 +233,7 @@ class _Tally:
         self.source_total: Counter[str] = Counter()
         self.source_ok: Counter[str] = Counter()
         self.source_persons: dict[str, set[str]] = {name: set() for name in params.data.sources}
+        self.groups: dict[str, Counter[str]] = {}
 
     def add(self, row: dict, res: dict) -> None:
         if row["status"] in NOT_PHOTOS:
@@ -242,6 +248,8 @@ class _Tally:
         self.opinions.add(row["label_uploader"], row["label_majority"], row["votes"], row["agreement"])
         self.box_issue[res.get("box_issue", "")] += 1
         self.persons.add(row["group"])
+        for field, value in group_fields.decode(row["groups"]).items():
+            self.groups.setdefault(field, Counter())[value] += 1
         self.source_ok[row["source"]] += 1
         if row["source"] in self.source_persons:
             self.source_persons[row["source"]].add(row["group"])
@@ -293,6 +301,8 @@ def _report(params: Params, result: ReadResult, tally: _Tally, workers: int) -> 
         # mean agreement; and how many faces each data.min_agreement would keep (agreement histogram)
         "opinions": tally.opinions.report(params.class_names),
         "persons": len(tally.persons),
+        # the faces cut, per group field and value (unknown: missing or unreadable; kfer.data.groups)
+        "groups": {f: dict(sorted(tally.groups[f].items())) for f in group_fields.field_order(tally.groups)},
         "label_files": dict(sorted(result.label_files.items())),
         "label_json": dict(sorted(result.label_counts.items())),
         "image_size": params.crop.image_size,

@@ -116,6 +116,8 @@ class LabelRecord:
     votes_missing: int = 0  # annotators without a faceExp
     uploader: str | None = None  # faceExp_uploader
     box_issue: str = ""  # why box is None: the reasons of the dropped annotator boxes, or no_box
+    gender: str | None = None  # the record's gender and age (group fields when the file name lacks them)
+    age: str | None = None
 
 
 @dataclass
@@ -180,7 +182,9 @@ def load_label_json(paths: list[Path], on_bad: str = "error", names: dict[Path, 
             issue = "" if box is not None else ("+".join(sorted(dropped)) or "no_box")
             if name in index.records:
                 index.counts["duplicate_label_record"] += 1
-            index.records[name] = LabelRecord(name, box, votes, missing, uploader, issue)
+            index.records[name] = LabelRecord(name, box, votes, missing, uploader, issue,
+                                              *(None if rec.get(k) is None else nfc(str(rec[k])).strip() or None
+                                                for k in ("gender", "age")))
             index.counts["label_records"] += 1
         index.files[shown] = {"encoding": encoding, "records": index.counts["label_records"] - n_before}
     return index

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfer.catalog import Catalog
-from kfer.config import GroupCfg, Params, VotesCfg
+from kfer.config import GroupCfg, GroupsCfg, Params, VotesCfg
+from kfer.data import groups as group_fields
 from kfer.data.labels import LabelIndex, LabelRecord, load_label_json, nfc
 from kfer.data.policy import NO_CLASS, Opinions, majority_of, no_class_top, opinions
 from kfer.errors import MissingInputError, UserError
@@ -101,6 +102,7 @@ class Record:
     label_from: str = ""  # json_majority | json_uploader | filename | folder | votes_majority | not_a_face | ...
     detector: str | None = None  # the source's crop.detector override
     opinions: Opinions = Opinions()  # the uploader's label, the annotators' votes (kfer.data.policy)
+    groups: tuple[tuple[str, str], ...] = ()  # group fields (gender, age_group, ...: kfer.data.groups)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Source:
     group: GroupCfg
     detector: str | None
     votes: VotesCfg | None = None
+    groups: GroupsCfg | None = None
 
 
 @dataclass
@@ -171,14 +174,14 @@ def detect_layout(files: list[Path]) -> str:
 def _sources(params: Params, root: Path) -> list[Source]:
     cfg = params.data
     if not cfg.sources:
-        return [Source("", root, cfg.layout, {}, cfg.group, None, cfg.votes)]
+        return [Source("", root, cfg.layout, {}, cfg.group, None, cfg.votes, cfg.groups)]
     out = []
     for name, scfg in cfg.sources.items():
         base = root / name
         if not base.is_dir():
             raise MissingInputError(f"data.sources names {name!r}, but {base} is not a folder")
         out.append(Source(name, base, scfg.layout, scfg.label_map, scfg.group or cfg.group, scfg.detector,
-                          scfg.votes or cfg.votes))
+                          scfg.votes or cfg.votes, scfg.groups or cfg.groups))
     return out
 
 
@@ -229,6 +232,7 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
                                 names={p: nfc(p.relative_to(root).as_posix()) for p in label_files})
     result.label_files.update(index.files)
     votes_file, votes_table = _votes_table(params, root, src, file_set, result) if src.votes else (None, {})
+    groups_file, groups_table = _groups_table(root, src, file_set, result) if src.groups else (None, {})
     group_rx = re.compile(src.group.pattern) if src.group.source == "regex" else None
     prefix = f"{src.name}/" if src.name else ""
 
@@ -244,6 +248,11 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
             info = result.label_files.get(rel, {})
             records.append(Record(str(path), rel, None, None, None, status="label_file",
                                   detail=f"votes table, {info.get('records', 0)} rows", **common))
+            continue
+        if path == groups_file:
+            info = result.label_files.get(rel, {})
+            records.append(Record(str(path), rel, None, None, None, status="label_file",
+                                  detail=f"groups table, {info.get('persons', 0)} persons", **common))
             continue
         if path in label_files:
             info = index.files.get(rel, {})
@@ -287,6 +296,7 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
                                                             cfg.vote_tie, result.label_counts)
 
         group = _group(src.group.source, src.group.field, group_rx, parsed, rel_in_source, name)
+        fields = _fields(layout, parsed, lab, src.groups, groups_table, group, result.label_counts)
         if group is not None:
             group = prefix + group
         if label is None and label_from == "tie":
@@ -306,7 +316,7 @@ def _read_source(params: Params, root: Path, src: Source, entries: list, result:
         else:
             status = "ok"
         records.append(Record(str(path), rel, source_label, label, group, box, status, note, label_from=label_from,
-                              opinions=ops, **common))
+                              opinions=ops, groups=fields, **common))
 
     result.label_counts.update(index.counts)
     result.label_counts["label_records_unmatched"] += len(set(index.records) - used_labels)
@@ -323,6 +333,34 @@ def _group(source: str, field_name: str, rx: re.Pattern | None, parsed: AihubNam
         parent = Path(rel).parent.as_posix()
         return parent if parent != "." else None
     return rel  # "none": every image its own group
+
+
+def _fields(layout: str, parsed: AihubName | None, lab: LabelRecord | None, cfg: GroupsCfg | None,
+            table: dict[str, dict[str, str]], person: str | None, counts: Counter) -> tuple[tuple[str, str], ...]:
+    """A photo's group fields: AI Hub's gender and age group (the file name's, else the label record's), then the
+    groups table's fields of its person (all ``unknown`` when the table lacks the person: counted
+    ``groups_person_missing``)."""
+    fields: dict[str, str] = {}
+    if layout == "aihub":
+        if parsed is not None:
+            fields = group_fields.aihub_fields(parsed.gender, parsed.age)
+        else:
+            fields = group_fields.aihub_fields(lab.gender if lab else None, lab.age if lab else None)
+    if cfg is not None:
+        row = table.get(person or "")
+        if row is None:
+            counts["groups_person_missing"] += 1
+            row = dict.fromkeys(cfg.columns, group_fields.UNKNOWN)
+        fields.update(row)
+    return tuple(fields.items())
+
+
+def _groups_table(root: Path, src: Source, file_set: set[Path], result: ReadResult):
+    """(the groups table's path, {person: {field: value}}) of the source (:func:`kfer.data.groups.load_table`)."""
+    where = f"data.sources.{src.name}.groups" if src.name else "data.groups"
+    path, table, info = group_fields.load_table(src.groups, src.base, root, file_set, where, result.label_counts)
+    result.label_files[nfc(path.relative_to(root).as_posix())] = info
+    return path, table
 
 
 def json_label(params: Params, label_map: dict[str, str], lab: LabelRecord, parsed: AihubName | None, tie: str,

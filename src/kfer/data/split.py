@@ -252,11 +252,13 @@ def read_manifest(params: Params) -> pd.DataFrame:
     """
     cat = Catalog(params)
     path = cat.crop_manifest
-    df = cat.read("crop_manifest", REQUIRED_COLUMNS, also=(RAW_COLUMN, "source", *OPINION_COLUMNS))
+    df = cat.read("crop_manifest", REQUIRED_COLUMNS, also=(RAW_COLUMN, "source", "groups", *OPINION_COLUMNS))
     if RAW_COLUMN not in df.columns or "source" not in df.columns:
         df = df.assign(source="")
     if "label_uploader" not in df.columns:  # a manifest from before the opinions: one label, no votes
         df = df.assign(label_uploader=df["label"], label_majority="", votes="", agreement="")
+    if "groups" not in df.columns:  # a manifest from before the group fields: none
+        df = df.assign(groups="")
     df = df[df["status"] == "ok"]
     if df.empty:
         raise ValueError(f"{path} has no rows with status 'ok': nothing to split")
@@ -292,7 +294,8 @@ def run_split(params: Params) -> dict[str, Any]:
     if len(held):  # persons of a held-out source: val and test only, in the ratio split.val : split.test
         splits[held] = assign_splits([labels[i] for i in held], [keys[i] for i in held], held_ratios, params.seed)
     out = pd.DataFrame({"path": df["path"], "label": labels, "group": groups, "source": df["source"],
-                        "split": splits, **{c: df[c] for c in OPINION_COLUMNS}}, columns=OUTPUT_COLUMNS)
+                        "split": splits, **{c: df[c] for c in OPINION_COLUMNS}, "groups": df["groups"]},
+                       columns=OUTPUT_COLUMNS)
     out, dropped = apply_policy(params, out)
     Catalog(params).write("splits", out)
     labels, groups, splits = out["label"].tolist(), out["group"].tolist(), out["split"].to_numpy()

