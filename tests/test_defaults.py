@@ -1,7 +1,8 @@
 """One home for every default: params.yaml. The typed config has no field defaults of its own (a key missing from
 params.yaml is an error naming it, never a value the code chose), and ``FaceCropper`` takes every setting from
-the config. The exceptions are the entries a user adds to a list or map (a class, a ``data.sources`` entry and its
-``group``): their optional keys are not params.yaml keys, so their defaults live in the schema alone."""
+the config. The exceptions are the entries a user adds to a list or map (a class, a ``data.sources`` entry, its
+``group``, a ``groups`` table): their optional keys are not params.yaml keys, so their defaults live in the schema
+alone."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from kfer.config import ClassSpec, GroupCfg, Params, SourceCfg, load_params
+from kfer.config import ClassSpec, GroupCfg, GroupsCfg, Params, SourceCfg, load_params
 from kfer.data.faces import FaceCropper
 from kfer.errors import UserError
 from tests.helpers import REPO
 
-ENTRIES = (ClassSpec, SourceCfg, GroupCfg)  # items of user lists and maps, not keys of params.yaml
+ENTRIES = (ClassSpec, SourceCfg, GroupCfg, GroupsCfg)  # items of user lists and maps, not keys of params.yaml
 
 
 def _models(model: type[BaseModel], prefix: str = ""):

@@ -68,9 +68,10 @@ def _text(value: object) -> str:
 
 
 def encode(fields: dict[str, str] | tuple[tuple[str, str], ...]) -> str:
-    """``gender=male;age_group=20s`` (the manifest's and splits.csv's ``groups`` column); "" for no fields."""
-    items = fields.items() if isinstance(fields, dict) else fields
-    return ";".join(f"{k}={v}" for k, v in items)
+    """``gender=male;age_group=20s`` (the manifest's and splits.csv's ``groups`` column, fields in
+    :func:`field_order`); "" for no fields."""
+    fields = dict(fields)
+    return ";".join(f"{k}={fields[k]}" for k in field_order(fields))
 
 
 def decode(text: str | None) -> dict[str, str]:
