@@ -272,7 +272,8 @@ def plot_groups(report: dict, path: str | os.PathLike, title: str = "Accuracy by
             ax.set_ylim(-0.7, len(values) - 0.3)
             ax.grid(axis="x", alpha=0.3)
             gap = entry.get("largest_gap")
-            ax.set_title(f"{field}" + (f": largest gap {gap['gap']:.2f} ({gap['best']} vs {gap['worst']})"
+            ax.set_title(f"{field}" + (f": largest gap {gap['gap']:.2f} ({gap['best']} vs {gap['worst']}"
+                                       f"{', intervals overlap' if gap['intervals_overlap'] else ''})"
                                        if gap else ""), fontsize=10, loc="left")
         axes[-1].set_xlabel(f"accuracy, {report.get('interval', 'wilson 95%')} interval")
         fig.suptitle(title)

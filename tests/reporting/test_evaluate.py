@@ -199,7 +199,12 @@ def test_per_source_metrics_files_and_mlflow(params, caplog):
     assert "source fer+2013: 5 images, 3 persons" in caplog.text
 
     eval_dir = params.path(params.paths.eval_dir)
-    assert sorted(p.name for p in eval_dir.iterdir()) == sorted([*EVAL_FILES, "per_source.csv"])
+    # the source is a group field too: accuracy by group (tests/reporting/test_groups.py)
+    assert sorted(p.name for p in eval_dir.iterdir()) == sorted([*EVAL_FILES, "per_source.csv", "per_group.csv",
+                                                                 "groups.png"])
+    assert list(result["groups"]["fields"]) == ["source"]
+    assert {v: m["n"] for v, m in result["groups"]["fields"]["source"]["values"].items()} == {"aihub": 6,
+                                                                                              "fer+2013": 5}
     table = pd.read_csv(eval_dir / "per_source.csv", keep_default_na=False)
     assert list(table.columns) == ["source", "n", "persons", "accuracy", "macro_f1"]
     assert table["source"].tolist() == ["aihub", "fer+2013"] and table["n"].tolist() == [6, 5]

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from kfer.files import write_png
 from tests.helpers import INTENSITY_SIZE, save_intensity_model, value_of
 
-EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
+EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv", "per_group.csv",
+                  "groups.png")
 
 
 @pytest.fixture
@@ -86,6 +87,43 @@ def test_external_folder_scored_through_the_served_path_and_logged(champion, tmp
     write_png(folder / "happy" / "0.png", np.full((40, 40), value_of(anger), np.uint8))
     changed = evaluate_external(params, folder, layout="folders", detector="none", out_dir=tmp_path / "changed")
     assert changed["folder_sha256"] != m["folder_sha256"] and changed["accuracy"] == pytest.approx(5 / 7)
+
+
+def test_external_aihub_names_give_accuracy_by_gender_and_age_group(champion, tmp_path):
+    """An AI Hub-named folder: its report has the group table (source = the folder, gender and age group from
+    the names), and the MLflow run the per-group accuracies."""
+    import mlflow
+
+    from kfer import tracking
+    from kfer.reporting.external import evaluate_external
+
+    params, _ = champion
+    params = params.updated({"evaluate": {"group_min_n": 2}})
+    names = params.class_names
+    joy, anger = names.index("joy"), names.index("anger")
+    folder = tmp_path / "aihub"
+    folder.mkdir()
+    photos = [("a", "남", 20, "기쁨", joy), ("a", "남", 20, "분노", anger), ("b", "남", 40, "기쁨", anger),
+              ("c", "여", 20, "기쁨", joy), ("c", "여", 20, "분노", anger), ("d", "여", 30, "분노", anger),
+              ("e", "여", 40, "분노", anger)]
+    for i, (who, sex, age, emotion, value) in enumerate(photos):
+        write_png(folder / f"{who * 64}_{sex}_{age}_{emotion}_2021010100000{i}.png",
+                  np.full((40, 40), value_of(value), np.uint8))
+    m = evaluate_external(params, folder, layout="aihub", detector="none")
+    assert m["photos"] == 7 and m["accuracy"] == pytest.approx(6 / 7)
+    g = m["groups"]["fields"]
+    assert list(g) == ["source", "gender", "age_group"]
+    assert g["source"]["values"]["aihub"]["n"] == 7
+    assert {v: (e["n"], e["accuracy"]) for v, e in g["gender"]["values"].items()} == {
+        "female": (4, 1.0), "male": (3, pytest.approx(2 / 3))}
+    assert g["age_group"]["values"]["30s"] == {"n": 1, "claim": False}  # too few for a claim
+    assert m["groups"]["largest_gap"]["field"] == "age_group"  # 20s 4/4 vs 40s 1/2
+    assert m["groups"]["largest_gap"]["gap"] == pytest.approx(0.5)
+    run = mlflow.MlflowClient(tracking.tracking_uri(params)).get_run(m["mlflow_run_id"])
+    assert run.data.metrics["external_accuracy_group_gender_male"] == pytest.approx(2 / 3)
+    assert run.data.metrics["external_group_largest_gap"] == pytest.approx(0.5)
+    out = params.path(f"{params.paths.eval_dir}-external") / "aihub"
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["groups"]["worst"]["value"] == "40s"
 
 
 def test_external_folder_with_the_detector_counts_photos_without_a_face(champion, tmp_path):

@@ -80,7 +80,7 @@ from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, read_image_gray, write_json
-from kfer.reporting import groups
+from kfer.reporting import groups as by_group
 from kfer.reporting.metrics import (
     NO_SOURCE,
     compute_metrics,
@@ -228,7 +228,7 @@ def _write_eval_dir(
             out / "label_agreement.csv", index=False, lineterminator="\n")
 
     if metrics.get("groups"):
-        groups.write_files(metrics["groups"], out, f"Test set (n={metrics['test_images']}): accuracy by group")
+        by_group.write_files(metrics["groups"], out, f"Test set (n={metrics['test_images']}): accuracy by group")
 
     plots.plot_confusion(
         metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
@@ -383,10 +383,10 @@ def run_evaluate(params: Params) -> dict[str, Any]:
                 log.info("evaluate: against the %s label (%d images): accuracy %.4f, macro-F1 %.4f", kind, m["n"],
                          m["accuracy"], m["macro_f1"])
 
-    fields = groups.row_fields(test)
+    fields = by_group.row_fields(test)
     if fields:
-        metrics["groups"] = groups.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
-        for line in groups.describe(metrics["groups"]):
+        metrics["groups"] = by_group.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
+        for line in by_group.describe(metrics["groups"]):
             log.info("evaluate: by %s", line)
 
     run = _train_run(params)
@@ -409,7 +409,7 @@ def run_evaluate(params: Params) -> dict[str, Any]:
     write_json(metrics_path, metrics)
     Catalog(params).write_json("eval_headline",  # DVC metrics: a few numbers, no per-class table
                {**{k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "photo_accuracy")
-                   if metrics.get(k) is not None}, **groups.headline(metrics.get("groups"))})
+                   if metrics.get(k) is not None}, **by_group.headline(metrics.get("groups"))})
 
     run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path)
     log.info(
