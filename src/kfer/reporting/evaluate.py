@@ -289,7 +289,7 @@ def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path,
     # resuming needs the run's own experiment active (it may differ from train.experiment, e.g. a tuning trial)
     experiment = mlflow.MlflowClient().get_experiment(info.experiment_id).name
     with tracking.tracked_run(params, run_id=info.run_id, experiment=experiment):
-        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics({**flat_metrics(metrics), **by_group.flat(metrics.get("groups"))})
         mlflow.log_artifacts(str(eval_dir), artifact_path=ARTIFACT_DIR)
         mlflow.log_artifact(str(metrics_path), artifact_path=ARTIFACT_DIR)
     return info.run_id

@@ -90,9 +90,8 @@ def distinct_keys(names: list[str]) -> dict[str, str]:
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>...,
-    with sources test_accuracy_<source>, test_macro_f1_<source>, the photo_* metrics, and with a group table
-    test_accuracy_group_<field>_<value>, test_macro_f1_group_<field>_<value>, test_group_worst_accuracy and
-    test_group_largest_gap (:func:`kfer.reporting.groups.flat`)."""
+    with sources test_accuracy_<source>, test_macro_f1_<source>, and the photo_* metrics (the group table's are
+    :func:`kfer.reporting.groups.flat`'s)."""
     flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
     flat.update({k: float(v) for k, v in metrics.items() if k.startswith("photo_") and v is not None})
     for name, m in metrics["per_class"].items():
@@ -106,9 +105,6 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, key in distinct_keys(list(per_source)).items():
         for k in ("accuracy", "macro_f1"):
             flat[f"test_{k}_{key}"] = float(per_source[name][k])
-    from kfer.reporting import groups  # here: groups imports this module
-
-    flat.update(groups.flat(metrics.get("groups")))
     return flat
 
 
