@@ -32,8 +32,9 @@ overlaps the crop stage's box is the answer. ``photo_missed`` photos where it fo
 ones, ``crop.box: match``). Absent when there is no training run to load the model from.
 
 ``paths.eval_headline`` (JSON, the DVC metrics): ``test_accuracy``, ``test_macro_f1`` and ``photo_accuracy``
-(when the photo path ran) of the report above. (``label_kinds`` goes to MLflow as ``test_accuracy_uploader``,
-``test_accuracy_majority``, ``test_accuracy_strict_majority`` and their macro-F1: `dvc metrics show` stays one table under 160 columns.)
+(when the photo path ran) of the report above, and ``group_worst_accuracy`` and ``group_largest_gap`` (when the group
+table has them). (``label_kinds`` goes to MLflow as ``test_accuracy_uploader``, ``test_accuracy_majority``,
+``test_accuracy_strict_majority`` and their macro-F1: `dvc metrics show` stays one table.)
 
 ``paths.eval_dir`` (built atomically, replaced whole):
 
