@@ -307,7 +307,7 @@ def run_size(n: int, root: Path, pool: Path, chunks: list[dict], args, n_classes
     step("add_copy", ["dvc", "add", "data/raw"], raw["photos"])
     res["cache_raw_copy"] = cache_usage(cache, root / "data" / "raw")
     step("crop", ["dvc", "repro", "-s", "crop"], raw["photos"])
-    crop = json.loads((root / "metrics" / "crop.json").read_text(encoding="utf-8"))
+    crop = json.loads((root / "reports" / "crop.json").read_text(encoding="utf-8"))
     res["crop_report"] = {k: crop.get(k) for k in ("total", "ok", "skipped", "box_source", "label_json")}
     unmatched = (crop.get("label_json") or {}).get("label_records_unmatched", 0)
     print(f"  crop report: ok {crop['ok']}/{crop['total']}, skipped {crop['skipped'] or 'nothing'}, box source "
@@ -315,7 +315,7 @@ def run_size(n: int, root: Path, pool: Path, chunks: list[dict], args, n_classes
           + ("" if not crop["skipped"] and not unmatched and crop["total"] == raw["photos"]
              else "  <-- NOT CLEAN: check the raw folder"), flush=True)
     step("split", ["dvc", "repro", "-s", "split"], max(1, crop["ok"]))
-    split = json.loads((root / "metrics" / "split.json").read_text(encoding="utf-8"))
+    split = json.loads((root / "reports" / "split.json").read_text(encoding="utf-8"))
     res["split_counts"], res["groups"] = split["counts"], split["groups"]
     train = split["counts"].get("train", 0)
     step("augment", ["dvc", "repro", "-s", "augment"], max(1, train))

@@ -557,13 +557,13 @@ def ablate(root: Path, args, log: Path) -> dict:
     variants = {"recipe": []} if epochs else {}
     variants.update({k: ["--set", f"{KNOBS[k][0]}={json.dumps(KNOBS[k][1])}"] for k in args.ablate})
     out = {}
-    saved = {d: root / f".{d}-recipe" for d in ("models", "metrics") if (root / d).is_dir()}
+    saved = {d: root / f".{d}-recipe" for d in ("models", "metrics", "reports") if (root / d).is_dir()}
     for d, copy in saved.items():
         shutil.copytree(root / d, copy)
     for name, sets in variants.items():
         kfer(root, *epochs, *sets, "train", "--run-name", f"ablate-{name}", log=log)
         out[name] = [r for r in score(root, None) if r["split"] == "val" and r["truth"] == "ferplus"]
-    for d, copy in saved.items():  # the registered recipe's model and metrics stay in place
+    for d, copy in saved.items():  # the registered recipe's model, metrics and reports stay in place
         shutil.rmtree(root / d)
         copy.rename(root / d)
     length = f", {args.ablate_epochs} epochs" if epochs else ""
