@@ -261,10 +261,17 @@ def register(ctx: click.Context, run_id: str | None, tuned: bool, metric: str | 
     its version.
     """
     from kfer.serving.registry import register as do_register
+    from kfer.serving.registry import scorecard
 
-    mv = do_register(_params(ctx), run_id=run_id or None, metric=metric or None, tuned=tuned,
+    params = _params(ctx)
+    mv = do_register(params, run_id=run_id or None, metric=metric or None, tuned=tuned,
                      any_data=any_data)  # a RegistryError is a user's mistake: one line, exit 2
     click.echo(f"{mv.name} version {mv.version} (run {mv.run_id}) is now @champion")
+    from kfer.reporting.behaviour import describe
+
+    scores, metrics = scorecard(params, mv.run_id, metric or None)
+    click.echo(f"  {scores}\n  behaviour: "
+               + (describe(metrics) or "not checked (run `kfer evaluate` to check this run's model)"))
 
 
 @main.command()

@@ -342,6 +342,7 @@ Initializer = Literal["he_normal", "glorot_uniform", "he_uniform", "lecun_normal
 class EvaluateCfg(_Strict):
     photo_max_images: int = Field(ge=0)  # photo path: score this many test photos (seeded sample); 0 = all
     group_min_n: int = Field(ge=1)  # per-group scores: a group with fewer test faces is counted, with no claim
+    behaviour_max_images: int = Field(ge=0)  # behaviour checks on this many test faces (seeded sample); 0 = all
 
 
 class SearchSpaceCfg(_Strict):

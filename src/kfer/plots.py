@@ -280,6 +280,31 @@ def plot_groups(report: dict, path: str | os.PathLike, title: str = "Accuracy by
         return _save(fig, path)
 
 
+def plot_behaviour(report: dict, path: str | os.PathLike, title: str = "Behaviour checks") -> Path:
+    """Per behaviour check (:mod:`kfer.reporting.behaviour`): the share of faces whose answer stayed the same, and
+    the accuracy under the change beside the accuracy on the faces as they are (a dashed line)."""
+    names = list(report["checks"])
+    ys = np.arange(len(names))[::-1]
+    with _style():
+        fig = _new_figure(8.0, 1.2 + 0.35 * len(names))
+        same_ax, acc_ax = fig.subplots(1, 2, sharey=True)
+        same = [report["checks"][n]["same_prediction"] for n in names]
+        acc = [report["checks"][n]["accuracy"] for n in names]
+        same_ax.barh(ys, same, color="#1f77b4")
+        acc_ax.barh(ys, acc, color="#ff7f0e")
+        acc_ax.axvline(report["accuracy"], color="#333333", linestyle="--", linewidth=1)
+        for ax, values, heading in ((same_ax, same, "answer unchanged"),
+                                    (acc_ax, acc, f"accuracy (unchanged faces: {report['accuracy']:.3f})")):
+            for y, v in zip(ys, values, strict=True):
+                ax.text(min(v, 0.9) + 0.01, y, f"{v:.3f}", va="center", fontsize=8)
+            ax.set_xlim(0.0, 1.0)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(heading, fontsize=10, loc="left")
+        same_ax.set_yticks(ys, labels=names)
+        fig.suptitle(title)
+        return _save(fig, path)
+
+
 def plot_timeline(
     tracks: dict[int, tuple[np.ndarray, np.ndarray]],
     class_labels: Sequence[str],

@@ -13,14 +13,15 @@ import pandas as pd
 import pytest
 
 from kfer.files import write_png
-from tests.helpers import INTENSITY_CLASSES, INTENSITY_SIZE, save_intensity_model, value_of
+from tests.helpers import CENTERS, INTENSITY_CLASSES, INTENSITY_SIZE, save_intensity_model, value_of
 
 # Keras' own model.save under numpy 2 (not kfer code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
 S, C = INTENSITY_SIZE, INTENSITY_CLASSES  # image side and classes (params.yaml's) for every test here
 
-EVAL_FILES = ("confusion_matrix.png", "gradcam.png", "misclassified.png", "per_class.csv", "predictions.csv")
+EVAL_FILES = ("behaviour.csv", "behaviour.png", "confusion_matrix.png", "gradcam.png", "misclassified.png",
+              "per_class.csv", "predictions.csv")
 
 
 @pytest.fixture
@@ -113,7 +114,19 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     # --- metrics JSON: hand-computed values
     written = json.loads(params.path(params.paths.eval_metrics).read_text(encoding="utf-8"))
     assert written == result
-    assert set(written) == {"test_accuracy", "test_macro_f1", "test_images", "per_class"}
+    assert set(written) == {"test_accuracy", "test_macro_f1", "test_images", "per_class", "behaviour"}
+    # behaviour: the flat faces keep their mean under a mirror, contrast, rotation, blur (and JPEG, to a grey
+    # level), so the intensity model keeps its answer; x1.2 / x0.8 moves the mean to another class's centre
+    beh = written["behaviour"]
+    assert beh["n"] == len(Y_TRUE) and beh["accuracy"] == pytest.approx(EXPECTED_ACCURACY)
+    for name in ("mirror", "contrast_up", "contrast_down", "rotate_left", "rotate_right", "blur", "jpeg30"):
+        assert beh["checks"][name] == {"same_prediction": 1.0, "accuracy": pytest.approx(EXPECTED_ACCURACY),
+                                       "accuracy_change": pytest.approx(0.0)}, name
+    for name, factor in (("brighter", 1.2), ("darker", 0.8)):
+        moved = [int(np.argmin(np.abs(min(255, round(value_of(p) * factor)) / 255 - CENTERS))) for p in Y_PRED]
+        assert beh["checks"][name]["same_prediction"] == pytest.approx(np.mean(np.equal(moved, Y_PRED))), name
+        assert beh["checks"][name]["accuracy"] == pytest.approx(np.mean(np.equal(moved, Y_TRUE))), name
+    assert beh["checks"]["brighter"]["same_prediction"] < 1.0  # the check can tell a change
     assert json.loads(params.path(params.paths.eval_headline).read_text(encoding="utf-8")) == {  # DVC metrics
         "test_accuracy": written["test_accuracy"], "test_macro_f1": written["test_macro_f1"]}
     assert written["test_images"] == len(Y_TRUE)
@@ -156,6 +169,9 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     assert m[f"test_f1_{names[1]}"] == pytest.approx(2 / 3)
     assert m[f"test_recall_{names[1]}"] == pytest.approx(0.5)
     assert m[f"test_precision_{names[4]}"] == pytest.approx(1 / 3)
+    assert m["behaviour_brighter_same"] == pytest.approx(beh["checks"]["brighter"]["same_prediction"])
+    assert m["behaviour_mirror_accuracy"] == pytest.approx(EXPECTED_ACCURACY)
+    assert m["behaviour_min_same"] == min(c["same_prediction"] for c in beh["checks"].values())
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {f"eval/{f}" for f in (*EVAL_FILES, "eval.json")}
     assert len(client.search_runs([got.info.experiment_id])) == 1  # resumed, not a new run

@@ -188,9 +188,17 @@ def test_register_picks_among_runs_of_the_current_data_lineage(store, tmp_path, 
     assert res.exit_code == 0, res.output
     mv = client.get_model_version_by_alias(name, CHAMPION)
     assert mv.run_id == runs["other"] and mv.tags["kfer.selected_by"] == "best_val_macro_f1 (any data)"
+    # it prints the validation score it chose by, and that no behaviour checks were logged for this run
+    assert "  best_val_macro_f1 0.9000\n  behaviour: not checked" in res.output
+    for metric, value in {"behaviour_mirror_same": 1.0, "behaviour_mirror_accuracy": 0.75,
+                          "behaviour_jpeg30_same": 0.9, "behaviour_jpeg30_accuracy": 0.7,
+                          "behaviour_min_same": 0.9, "test_accuracy": 0.75}.items():
+        client.log_metric(runs["b"], metric, value)  # as kfer evaluate logs them into the training run
     res = CliRunner().invoke(main, ["--params", str(params_file), "register"])
     assert res.exit_code == 0, res.output
     assert client.get_model_version_by_alias(name, CHAMPION).run_id == runs["b"]
+    assert ("  best_val_macro_f1 0.8000, test_accuracy 0.7500\n  behaviour: mirror 100.0% same (acc 0.750), "
+            "jpeg30 90.0% same (acc 0.700)") in res.output
 
     # the tuned (or an explicit) run is registered whatever its data, with a warning when it is not current
     summary = params.path(params.paths.tune_summary)

@@ -24,6 +24,10 @@ named, as FER+ scores; ``n`` = the test images that have that label, ``left_out`
 set by ``data.sources``): the same metrics on each source's test images alone (``n`` images of ``persons``
 persons), sources sorted by name; rows without a name, if any, are the source ``(none)``.
 
+``behaviour`` (:mod:`kfer.reporting.behaviour`): on ``evaluate.behaviour_max_images`` test faces, the share whose
+predicted class stays the same and the accuracy under a mirror, brightness, contrast, rotation, blur and JPEG
+re-compression: ``{"n", "accuracy", "checks": {<check>: {"same_prediction", "accuracy", "accuracy_change"}}}``.
+
 ``photo_*`` is the photo path (:mod:`kfer.reporting.external`): the photo model logged by the training run, as
 ``kfer predict`` and ``mlflow models serve`` run it, on the test photos themselves (``evaluate.photo_max_images``
 of them, a seeded sample, 0 = all): the photo is read whole, the model finds and cuts the faces, and the face that
@@ -81,6 +85,7 @@ from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, read_image_gray, write_json
+from kfer.reporting import behaviour
 from kfer.reporting import groups as by_group
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -231,6 +236,10 @@ def _write_eval_dir(
     if metrics.get("groups"):
         by_group.write_files(metrics["groups"], out, f"Test set (n={metrics['test_images']}): accuracy by group")
 
+    if metrics.get("behaviour"):
+        behaviour.write_files(metrics["behaviour"], out,
+                              f"Behaviour checks on {metrics['behaviour']['n']} test faces")
+
     plots.plot_confusion(
         metrics["confusion_normalized"], labels, out / "confusion_matrix.png",
         title=(f"Test set (n={metrics['test_images']}): accuracy {metrics['test_accuracy']:.3f}, "
@@ -290,7 +299,8 @@ def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path,
     # resuming needs the run's own experiment active (it may differ from train.experiment, e.g. a tuning trial)
     experiment = mlflow.MlflowClient().get_experiment(info.experiment_id).name
     with tracking.tracked_run(params, run_id=info.run_id, experiment=experiment):
-        mlflow.log_metrics({**flat_metrics(metrics), **by_group.flat(metrics.get("groups"))})
+        mlflow.log_metrics({**flat_metrics(metrics), **by_group.flat(metrics.get("groups")),
+                            **behaviour.flat(metrics.get("behaviour"))})
         mlflow.log_artifacts(str(eval_dir), artifact_path=ARTIFACT_DIR)
         mlflow.log_artifact(str(metrics_path), artifact_path=ARTIFACT_DIR)
     return info.run_id
@@ -389,6 +399,13 @@ def run_evaluate(params: Params) -> dict[str, Any]:
         metrics["groups"] = by_group.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
         for line in by_group.describe(metrics["groups"]):
             log.info("evaluate: by %s", line)
+
+    checked = behaviour.sample(len(test), params.evaluate.behaviour_max_images, params.seed)
+    metrics["behaviour"] = behaviour.run_checks(
+        model.predict_on_batch, [params.path(test["path"].iloc[i]) for i in checked], y_true[checked],
+        params.crop.image_size, params.train.batch_size)
+    log.info("evaluate: behaviour on %d test faces: %s", metrics["behaviour"]["n"],
+             behaviour.describe(behaviour.flat(metrics["behaviour"])))
 
     run = _train_run(params)
     answers = [""] * len(test)

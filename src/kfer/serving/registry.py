@@ -252,3 +252,13 @@ def register(params: Params, run_id: str | None = None, metric: str | None = Non
     client.set_registered_model_alias(name, CHAMPION, version.version)
     log.info("alias %s@%s -> version %s", name, CHAMPION, version.version)
     return client.get_model_version(name, version.version)
+
+
+def scorecard(params: Params, run_id: str, metric: str | None = None) -> tuple[str, dict[str, float]]:
+    """What ``kfer register`` prints of the run it registered: a line with its validation score (``metric``,
+    default ``best_<train.monitor>``) and test accuracy, and all the run's metrics (for the behaviour checks that
+    ``kfer evaluate`` logged)."""
+    metrics = MlflowClient(tracking.tracking_uri(params)).get_run(run_id).data.metrics
+    name, _ = selection_metric(params, metric)
+    scores = [f"{k} {metrics[k]:.4f}" for k in (name, "test_accuracy") if k in metrics]
+    return ", ".join(scores) or f"no {name} logged", metrics
