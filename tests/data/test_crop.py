@@ -18,7 +18,7 @@ from PIL import Image
 
 from kfer.catalog import MANIFEST_NAME as MANIFEST
 from kfer.data.crop import run_crop
-from tests.helpers import shared_dir, subprocess_env
+from tests.helpers import bomb_jpeg, bomb_png, shared_dir, subprocess_env
 
 KO = {"joy": "기쁨", "anger": "분노", "sadness": "슬픔", "neutral": "중립"}
 
@@ -66,13 +66,16 @@ def add_bad_files(raw: Path) -> dict[str, str]:
         name(2): b"plain text, not an image",   # non-image content with an image name
         name(3): good[: len(good) // 2],        # truncated
         name(4): np.random.default_rng(1).integers(0, 255, (60, 80, 3), np.uint8),  # no face, no box -> detector
+        name(5): bomb_jpeg(),                   # a header claiming 30000x30000: refused before decoding
+        name(6).replace(".jpg", ".png"): bomb_png(),
     }
     out = {}
     for n, data in files.items():
         if isinstance(data, np.ndarray):
             data = cv2.imencode(".jpg", data)[1].tobytes()
         (raw / n).write_bytes(data)
-    out = {name(1): "empty_file", name(2): "not_an_image", name(3): "truncated", name(4): "no_face"}
+    out = {name(1): "empty_file", name(2): "not_an_image", name(3): "truncated", name(4): "no_face",
+           name(5): "too_many_pixels", name(6).replace(".jpg", ".png"): "too_many_pixels"}
     # convertible modes, each with a box in the label JSON
     rgb = cv2.cvtColor(_face_photo(np.random.default_rng(2))[0], cv2.COLOR_BGR2RGB)
     conv = {
@@ -107,15 +110,18 @@ def test_crop_stage_counts_every_bad_file_and_converts_modes(tmp_path, make_para
     report = run_crop(params)
 
     rows = {Path(r["raw"]).name: r for r in _read_manifest(tmp_path)}
+    bomb = next(n for n in expected if n.endswith(".png") and expected[n] == "too_many_pixels")
     for name, status in expected.items():
         assert rows[name]["status"] == status, name
-    assert report["skipped"] == {"empty_file": 1, "no_face": 1, "not_an_image": 2, "truncated": 1}
-    assert report["ok"] == 2 * 4 + 4 and report["total"] == report["ok"] + 5
+    assert report["skipped"] == {"empty_file": 1, "no_face": 1, "not_an_image": 2, "too_many_pixels": 2,
+                                 "truncated": 1}
+    assert report["ok"] == 2 * 4 + 4 and report["total"] == report["ok"] + 7
+    assert rows[bomb]["detail"] == "30000x30000 = 900.0 MP > crop.max_megapixels 50" and not rows[bomb]["path"]
     # the detector's box matching each annotation, or the annotation (counted) where none matched
     assert set(report["box_source"]) <= {"matched", "annotation"} and sum(report["box_source"].values()) == 12
     assert report["annotation_boxes"]["unmatched_annotation_used"] == report["box_source"].get("annotation", 0)
     assert json.loads(params.path(params.paths.crop_report).read_text()) == report
-    assert json.loads(params.path(params.paths.crop_headline).read_text()) == {"images": 12, "skipped": 5}  # DVC
+    assert json.loads(params.path(params.paths.crop_headline).read_text()) == {"images": 12, "skipped": 7}  # DVC
     for r in rows.values():
         if r["status"] == "ok":
             img = cv2.imread(str(tmp_path / r["path"]), cv2.IMREAD_UNCHANGED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -12,11 +13,13 @@ from PIL import Image
 from kfer.data.images import (
     ImageError,
     check_complete,
+    check_header,
+    claimed_size,
     decode_gray,
     decode_image,
     read_header,
 )
-from tests.helpers import face_cropper
+from tests.helpers import BOMB_SIDE, bmp_header, bomb_jpeg, bomb_png, face_cropper
 
 
 def _photo(w=640, h=480, seed=0) -> np.ndarray:
@@ -119,6 +122,66 @@ def test_a_one_pixel_image_is_too_small_with_its_size():
         with pytest.raises(ImageError) as exc:
             call(face_cropper(size=32, min_side=32))
         assert exc.value.reason == "too_small" and "1x1" in exc.value.detail
+
+
+BOMBS = {"png": bomb_png, "jpeg": bomb_jpeg}
+
+
+@pytest.mark.parametrize("kind", sorted(BOMBS))
+def test_a_bomb_is_refused_from_its_header_by_every_cropper_path(kind):
+    """An 875 KB PNG claiming 30000×30000 came in; Pillow's DecompressionBombError escaped as a traceback."""
+    data = BOMBS[kind]()
+    assert len(data) < 1000 and claimed_size(data) == (BOMB_SIDE, BOMB_SIDE)
+    cropper = face_cropper()  # params.yaml's crop.max_megapixels: 50
+    calls = {"check_header": lambda: check_header(data, cropper.max_megapixels),
+             "crop_bytes": lambda: cropper.crop_bytes(data),  # the crop stage
+             "crop_bytes, annotated": lambda: cropper.crop_bytes(data, (0, 0, 100, 100)),
+             "whole image": lambda: cropper.with_detector("none").crop_bytes(data),  # pre-cropped photos
+             "crop_all_bytes": lambda: cropper.crop_all_bytes(data)}  # kfer predict, the served model
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no DecompressionBombWarning either
+            with pytest.raises(ImageError) as exc:
+                call()
+        assert exc.value.reason == "too_many_pixels", name
+        assert exc.value.detail == f"{BOMB_SIDE}x{BOMB_SIDE} = 900.0 MP > crop.max_megapixels 50", name
+    # the claim is judged before anything else: the same bomb cut short is still refused for its size
+    with pytest.raises(ImageError, match="too_many_pixels"):
+        cropper.crop_bytes(data[: len(data) // 2])
+
+
+def test_the_limit_is_inclusive_and_a_setting():
+    data = _png(_photo(200, 100))  # 0.02 MP
+    head = check_header(data, 0.02)
+    assert (head.width, head.height) == (200, 100)
+    with pytest.raises(ImageError) as exc:
+        check_header(data, 0.0199)
+    assert exc.value.reason == "too_many_pixels" and exc.value.detail.startswith("200x100 = 0.0 MP > ")
+    with pytest.raises(ImageError, match="too_many_pixels"):
+        face_cropper(max_megapixels=0.01).crop_bytes(data)
+    with pytest.raises(ImageError, match="too_many_pixels"):  # decoded pixels (crop_main) are judged alike
+        face_cropper(max_megapixels=0.01).crop_main(_photo(200, 100))
+    # a phone photo's header is well inside the default (4032x3024 = 12.2 MP)
+    assert claimed_size(bomb_jpeg(4032, 3024)) == (4032, 3024)
+    check_header(bomb_jpeg(4032, 3024), face_cropper().max_megapixels)
+
+
+def test_pillows_own_bomb_guard_never_surfaces():
+    """Formats Pillow reads for kfer (here BMP) are judged on Pillow's header; its warning (above 89.5 MP) is
+    silenced and its DecompressionBombError (above 179 MP) is the same too_many_pixels."""
+    warned = bmp_header(10000, 9000)  # 90 MP: Pillow warns
+    refused = bmp_header(20000, 10000)  # 200 MP: Pillow refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = read_header(warned)
+        assert (head.format, head.width, head.height) == ("BMP", 10000, 9000)
+        with pytest.raises(ImageError) as exc:
+            check_header(warned, 50)
+        assert exc.value.reason == "too_many_pixels" and exc.value.detail.startswith("10000x9000 = 90.0 MP")
+        for call in (read_header, lambda d: check_header(d, 178)):
+            with pytest.raises(ImageError) as exc:
+                call(refused)
+            assert exc.value.reason == "too_many_pixels" and "Pillow" in exc.value.detail
 
 
 def _oriented_jpeg(upright: np.ndarray, orientation: int) -> bytes:

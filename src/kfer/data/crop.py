@@ -11,7 +11,8 @@ Output (built in a temporary folder, renamed into place when complete)::
 
 Photos are read with :meth:`kfer.data.faces.FaceCropper.crop_bytes`, which cuts the box ``crop.box`` chooses: by
 default the detector's box that matches the annotation, i.e. the face as ``kfer predict`` cuts it. Detection
-runs on a reduced colour decode and a large JPEG's face is cut from a reduced gray decode. A folder where
+runs on a reduced colour decode and a large JPEG's face is cut from a reduced gray decode; a photo whose header
+claims more than ``crop.max_megapixels`` is skipped as ``too_many_pixels`` before anything is decoded. A folder where
 nothing is usable is an error naming the reasons; the previous output is then left as it was.
 
 Work is spread over ``crop.workers`` processes; results come back in input order and every worker runs
@@ -44,6 +45,8 @@ NOT_PHOTOS = ("label_file",)  # rows that are not counted as photos (the label J
 HINTS = {
     "no_face": "pre-cropped faces (FER2013, CK+) need crop.detector: none",
     "too_small": "lower crop.min_image_side, or use larger photos",
+    "too_many_pixels": "the header claims more than crop.max_megapixels (a decompression bomb, or a huge scan): "
+                       "refused before decoding; raise crop.max_megapixels (at most 178) if such photos are real",
     "unknown_label": "add the labels to data.label_map",
     "no_label": "check data.layout (aihub file names or <label>/ folders)",
     "no_group": "set data.group for this layout (regex, folder or none)",

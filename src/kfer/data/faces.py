@@ -25,10 +25,10 @@ import numpy as np
 
 from kfer.data.images import (
     ImageError,
-    check_complete,
+    check_header,
+    check_pixels,
     decode_gray,
     decode_image,
-    read_header,
     read_image,
 )
 
@@ -291,6 +291,7 @@ class FaceCropper:
     min_side: int  # images with a shorter side are ImageError("too_small")
     box: str
     match_iou: float
+    max_megapixels: float  # photos whose header claims more are ImageError("too_many_pixels"), never decoded
 
     def __post_init__(self):
         if self.detector not in DETECTORS:
@@ -302,12 +303,13 @@ class FaceCropper:
     def from_params(cls, crop_cfg) -> FaceCropper:
         return cls(crop_cfg.image_size, crop_cfg.margin, crop_cfg.threshold, crop_cfg.grayscale,
                    crop_cfg.min_inside, crop_cfg.detector, crop_cfg.min_image_side, crop_cfg.box,
-                   crop_cfg.match_iou)
+                   crop_cfg.match_iou, crop_cfg.max_megapixels)
 
     def with_detector(self, detector: str | None) -> FaceCropper:
         return self if detector in (None, self.detector) else replace(self, detector=detector)
 
     def _check_size(self, width: int, height: int) -> None:
+        check_pixels(width, height, self.max_megapixels)
         if min(width, height) < self.min_side:
             raise ImageError("too_small", f"{width}x{height} image, shorter side below crop.min_image_side "
                                           f"{self.min_side}")
@@ -378,8 +380,7 @@ class FaceCropper:
         face square stays at least ``size`` pixels at 1/2, 1/4 or 1/8 resolution, from that reduced decode; the
         box is scaled to match. Colour output decodes the full photo.
         """
-        check_complete(data)
-        head = read_header(data)
+        head = check_header(data, self.max_megapixels)  # nothing decoded before the size is judged
         w, h = head.width, head.height
         self._check_size(w, h)
         choice = self.choose_box(annotation, w, h, lambda: self._detect_bytes(data, head))
@@ -413,8 +414,7 @@ class FaceCropper:
         """Every detected face of a photo given as bytes, largest first: what ``kfer predict`` and the served
         model cut. Detection and cutting are :meth:`crop_bytes`' own, so a training face matched to a detector
         box (``box: match``) is this method's face pixel for pixel."""
-        check_complete(data)
-        head = read_header(data)
+        head = check_header(data, self.max_megapixels)
         self._check_size(head.width, head.height)
         dets = self._detect_bytes(data, head)
         decoded: dict = {}

