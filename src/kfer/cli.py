@@ -333,8 +333,8 @@ def predict(ctx: click.Context, photos: tuple[Path, ...], model_uri: str | None,
         import json
 
         click.echo(json.dumps(results + [s.as_dict() for s in summaries], ensure_ascii=False, indent=2))
-    if any(r["error"] for r in results):
-        ctx.exit(1)
+    if any(r["error"] for r in results) or any(s.error for s in summaries):
+        ctx.exit(1)  # the rest was answered, as for a photo that cannot be read
     if camera is None and any(s.interrupted for s in summaries):
         ctx.exit(130)  # a video cut short by Ctrl-C (a camera stopped by Ctrl-C is the normal end)
 

@@ -18,7 +18,9 @@ next while its boxes overlap. Outputs, per source, in the output folder:
   *every* frame at the source's fps, with the boxes and labels of the latest analysed frame.
 
 Both files are written atomically (:func:`kfer.files.atomic_file`); Ctrl-C stops the loop cleanly: what was
-analysed is written, complete, and the summary says it stopped.
+analysed is written, complete, and the summary says it stopped. A source whose frames are larger than the photo
+model's ``crop.max_megapixels`` (as its container reports, else its first frame) is refused, as a photo would be
+(``too_many_pixels``): one line, and the other sources are analysed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import cv2
 import numpy as np
 
 from kfer.data.faces import box_iou
-from kfer.data.images import ImageError
+from kfer.data.images import ImageError, check_pixels
 from kfer.errors import UserError
 from kfer.files import atomic_file, clean_stale_tmp, tmp_sibling
 
@@ -153,6 +155,7 @@ class VideoSummary:
     timeline: str = ""
     annotated: str | None = None
     shown: bool = False  # frames were shown in a window
+    error: str = ""  # the source was refused (too_many_pixels): nothing analysed, nothing written
     timeline_tracks: dict[int, dict[str, list]] = field(default_factory=dict, repr=False)
 
     @property
@@ -167,6 +170,8 @@ class VideoSummary:
         return out
 
     def line(self) -> str:
+        if self.error:
+            return f"{self.source}: ERROR {self.error}"
         stop = " (stopped by Ctrl-C)" if self.interrupted else ""
         ann = f", annotated {self.annotated}" if self.annotated else ""
         return (f"{self.source}: {self.frames_read} frames read{stop}, {self.frames_analysed} analysed (every "
@@ -232,13 +237,21 @@ def analyse_video(source: int | str | os.PathLike, model, out_dir: str | os.Path
     and write ``<name>.faces.csv``, ``<name>.timeline.png`` (``timeline``) into ``out_dir`` (and the annotated
     video into ``annotate_dir``); returns the summary. ``show``: annotated frames in a window (q/Esc stops).
     ``on_frame(frame_index, faces)`` is called after each analysed frame (faces carry ``face_id``).
-    Raises :class:`VideoError` when the source cannot be opened or yields no frame."""
+    Raises :class:`VideoError` when the source cannot be opened or yields no frame, and
+    :class:`~kfer.data.images.ImageError` (``too_many_pixels``) when its frames are larger than the model's
+    ``crop.max_megapixels``: judged from the size the container reports before any frame is decoded (from the
+    first frame when it reports none), and nothing is written."""
     from kfer.serving.predict import draw_faces
 
     cap = open_capture(source)
     what = str(source) if not isinstance(source, int) else f"camera {source}"
     name = name or source_name(source)
     try:
+        max_megapixels = model.cropper.max_megapixels
+        size = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        size_known = min(size) > 0
+        if size_known:
+            check_pixels(*size, max_megapixels)
         fps = _fps(cap, what)
         every = int(every) if every else default_every(fps)
         if every < 1:
@@ -270,6 +283,9 @@ def analyse_video(source: int | str | os.PathLike, model, out_dir: str | os.Path
                     ok, frame = cap.read() if need_pixels else (cap.grab(), None)  # grab: no decode
                     if not ok:
                         break
+                    if not size_known and frame is not None:  # the source did not say: its first frame does
+                        check_pixels(frame.shape[1], frame.shape[0], max_megapixels)
+                        size_known = True
                     summary.frames_read += 1
                     bar.update()
                     if sampled:
@@ -374,14 +390,26 @@ def predict_videos(videos: list[Path], camera: str | None, model, out_dir: str |
 
     used: set[str] = set()
     for video in videos:
-        summary = analyse_video(video, model, out_dir, every, annotate_dir, name=unique_name(source_name(video), used, ""))
+        summary = _analyse_or_refuse(video, model, out_dir, every, annotate_dir,
+                                     name=unique_name(source_name(video), used, ""))
         yield summary
         if summary.interrupted:
             return
     if camera is not None:
         source = parse_source(camera)
-        yield analyse_video(source, model, out_dir, every, annotate_dir, name=unique_name(source_name(source), used, ""),
-                            show=display_available() if show is None else show)
+        yield _analyse_or_refuse(source, model, out_dir, every, annotate_dir,
+                                 name=unique_name(source_name(source), used, ""),
+                                 show=display_available() if show is None else show)
+
+
+def _analyse_or_refuse(source, model, *args, **kwargs) -> VideoSummary:
+    """:func:`analyse_video`, or the summary of a refused source (its ``error`` set, logged in one line)."""
+    try:
+        return analyse_video(source, model, *args, **kwargs)
+    except ImageError as exc:
+        what = str(source) if not isinstance(source, int) else f"camera {source}"
+        log.warning("%s: %s", what, exc)
+        return VideoSummary(what, 0.0, 0, error=str(exc))
 
 
 def check_videos(videos: list[Path]) -> None:
