@@ -25,6 +25,7 @@ import yaml
 from tests.helpers import (
     MLFLOW_ENV,
     SHARED_DATA,
+    bomb_png,
     free_port,
     params_at,
     shared_dir,
@@ -359,6 +360,13 @@ def test_model_server_serves_the_champion(store, tmp_path):
         status, body = _post(f"{base}/invocations",
                              {"dataframe_split": {"columns": ["image"], "data": [["%%% not base64"]]}})
         assert status == 400 and "row 0" in body.get("message", ""), body
+        # a photo whose header claims 30000x30000 pixels among good ones: a client's error naming its row
+        bomb = base64.b64encode(bomb_png()).decode()
+        good = base64.b64encode(blank_jpeg()).decode()
+        status, body = _post(f"{base}/invocations",
+                             {"dataframe_split": {"columns": ["image"], "data": [[good], [bomb], [good]]}})
+        assert status == 400 and body.get("error_code") == "INVALID_PARAMETER_VALUE", body
+        assert "row 1: the photo is refused before decoding (too_many_pixels: 30000x30000" in body["message"], body
     finally:  # the server's own session: its uvicorn worker goes with it
         _kill_group(proc)
 
