@@ -54,6 +54,7 @@ class PathsCfg(_Strict):
     history: Path
     eval_metrics: Path
     eval_dir: Path
+    model_card: Path  # evaluate: the model card (reporting/card.py)
     mlflow_db: Path
     mlflow_artifacts: Path
     optuna_db: Path

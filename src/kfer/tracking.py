@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from kfer.config import Params, deep_merge  # noqa: E402
 
 MODEL_URI_TAG = "kfer.model_uri"  # the photo model (pyfunc) logged by the run
+MODEL_CARD = "model_card.md"  # each training run's model card (kfer.reporting.card; the registered description)
 KERAS_URI_TAG = "kfer.keras_model_uri"
 
 

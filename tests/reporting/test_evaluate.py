@@ -175,6 +175,11 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {f"eval/{f}" for f in (*EVAL_FILES, "eval.json")}
     assert len(client.search_runs([got.info.experiment_id])) == 1  # resumed, not a new run
+    # the model card: written beside the reports and logged into the run, from this evaluation's numbers
+    text = params.path(params.paths.model_card).read_text(encoding="utf-8")
+    assert text == mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
+    assert f"(MLflow run {run_id})" in text and f"| test (crop path) | {len(Y_TRUE)} | 0.727 | " in text
+    assert "| brighter |" in text and "Probabilities are not calibrated" in text
 
 
 def test_per_source_metrics_files_and_mlflow(params, caplog):

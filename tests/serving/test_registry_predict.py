@@ -195,11 +195,15 @@ def test_register_picks_among_runs_of_the_current_data_lineage(store, tmp_path, 
                           "behaviour_jpeg30_same": 0.9, "behaviour_jpeg30_accuracy": 0.7,
                           "behaviour_min_same": 0.9, "test_accuracy": 0.75}.items():
         client.log_metric(runs["b"], metric, value)  # as kfer evaluate logs them into the training run
+    client.log_text(runs["b"], "# Model card: b\n", "model_card.md")  # as train and evaluate log it
     res = CliRunner().invoke(main, ["--params", str(params_file), "register"])
     assert res.exit_code == 0, res.output
     assert client.get_model_version_by_alias(name, CHAMPION).run_id == runs["b"]
     assert ("  best_val_macro_f1 0.8000, test_accuracy 0.7500\n  behaviour: mirror 100.0% same (acc 0.750), "
             "jpeg30 90.0% same (acc 0.700)") in res.output
+    # the run's model card is the version's description; the version of a run without one has none
+    assert client.get_model_version_by_alias(name, CHAMPION).description == "# Model card: b\n"
+    assert not client.get_model_version(name, mv.version).description
 
     # the tuned (or an explicit) run is registered whatever its data, with a warning when it is not current
     summary = params.path(params.paths.tune_summary)

@@ -84,8 +84,8 @@ import pandas as pd
 from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
-from kfer.files import atomic_dir, read_image_gray, write_json
-from kfer.reporting import behaviour
+from kfer.files import atomic_dir, atomic_file, read_image_gray, write_json
+from kfer.reporting import behaviour, card
 from kfer.reporting import groups as by_group
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -287,8 +287,9 @@ def _train_run(params: Params):
         ) from exc
 
 
-def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path, metrics_path: Path) -> str:
-    """Resume the training run and log the test metrics and eval files."""
+def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path, metrics_path: Path,
+                   model_card: str) -> str:
+    """Resume the training run and log the test metrics, the eval files and the model card (replacing train's)."""
     import mlflow
 
     from kfer import tracking
@@ -303,6 +304,7 @@ def _log_to_mlflow(params: Params, run, metrics: dict[str, Any], eval_dir: Path,
                             **behaviour.flat(metrics.get("behaviour"))})
         mlflow.log_artifacts(str(eval_dir), artifact_path=ARTIFACT_DIR)
         mlflow.log_artifact(str(metrics_path), artifact_path=ARTIFACT_DIR)
+        mlflow.log_text(model_card, card.ARTIFACT)
     return info.run_id
 
 
@@ -429,7 +431,10 @@ def run_evaluate(params: Params) -> dict[str, Any]:
                {**{k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "photo_accuracy")
                    if metrics.get(k) is not None}, **by_group.headline(metrics.get("groups"))})
 
-    run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path)
+    text = card.build_card(params, card.read_reports(params), None if run is None else run.info.run_id)
+    with atomic_file(Catalog(params).model_card) as fh:
+        fh.write(text)
+    run_id = None if run is None else _log_to_mlflow(params, run, metrics, eval_dir, metrics_path, text)
     log.info(
         "evaluate: %d test images, accuracy %.4f, macro-F1 %.4f -> %s, %s%s",
         metrics["test_images"], metrics["test_accuracy"], metrics["test_macro_f1"],

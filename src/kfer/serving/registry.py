@@ -251,7 +251,23 @@ def register(params: Params, run_id: str | None = None, metric: str | None = Non
             client.set_model_version_tag(name, version.version, key, value)
     client.set_registered_model_alias(name, CHAMPION, version.version)
     log.info("alias %s@%s -> version %s", name, CHAMPION, version.version)
+    card = model_card(rid)
+    if card is None:
+        log.warning("run %s has no %s: the version has no description (run `kfer train` and `kfer evaluate`)",
+                    rid, tracking.MODEL_CARD)
+    else:
+        client.update_model_version(name, version.version, description=card)
     return client.get_model_version(name, version.version)
+
+
+def model_card(run_id: str) -> str | None:
+    """The run's model card (the ``model_card.md`` artifact that train logs and evaluate completes), or None."""
+    import mlflow
+
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{tracking.MODEL_CARD}")
+    except (MlflowException, OSError):
+        return None
 
 
 def scorecard(params: Params, run_id: str, metric: str | None = None) -> tuple[str, dict[str, float]]:

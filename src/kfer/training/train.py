@@ -25,6 +25,7 @@ from pathlib import Path
 from kfer import files, tracking
 from kfer.catalog import Catalog
 from kfer.config import Params
+from kfer.reporting import card
 from kfer.training import distribute, resume
 from kfer.training.fit import fit_score_log, publish, strip_for_serving
 from kfer.training.init import load as load_init
@@ -101,6 +102,9 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
             "val_accuracy": metrics["best_val_accuracy"], "val_macro_f1": metrics["best_val_macro_f1"]})
         Catalog(params).write_json("train_run", {
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, **uris})
+        # the card of what is known now (evaluate replaces it with the test scores): never an older model's eval
+        known = {k: v for k, v in card.read_reports(params).items() if k != "eval"}
+        mlflow.log_text(card.build_card(params, known, run.info.run_id), card.ARTIFACT)
     backup.discard()  # the run ended well: its outputs are written
 
     log.info(
