@@ -280,6 +280,30 @@ def plot_groups(report: dict, path: str | os.PathLike, title: str = "Accuracy by
         return _save(fig, path)
 
 
+def plot_reliability(calibration: dict, path: str | os.PathLike) -> Path:
+    """Reliability diagrams (:mod:`kfer.serving.calibration`): per split, the accuracy of each confidence bin
+    against its mean confidence, before and after temperature scaling, the diagonal being perfect calibration."""
+    splits = list(calibration["splits"].items())
+    with _style():
+        fig = _new_figure(4.2 * len(splits), 4.4)
+        axes = fig.subplots(1, len(splits), squeeze=False).ravel()
+        for ax, (name, rep) in zip(axes, splits, strict=True):
+            ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1)
+            for key, colour, label in (("before", "#d62728", "as trained"), ("after", "#1f77b4", "calibrated")):
+                bins = [b for b in rep[f"bins_{key}"] if b["n"]]
+                ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=colour,
+                        markersize=4, label=f"{label}: ECE {rep[f'ece_{key}']:.3f}")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("confidence (top probability)")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{name} (n={rep['n']})", fontsize=10)
+            ax.legend(loc="upper left", fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"Reliability, temperature {calibration['temperature']:.2f}")
+        return _save(fig, path)
+
+
 def plot_behaviour(report: dict, path: str | os.PathLike, title: str = "Behaviour checks") -> Path:
     """Per behaviour check (:mod:`kfer.reporting.behaviour`): the share of faces whose answer stayed the same, and
     the accuracy under the change beside the accuracy on the faces as they are (a dashed line)."""

@@ -108,13 +108,33 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     params.path(params.paths.train_run).write_text(
         json.dumps({"run_id": run_id, "experiment_id": run.info.experiment_id}), encoding="utf-8")
 
+    # the train stage's report with the temperature it fitted on val (as kfer train writes it)
+    from kfer.serving import calibration
+
+    val_probs = np.array([[0.7, 0.3], [0.8, 0.2], [0.4, 0.6]])
+    val = calibration.report(val_probs, np.array([0, 1, 1]), 2.0)
+    params.path(params.paths.train_metrics).parent.mkdir(parents=True, exist_ok=True)
+    params.path(params.paths.train_metrics).write_text(
+        json.dumps({"best_val_accuracy": 0.5, "best_val_macro_f1": 0.4, "best_val_loss": 1.0, "best_epoch": 1,
+                    "epochs_run": 2, "train_seconds": 3.0, "train_images_per_s": 10.0, "train_images": 10,
+                    "val_images": 3, "calibration": {"temperature": 2.0, "val": val}}), encoding="utf-8")
+
     with caplog.at_level(logging.INFO, logger="kfer.reporting.evaluate"):
         result = run_evaluate(params)
 
     # --- metrics JSON: hand-computed values
     written = json.loads(params.path(params.paths.eval_metrics).read_text(encoding="utf-8"))
     assert written == result
-    assert set(written) == {"test_accuracy", "test_macro_f1", "test_images", "per_class", "behaviour"}
+    assert set(written) == {"test_accuracy", "test_macro_f1", "test_images", "per_class", "behaviour", "calibration"}
+    # calibration: val as the train stage measured it, test scaled by its temperature (the argmax kept)
+    cal = written["calibration"]
+    assert cal["temperature"] == 2.0 and cal["splits"]["val"] == val
+    test_probs = save_intensity_model(params).predict_on_batch(
+        np.stack([np.full((S, S, 1), value_of(p), np.float32) for p in Y_PRED]))
+    expected = calibration.report(np.asarray(test_probs, np.float64), np.array(Y_TRUE), 2.0)
+    assert cal["splits"]["test"]["ece_before"] == pytest.approx(expected["ece_before"], abs=1e-6)
+    assert cal["splits"]["test"]["ece_after"] == pytest.approx(expected["ece_after"], abs=1e-6)
+    assert cal["splits"]["test"]["ece_after"] != pytest.approx(cal["splits"]["test"]["ece_before"])
     # behaviour: the flat faces keep their mean under a mirror, contrast, rotation, blur (and JPEG, to a grey
     # level), so the intensity model keeps its answer; x1.2 / x0.8 moves the mean to another class's centre
     beh = written["behaviour"]
@@ -142,7 +162,7 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
 
     # --- eval folder: the files, test rows only, in split-file order
     eval_dir = params.path(params.paths.eval_dir)
-    assert sorted(p.name for p in eval_dir.iterdir()) == sorted(EVAL_FILES)
+    assert sorted(p.name for p in eval_dir.iterdir()) == sorted([*EVAL_FILES, "reliability.png"])
     pred = pd.read_csv(eval_dir / "predictions.csv")
     assert list(pred.columns) == ["path", "actual", "predicted", "confidence", "photo_predicted"]
     assert (pred["photo_predicted"].isna()).all()  # no photo model in this run: no photo path
@@ -173,13 +193,14 @@ def test_known_predictions_metrics_files_and_mlflow_resume(params, caplog):
     assert m["behaviour_mirror_accuracy"] == pytest.approx(EXPECTED_ACCURACY)
     assert m["behaviour_min_same"] == min(c["same_prediction"] for c in beh["checks"].values())
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert artifacts == {f"eval/{f}" for f in (*EVAL_FILES, "eval.json")}
+    assert artifacts == {f"eval/{f}" for f in (*EVAL_FILES, "reliability.png", "eval.json")}
+    assert m["test_ece_calibrated"] == pytest.approx(cal["splits"]["test"]["ece_after"])
     assert len(client.search_runs([got.info.experiment_id])) == 1  # resumed, not a new run
     # the model card: written beside the reports and logged into the run, from this evaluation's numbers
     text = params.path(params.paths.model_card).read_text(encoding="utf-8")
     assert text == mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
     assert f"(MLflow run {run_id})" in text and f"| test (crop path) | {len(Y_TRUE)} | 0.727 | " in text
-    assert "| brighter |" in text and "Probabilities are not calibrated" in text
+    assert "| brighter |" in text and "Temperature 2.000, fitted on val" in text
 
 
 def test_per_source_metrics_files_and_mlflow(params, caplog):

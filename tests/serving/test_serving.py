@@ -97,7 +97,7 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
     code = photo_dir / "code" / "kfer"
     assert sorted(f.relative_to(code).as_posix() for f in code.rglob("*.py")) == [
         "__init__.py", "data/__init__.py", "data/faces.py", "data/images.py", "serving/__init__.py",
-        "serving/layers.py", "serving/photo_model.py"]
+        "serving/calibration.py", "serving/layers.py", "serving/photo_model.py"]
     assert json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))["crop"][
         "image_size"] == TINY_MODEL_SIZE
     keras_dir = Path(mlflow.artifacts.download_artifacts(uris["keras_model_uri"]))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kfer import tracking
+from kfer.serving.calibration import apply_temperature
 from kfer.training.inputs import class_weights, train_table
 from kfer.training.model import build_resnet
 from kfer.training.train import run_train
@@ -82,12 +83,28 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     tags = run.data.tags
     assert {"git.commit", "git.dirty", tracking.MODEL_URI_TAG, tracking.KERAS_URI_TAG} <= set(tags)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"training_curves.png", "labels.json"} <= artifacts
+    assert {"training_curves.png", "labels.json", "model_card.md"} <= artifacts
+    card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card.md")
+    assert f"| val (model selection) | {full['val_images']} | {full['best_val_accuracy']:.3f} |" in card
+    assert "Not evaluated on the test split yet" in card  # train's card: no test numbers, none of an older model
+
+    # calibration: the temperature fitted on val is in the report, the run and the served model's config
+    cal = full["calibration"]
+    assert 0.05 <= cal["temperature"] <= 20 and cal["val"]["n"] == full["val_images"]
+    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-9  # the fit never makes val worse
+    assert run.data.metrics["temperature"] == pytest.approx(cal["temperature"])
+    assert run.data.metrics["val_ece_calibrated"] == pytest.approx(cal["val"]["ece_after"])
     inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
     assert inputs == {"train", "val"}
 
-    # the Keras-format model and the photo pyfunc are both loadable
+    # the Keras-format model and the photo pyfunc are both loadable; the photo model's probabilities are the
+    # Keras model's scaled by the temperature (same argmax)
     km = mlflow.keras.load_model(tags[tracking.KERAS_URI_TAG])
+    photo = mlflow.pyfunc.load_model(tags[tracking.MODEL_URI_TAG]).unwrap_python_model()
+    assert photo.temperature == pytest.approx(cal["temperature"])
+    faces = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    raw = km.predict_on_batch(faces[..., None].astype(np.float32))
+    np.testing.assert_allclose(photo.classify_faces(faces), apply_temperature(raw, cal["temperature"]), atol=1e-6)
     assert km.output_shape == (None, 7)
     saved = keras.models.load_model(params.path(params.paths.model))
     assert saved.count_params() == km.count_params()

@@ -86,6 +86,7 @@ from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, atomic_file, read_image_gray, write_json
 from kfer.reporting import behaviour, card
+from kfer.serving import calibration
 from kfer.reporting import groups as by_group
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -235,6 +236,9 @@ def _write_eval_dir(
 
     if metrics.get("groups"):
         by_group.write_files(metrics["groups"], out, f"Test set (n={metrics['test_images']}): accuracy by group")
+
+    if metrics.get("calibration"):
+        plots.plot_reliability(metrics["calibration"], out / "reliability.png")
 
     if metrics.get("behaviour"):
         behaviour.write_files(metrics["behaviour"], out,
@@ -401,6 +405,19 @@ def run_evaluate(params: Params) -> dict[str, Any]:
         metrics["groups"] = by_group.group_report(y_true, y_pred, fields, names, params.evaluate.group_min_n)
         for line in by_group.describe(metrics["groups"]):
             log.info("evaluate: by %s", line)
+
+    train_report = Catalog(params).train_metrics
+    fitted = json.loads(train_report.read_text(encoding="utf-8")).get("calibration") \
+        if train_report.is_file() else None
+    if fitted:  # the served model's temperature, fitted on val by the train stage: ECE before and after
+        test_cal = calibration.report(probs, y_true, fitted["temperature"])
+        metrics["calibration"] = {"temperature": fitted["temperature"], "splits": {"val": fitted["val"],
+                                                                                    "test": test_cal}}
+        log.info("evaluate: calibration (temperature %.3f): test ECE %.4f -> %.4f", fitted["temperature"],
+                 test_cal["ece_before"], test_cal["ece_after"])
+    else:
+        log.warning("no calibration in %s: the model's probabilities are reported uncalibrated (retrain)",
+                    params.rel(Catalog(params).train_metrics))
 
     checked = behaviour.sample(len(test), params.evaluate.behaviour_max_images, params.seed)
     metrics["behaviour"] = behaviour.run_checks(

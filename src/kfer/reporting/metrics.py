@@ -90,8 +90,8 @@ def distinct_keys(names: list[str]) -> dict[str, str]:
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics JSON as flat MLflow metrics: test_accuracy, test_macro_f1, test_images, test_f1_<class>...,
-    with sources test_accuracy_<source>, test_macro_f1_<source>, and the photo_* metrics (the group table's are
-    :func:`kfer.reporting.groups.flat`'s)."""
+    with sources test_accuracy_<source>, test_macro_f1_<source>, the photo_* metrics, and test_ece /
+    test_ece_calibrated when calibrated (the group table's are :func:`kfer.reporting.groups.flat`'s)."""
     flat = {k: float(metrics[k]) for k in ("test_accuracy", "test_macro_f1", "test_images")}
     flat.update({k: float(v) for k, v in metrics.items() if k.startswith("photo_") and v is not None})
     for name, m in metrics["per_class"].items():
@@ -105,6 +105,9 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, key in distinct_keys(list(per_source)).items():
         for k in ("accuracy", "macro_f1"):
             flat[f"test_{k}_{key}"] = float(per_source[name][k])
+    test_cal = (metrics.get("calibration") or {}).get("splits", {}).get("test")
+    if test_cal:
+        flat["test_ece"], flat["test_ece_calibrated"] = float(test_cal["ece_before"]), float(test_cal["ece_after"])
     return flat
 
 

@@ -39,6 +39,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 
 from kfer.data.faces import FaceCropper, ImageError  # noqa: E402
+from kfer.serving.calibration import apply_temperature  # noqa: E402
 
 KERAS_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "config"
@@ -61,12 +62,14 @@ def output_columns(class_names: list[str]) -> list[str]:
             *(prob_column(c) for c in class_names)]
 
 
-def model_config(params) -> dict[str, Any]:
-    """What the photo model needs besides the weights: classes and the crop settings of the pipeline."""
+def model_config(params, temperature: float = 1.0) -> dict[str, Any]:
+    """What the photo model needs besides the weights: classes, the crop settings of the pipeline and the
+    temperature its probabilities are scaled by (:mod:`kfer.serving.calibration`; 1 = as the network gives them)."""
     c = params.crop
     return {
         "format": CONFIG_FORMAT,
         "classes": [{"name": k.name, "ko": k.ko or k.name} for k in params.classes],
+        "temperature": float(temperature),
         "crop": {"image_size": c.image_size, "margin": c.margin, "threshold": c.threshold,
                  "min_inside": c.min_inside, "grayscale": c.grayscale, "min_image_side": c.min_image_side,
                  "max_megapixels": c.max_megapixels},
@@ -80,6 +83,7 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         self.keras_model = None
         self.classes: list[dict[str, str]] = []
         self.cropper: FaceCropper | None = None
+        self.temperature = 1.0
 
     # --- loading ----------------------------------------------------------------------------------------
     def load_context(self, context) -> None:
@@ -92,6 +96,7 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         if cfg.get("format") != CONFIG_FORMAT:
             raise MlflowException(f"unsupported kfer model config format {cfg.get('format')!r}")
         self.classes = [{"name": c["name"], "ko": c.get("ko") or c["name"]} for c in cfg["classes"]]
+        self.temperature = float(cfg.get("temperature", 1.0))  # models logged before calibration: 1
         crop = cfg["crop"]
         # a served photo is a whole photo without annotations: its faces are always detected, the largest first
         self.cropper = FaceCropper(size=int(crop["image_size"]), margin=float(crop["margin"]),
@@ -121,7 +126,7 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
             x = x[..., None]
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return np.asarray(self.keras_model.predict_on_batch(x), dtype=np.float64)
+        return apply_temperature(self.keras_model.predict_on_batch(x), self.temperature)
 
     def predict_bytes(self, data: bytes, whole_image: bool = False) -> list[dict[str, Any]]:
         """Every face in a photo's bytes (JPEG, PNG, ...), largest first, with its expression: the path of

@@ -170,7 +170,7 @@ def _keras_input_example_dir():
         keras_save._save_example = original
 
 
-def log_models(keras_model, params) -> dict[str, str]:
+def log_models(keras_model, params, temperature: float = 1.0) -> dict[str, str]:
     """Log the Keras classifier and the photo pyfunc in the active MLflow run.
 
     Input examples are generated (:func:`example_faces`, :func:`example_photo_b64`), never a dataset image; the
@@ -199,7 +199,7 @@ def log_models(keras_model, params) -> dict[str, str]:
         keras_path = Path(tmp) / "model.keras"
         keras_model.save(keras_path)
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps(model_config(params), ensure_ascii=False, indent=2), encoding="utf-8")
+        config_path.write_text(json.dumps(model_config(params, temperature), ensure_ascii=False, indent=2), encoding="utf-8")
         photo_info = mlflow.pyfunc.log_model(
             name=PHOTO_MODEL_NAME,
             python_model=PhotoEmotionModel(),

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kfer import selection, tracking
@@ -150,13 +151,37 @@ def fit_score_log(params: Params, train_ds, val_ds, class_weight: dict | None, w
     return Fitted(model, history, seconds, metrics)
 
 
-def publish(served, params: Params) -> dict[str, str]:
+def calibrate(served, params: Params, val_ds, val_labels) -> dict:
+    """Temperature scaling of ``served`` on the val split (:mod:`kfer.serving.calibration`): its probabilities on
+    ``val_ds`` against ``val_labels`` (the split's hard labels, class names, in the dataset's order). Returns
+    ``{"temperature", "val": report before/after}``; logs ``temperature``, ``val_ece`` and ``val_ece_calibrated``
+    in the active run."""
+    import mlflow
+
+    from kfer.serving import calibration
+
+    index = {n: i for i, n in enumerate(params.class_names)}
+    y = np.array([index[c] for c in val_labels], dtype=np.int64)
+    probs = np.asarray(served.predict(val_ds, verbose=0), dtype=np.float64)
+    if len(probs) != len(y):
+        raise RuntimeError(f"{len(probs)} val predictions for {len(y)} val faces")
+    temperature = calibration.fit_temperature(probs, y)
+    val = calibration.report(probs, y, temperature)
+    mlflow.log_metrics({"temperature": temperature, "val_ece": val["ece_before"],
+                        "val_ece_calibrated": val["ece_after"]})
+    log.info("calibration: temperature %.3f fitted on %d val faces, ECE %.4f -> %.4f", temperature, val["n"],
+             val["ece_before"], val["ece_after"])
+    return {"temperature": temperature, "val": val}
+
+
+def publish(served, params: Params, temperature: float = 1.0) -> dict[str, str]:
     """Log ``served`` (:func:`strip_for_serving` of the fitted model) in the active run with
-    :func:`kfer.serving.publish.log_models` and tag the run with both model URIs; returns them."""
+    :func:`kfer.serving.publish.log_models` (the photo model scales its probabilities by ``temperature``) and tag
+    the run with both model URIs; returns them."""
     import mlflow
 
     from kfer.serving.publish import log_models
 
-    uris = log_models(served, params)  # generated input examples: no dataset face in the model
+    uris = log_models(served, params, temperature)  # generated input examples: no dataset face in the model
     mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"], tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
     return uris

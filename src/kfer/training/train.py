@@ -27,7 +27,7 @@ from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.reporting import card
 from kfer.training import distribute, resume
-from kfer.training.fit import fit_score_log, publish, strip_for_serving
+from kfer.training.fit import calibrate, fit_score_log, publish, strip_for_serving
 from kfer.training.init import load as load_init
 from kfer.training.inputs import augmentation, class_weights, decoded_pixels, make_dataset, split_table, train_table
 
@@ -85,7 +85,8 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         mlflow.log_artifact(str(labels_json))
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
-        uris = publish(clean, params)
+        calibrated = calibrate(clean, params, val_ds, val_df["label"])  # the served model's temperature
+        uris = publish(clean, params, calibrated["temperature"])
 
         # DVC outputs, each written atomically
         model_path = Catalog(params).model
@@ -95,9 +96,11 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         os.replace(tmp_model, model_path)
         with files.atomic_file(Catalog(params).history) as fh:
             history.to_csv(fh, index=False)
-        Catalog(params).write_json("train_metrics", metrics if init is None else {
-            **metrics, "init_from": {"spec": init.spec, "source": init.source, "layers_loaded": len(init.loaded),
-                                     "rebuilt": init.rebuilt}})
+        report = {**metrics, "calibration": calibrated}
+        if init is not None:
+            report["init_from"] = {"spec": init.spec, "source": init.source, "layers_loaded": len(init.loaded),
+                                   "rebuilt": init.rebuilt}
+        Catalog(params).write_json("train_metrics", report)
         Catalog(params).write_json("train_headline", {  # DVC metrics: the selected epoch's scores
             "val_accuracy": metrics["best_val_accuracy"], "val_macro_f1": metrics["best_val_macro_f1"]})
         Catalog(params).write_json("train_run", {

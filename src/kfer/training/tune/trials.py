@@ -135,7 +135,7 @@ def _is_best_so_far(study, value: float, metric: str) -> bool:
 def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
     import optuna
 
-    from kfer.training.fit import fit_score_log, publish, strip_for_serving
+    from kfer.training.fit import calibrate, fit_score_log, publish, strip_for_serving
     from kfer.training.inputs import class_weights, make_dataset
 
     metric = p.tune.metric
@@ -156,7 +156,8 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"{metric} of trial {trial.number} is {value}")
     if _is_best_so_far(trial.study, value, metric):  # the study's best so far: keep its model, registrable
-        uris = publish(strip_for_serving(fitted.model, p), p)
+        served = strip_for_serving(fitted.model, p)
+        uris = publish(served, p, calibrate(served, p, val_ds, ctx.val_df["label"])["temperature"])
         trial.set_user_attr(MODEL_URI_ATTR, uris["model_uri"])
     return value
 
