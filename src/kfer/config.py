@@ -72,6 +72,16 @@ class PathsCfg(_Strict):
     tune_headline: Path
 
 
+def capture_regex(pattern: str, key: str) -> None:
+    """A ValueError naming ``key`` unless ``pattern`` compiles and has a capture group (the id it extracts)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{key} {pattern!r} is not a valid regular expression: {exc}") from None
+    if rx.groups < 1:
+        raise ValueError(f"{key} {pattern!r} needs a capture group")
+
+
 class GroupCfg(_Strict):
     source: Literal["field", "regex", "folder", "none"] = "field"
     field: Literal["title", "gender", "age", "emotion", "place", "date"] = "title"
@@ -82,13 +92,7 @@ class GroupCfg(_Strict):
         if self.source == "regex":
             if not self.pattern:
                 raise ValueError("data.group.pattern is required when data.group.source is 'regex'")
-            try:
-                rx = re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"data.group.pattern {self.pattern!r} is not a valid regular expression: "
-                                 f"{exc}") from None
-            if rx.groups < 1:
-                raise ValueError(f"data.group.pattern {self.pattern!r} needs a capture group")
+            capture_regex(self.pattern, "data.group.pattern")
         return self
 
 
@@ -130,13 +134,7 @@ class GroupsCfg(_Strict):
                 raise ValueError(f"data.groups.columns field {name!r} must be a lowercase name such as gender or "
                                  "age_group (source is reserved: the source name is always a group field)")
         if self.key_pattern is not None:
-            try:
-                rx = re.compile(self.key_pattern)
-            except re.error as exc:
-                raise ValueError(f"data.groups.key_pattern {self.key_pattern!r} is not a valid regular expression: "
-                                 f"{exc}") from None
-            if rx.groups < 1:
-                raise ValueError(f"data.groups.key_pattern {self.key_pattern!r} needs a capture group")
+            capture_regex(self.key_pattern, "data.groups.key_pattern")
         return self
 
 
