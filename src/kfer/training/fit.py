@@ -174,14 +174,18 @@ def calibrate(served, params: Params, val_ds, val_labels) -> dict:
     return {"temperature": temperature, "val": val}
 
 
-def publish(served, params: Params, temperature: float = 1.0) -> dict[str, str]:
+def publish(served, params: Params, val_ds=None, onnx_path=None, temperature: float = 1.0) -> dict[str, str]:
     """Log ``served`` (:func:`strip_for_serving` of the fitted model) in the active run with
     :func:`kfer.serving.publish.log_models` (the photo model scales its probabilities by ``temperature``) and tag
-    the run with both model URIs; returns them."""
+    the run with both model URIs; returns them. The ONNX export the photo model runs (``onnx_path`` when already
+    written, else made there) is checked on up to ``train.onnx_check_faces`` faces of ``val_ds``."""
     import mlflow
 
+    from kfer.serving.export import dataset_faces
     from kfer.serving.publish import log_models
 
-    uris = log_models(served, params, temperature)  # generated input examples: no dataset face in the model
+    faces = dataset_faces(val_ds, params.train.onnx_check_faces) if val_ds is not None else None
+    uris = log_models(served, params, check_faces=faces, onnx_path=onnx_path,
+                      temperature=temperature)  # generated input examples
     mlflow.set_tags({tracking.MODEL_URI_TAG: uris["model_uri"], tracking.KERAS_URI_TAG: uris["keras_model_uri"]})
     return uris

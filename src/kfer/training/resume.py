@@ -48,7 +48,8 @@ _CALLBACK_STATE = {
 def fingerprint(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, global_batch: int) -> str:
     """What a backup must match to be resumed: the params that shape training and the exact train/val rows."""
     dump = params.model_dump(mode="json")
-    dump["train"] = {k: v for k, v in dump["train"].items() if k not in {"decode_workers", "resume"}}
+    speed_or_export = {"decode_workers", "resume", "onnx_tolerance", "onnx_check_faces"}  # shape no weights
+    dump["train"] = {k: v for k, v in dump["train"].items() if k not in speed_or_export}
     h = hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode())
     h.update(str(global_batch).encode())
     for df in (train_df, val_df):

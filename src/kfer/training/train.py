@@ -4,7 +4,8 @@ track everything in MLflow.
 Inputs: ``<paths.augmented>/manifest.csv`` (train: originals + augmented copies; with
 ``train.fresh_augmentation`` the copies are drawn anew each epoch from the originals) and ``paths.splits`` (val
 rows, cropped, never augmented). The test split is not read here. Outputs for DVC: ``paths.model`` (best weights by
-``train.monitor``, standard Keras layers only), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
+``train.monitor``, standard Keras layers only), ``paths.onnx_model`` (that model exported to ONNX, checked against it
+on validation faces: what the photo model runs), ``paths.train_run`` (the MLflow run id that ``evaluate`` logs
 into), ``paths.train_metrics`` (full report), ``paths.train_headline`` (DVC metrics) and ``paths.history``
 (per-epoch, for ``dvc plots``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from kfer import files, tracking
 from kfer.catalog import Catalog
 from kfer.config import Params
 from kfer.reporting import card
+from kfer.serving.export import export_onnx
 from kfer.training import distribute, resume
 from kfer.training.fit import calibrate, fit_score_log, publish, strip_for_serving
 from kfer.training.init import load as load_init
@@ -86,7 +89,9 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
 
         clean = strip_for_serving(model, params)  # what is saved and served (flip TTA when model.tta_flip)
         calibrated = calibrate(clean, params, val_ds, val_df["label"])  # the served model's temperature
-        uris = publish(clean, params, calibrated["temperature"])
+        onnx_tmp = export_onnx(clean, tmp / "model.onnx")  # what the photo model runs (ONNX Runtime)
+        uris = publish(clean, params, val_ds, onnx_path=onnx_tmp,  # checks it on val faces, logs both models
+                       temperature=calibrated["temperature"])
 
         # DVC outputs, each written atomically
         model_path = Catalog(params).model
@@ -94,6 +99,11 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         tmp_model = model_path.parent / f".{model_path.name}{files.TMP_MARK}{os.getpid()}.keras"
         clean.save(tmp_model)
         os.replace(tmp_model, model_path)
+        onnx_path = Catalog(params).onnx_model
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_onnx = onnx_path.parent / f".{onnx_path.name}{files.TMP_MARK}{os.getpid()}.onnx"
+        shutil.copyfile(onnx_tmp, tmp_onnx)
+        os.replace(tmp_onnx, onnx_path)
         with files.atomic_file(Catalog(params).history) as fh:
             history.to_csv(fh, index=False)
         report = {**metrics, "calibration": calibrated}

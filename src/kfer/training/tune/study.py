@@ -75,7 +75,8 @@ def fingerprint(params: Params) -> str:
         "crop": {"workers", "chunksize"},
         "augment": {"workers", "strength"},
         "model": {"kernel_initializer", "head_units"},
-        "train": {"learning_rate", "experiment", "registered_model", "monitor", "decode_workers", "resume"},
+        "train": {"learning_rate", "experiment", "registered_model", "monitor", "decode_workers", "resume",
+                  "onnx_tolerance", "onnx_check_faces"},  # the export's check shapes no trial
     }
     fixed = {"seed": d["seed"], "classes": d["classes"],
              "tune": {"metric": d["tune"]["metric"], "space": d["tune"]["space"], "epochs": d["tune"]["epochs"],

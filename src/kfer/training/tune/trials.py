@@ -157,7 +157,8 @@ def _train_trial(trial, p: Params, ctx: Context, workdir: Path) -> float:
         raise FloatingPointError(f"{metric} of trial {trial.number} is {value}")
     if _is_best_so_far(trial.study, value, metric):  # the study's best so far: keep its model, registrable
         served = strip_for_serving(fitted.model, p)
-        uris = publish(served, p, calibrate(served, p, val_ds, ctx.val_df["label"])["temperature"])
+        temperature = calibrate(served, p, val_ds, ctx.val_df["label"])["temperature"]
+        uris = publish(served, p, val_ds, temperature=temperature)  # the ONNX export checked on val faces
         trial.set_user_attr(MODEL_URI_ATTR, uris["model_uri"])
     return value
 
