@@ -11,8 +11,8 @@ real path of ``kfer predict VIDEO`` (``kfer.serving.video.analyse_video``: OpenC
   ids; the skipped frames are only grabbed (``cv2.VideoCapture.grab``: demuxed and decoded, not converted).
 
 Frames/s = frames of the video / wall time of the loop (no timeline plot, no model loading). The model is the
-tests' tiny ResNet (``build_resnet(S, 7, blocks=(1, 1), base_width=4, head_units=0)``, untrained: speed only) as
-a ``PhotoEmotionModel`` at ``crop.image_size`` of params.yaml, or ``--model URI`` (e.g.
+tests' tiny ResNet (``build_resnet(S, 7, blocks=(1, 1), base_width=4, head_units=0)``, untrained: speed only),
+exported to ONNX, a ``PhotoEmotionModel`` at ``crop.image_size`` of params.yaml, or ``--model URI`` (e.g.
 ``models:/kfer-resnet50@champion``).
 
 Then how the cost grows, at ``every=1``: with the length of the video (half vs full: time per frame should not
@@ -46,7 +46,7 @@ from harness import REPO, Segment, machine_info, medians, positive, wh  # noqa: 
 
 
 def tiny_photo_model(params, folder: Path):
-    """The tests' tiny ResNet as a loaded PhotoEmotionModel (no MLflow store needed)."""
+    """The tests' tiny ResNet, exported to ONNX, as a loaded PhotoEmotionModel (no MLflow store needed)."""
     import json
 
     from kfer.serving.photo_model import PhotoEmotionModel, model_config
@@ -54,10 +54,11 @@ def tiny_photo_model(params, folder: Path):
 
     keras_model = build_resnet(params.crop.image_size, len(params.classes), blocks=(1, 1), base_width=4,
                                head_units=0, seed=7)
-    keras_path, config_path = folder / "model.keras", folder / "config.json"
-    keras_model.save(keras_path)
+    from kfer.serving.export import export_onnx
+
+    onnx_path, config_path = export_onnx(keras_model, folder / "model.onnx"), folder / "config.json"
     config_path.write_text(json.dumps(model_config(params), ensure_ascii=False), encoding="utf-8")
-    return PhotoEmotionModel().load(keras_path, config_path)
+    return PhotoEmotionModel().load(onnx_path, config_path)  # the classifier on ONNX Runtime, as served
 
 
 def moving_faces(n: int, n_frames: int, w: int, h: int):
