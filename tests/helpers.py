@@ -61,8 +61,8 @@ def params_at(root: Path, overrides: dict | None = None):
     so that one folder (one MLflow store) holds params of several kinds."""
     from kfer.config import deep_merge, load_params
 
-    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")),
-                     {"crop": {"image_size": TINY_MODEL_SIZE}, **(overrides or {})})
+    raw = deep_merge(deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")),
+                                {"crop": {"image_size": TINY_MODEL_SIZE}}), overrides or {})  # crop: {...} keeps 32
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"params-{abs(hash(json.dumps(overrides, sort_keys=True)))}.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")

@@ -197,6 +197,9 @@ def log_models(keras_model, params, check_faces=None, onnx_path: str | os.PathLi
     channels = 1 if params.crop.grayscale else 3
     n_classes = len(params.classes)
     example = example_faces(size, channels)
+    if tuple(keras_model.input_shape[1:]) != (size, size, channels):
+        raise ValueError(f"the model takes {tuple(keras_model.input_shape[1:])} faces but crop.image_size and "
+                         f"crop.grayscale cut {(size, size, channels)}: it cannot serve these params")
 
     with tempfile.TemporaryDirectory(prefix="kfer-model-") as tmp:
         onnx_file = Path(tmp) / "model.onnx"

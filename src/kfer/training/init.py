@@ -4,7 +4,8 @@ The path an AI Hub user takes: a model trained by the real-faces recipe on publi
 photos. The source is a Model Registry URI (``models:/name@alias``, ``models:/name/3``), a run's model
 (``runs:/<run id>/keras_model``, any MLflow artifact URI that holds one ``.keras`` file) or a local ``.keras`` file
 under ``paths.init_models`` (a folder the train stage of dvc.yaml depends on, so DVC re-runs training when the file
-changes). The photo pyfunc (what ``kfer register`` registers) carries its Keras classifier and its class list, so
+changes). The photo pyfunc (what ``kfer register`` registers) carries its class list and names its run's Keras
+classifier (``keras_model_uri`` in its ``config.json``; older photo models carry the ``.keras`` file itself), so
 both kinds of model work.
 
 Every backbone layer (all but ``head`` and ``predictions``) takes the source's weights; the architecture
@@ -94,8 +95,8 @@ def load(params: Params) -> InitWeights | None:
     path = local_file(params)
     with tempfile.TemporaryDirectory(prefix="kfer-init-") as tmp:
         if path is None:
-            folder, source = _download(spec, Path(tmp))
-            path, classes = _keras_file(spec, folder), _classes(folder)
+            folder, source = _download(spec, Path(tmp) / "model")
+            path, classes = _keras_file(spec, _keras_folder(spec, folder, Path(tmp) / "keras")), _classes(folder)
         else:
             with open(path, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
@@ -130,11 +131,35 @@ def _download(spec: str, dest: Path) -> tuple[Path, str]:
                 if version.isdigit():
                     mv = client.get_model_version(name, version)
                     source = f"models:/{name}/{mv.version} (run {mv.run_id})"
+        dest.mkdir(parents=True, exist_ok=True)
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(dest)))
     except MlflowException as exc:
         raise InitError(f"train.init_from {spec}: {exc.message.splitlines()[0]} (tracking URI "
                         f"{mlflow.get_tracking_uri()})") from None
     return folder, source
+
+
+def _keras_folder(spec: str, folder: Path, dest: Path) -> Path:
+    """``folder``, or for a photo model that classifies with ONNX (no ``.keras`` inside) the run's Keras model
+    its ``config.json`` names (``keras_model_uri``), downloaded to ``dest``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if folder.is_file() or any(folder.rglob("*.keras")):
+        return folder
+    for p in sorted(folder.rglob("config.json")):
+        try:
+            uri = json.loads(p.read_text(encoding="utf-8")).get("keras_model_uri")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if uri:
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+            except MlflowException as exc:
+                raise InitError(f"train.init_from {spec}: its Keras model {uri}: {exc.message.splitlines()[0]}"
+                                ) from None
+    return folder
 
 
 def _keras_file(spec: str, folder: Path) -> Path:
