@@ -61,7 +61,7 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     params = tiny_project
     result = run_train(params)
 
-    for key in ("model", "train_run", "train_metrics", "history"):
+    for key in ("model", "onnx_model", "train_run", "train_metrics", "history"):
         assert params.path(getattr(params.paths, key)).exists(), key
     full = json.loads(params.path(params.paths.train_metrics).read_text())
     assert json.loads(params.path(params.paths.train_headline).read_text()) == {  # the DVC metrics
@@ -109,6 +109,16 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     saved = keras.models.load_model(params.path(params.paths.model))
     assert saved.count_params() == km.count_params()
     assert getattr(saved, "optimizer", None) is None  # weights only: no optimizer state (3x the size) in the served model
+    # the ONNX export (what the photo model runs) was checked on validation faces and predicts what models/ holds
+    assert run.data.metrics["onnx_argmax_agreement"] == 1.0
+    assert 1 < run.data.metrics["onnx_check_faces"] <= params.train.onnx_check_faces + 1
+    assert run.data.metrics["onnx_max_prob_diff"] <= params.train.onnx_tolerance
+    from kfer.serving.export import compare
+    from kfer.serving.runtime import OnnxClassifier
+
+    faces = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 1)).astype(np.float32)
+    agreement = compare(saved, OnnxClassifier(params.path(params.paths.onnx_model)), faces)
+    assert agreement.all_agree and agreement.max_prob_diff <= params.train.onnx_tolerance
     history = params.path(params.paths.history).read_text().splitlines()
     assert history[0].startswith("epoch,") and len(history) == 3
     # train.pixel_cache (the default): the train images were read from the store decoded once, not from PNGs
