@@ -291,6 +291,37 @@ def test_photo_model_on_real_photos(face_photos, logged):
     assert [f["label"] for f in faces] == out["label"].tolist()
 
 
+def test_photo_model_loads_a_keras_classifier_as_models_logged_before_the_export(make_params, tmp_path):
+    """A photo model logged before the ONNX export has a .keras artifact: it still loads and classifies (Keras), and
+    its answers are those of the ONNX export of the same network."""
+    from kfer.serving.export import export_onnx
+    from kfer.serving.photo_model import PhotoEmotionModel, model_config
+
+    params = make_params({"crop": {"image_size": TINY_MODEL_SIZE}})
+    model = tiny_model(len(params.classes), 4)
+    keras_path, config_path = tmp_path / "model.keras", tmp_path / "config.json"
+    model.save(keras_path)
+    config_path.write_text(json.dumps(model_config(params)), encoding="utf-8")  # no keras_model_uri then
+    old = PhotoEmotionModel().load(keras_path, config_path)
+    new = PhotoEmotionModel().load(export_onnx(model, tmp_path / "model.onnx"), config_path)
+    assert (old.runtime, new.runtime) == ("keras", "onnx")
+    faces = np.random.default_rng(1).integers(0, 256, (4, TINY_MODEL_SIZE, TINY_MODEL_SIZE), dtype=np.uint8)
+    np.testing.assert_allclose(old.classify_faces(faces), new.classify_faces(faces), atol=params.train.onnx_tolerance)
+    with pytest.raises(RuntimeError, match="names no Keras model"):
+        _ = new.keras_model  # --explain needs the run's keras_model, which this config does not name
+
+
+def test_an_export_that_does_not_match_its_keras_model_is_refused(tmp_path):
+    from kfer.serving.export import ExportMismatch, export_onnx, verify
+
+    onnx_path = export_onnx(tiny_model(7, 1), tmp_path / "model.onnx")
+    faces = np.random.default_rng(2).integers(0, 256, (8, TINY_MODEL_SIZE, TINY_MODEL_SIZE), dtype=np.uint8)
+    assert verify(tiny_model(7, 1), onnx_path, faces, 1e-4).all_agree  # the same weights (seeded)
+    with pytest.raises(ExportMismatch, match=r"does not match the Keras model: argmax agrees on \d+/8 faces"):
+        verify(tiny_model(7, 2), onnx_path, faces, 1e-4)  # other weights
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside the export
+
+
 def test_log_models_needs_an_active_run(make_params):
     from kfer.serving.publish import log_models
 
