@@ -104,7 +104,8 @@ def test_two_epoch_run_is_fully_tracked(tiny_project):
     assert photo.temperature == pytest.approx(cal["temperature"])
     faces = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
     raw = km.predict_on_batch(faces[..., None].astype(np.float32))
-    np.testing.assert_allclose(photo.classify_faces(faces), apply_temperature(raw, cal["temperature"]), atol=1e-6)
+    served = photo.classify_faces(faces)  # on ONNX Runtime: equal to the Keras model's within the export tolerance
+    np.testing.assert_allclose(served, apply_temperature(raw, cal["temperature"]), atol=1e-4)
     assert km.output_shape == (None, 7)
     saved = keras.models.load_model(params.path(params.paths.model))
     assert saved.count_params() == km.count_params()
