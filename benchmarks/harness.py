@@ -326,6 +326,8 @@ def kfer(root: Path, *argv: str, log: Path) -> float:
     print(f"  kfer {' '.join(argv):60s} {s:7.1f} s{'' if rc == 0 else f'  FAILED (rc {rc}), see {log}'}",
           flush=True)
     if rc:
+        last = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][-1:]
+        print(f"  {last[0] if last else '(no output)'}", file=sys.stderr, flush=True)  # e.g. kfer's one-line error
         sys.exit(rc)
     return s
 
