@@ -157,7 +157,8 @@ def test_serving_modules_are_only_what_serving_imports():
     from kfer.serving.publish import serving_modules
 
     assert serving_modules() == ["kfer.data", "kfer.data.faces", "kfer.data.images", "kfer.serving",
-                                 "kfer.serving.layers", "kfer.serving.photo_model", "kfer.serving.runtime"]
+                                 "kfer.serving.calibration", "kfer.serving.layers", "kfer.serving.photo_model",
+                                 "kfer.serving.runtime"]
 
 
 LOAD_IN_FRESH_PROCESS = r"""
