@@ -150,8 +150,9 @@ def calibration_section(ev: dict | None) -> list[str]:
         return ["## Calibration", "", "Not measured: the probabilities are the network's softmax, not calibrated.",
                 ""]
     rows = [[split, m["n"], _f(m["ece_before"]), _f(m["ece_after"])] for split, m in cal["splits"].items()]
-    return ["## Calibration", "", f"Temperature {cal['temperature']:.3f}, fitted on val; the served model divides "
-            "its logits by it (argmax, and so accuracy, unchanged).", "",
+    return ["## Calibration", "", f"Temperature {cal['temperature']:.3f}, fitted on val; the served model's "
+            "probabilities are p^(1/T), renormalized (softmax(logits / T); argmax, and so accuracy, unchanged).",
+            "",
             *_table(["split", "faces", "ECE before", "ECE after"], rows)]
 
 
