@@ -77,22 +77,23 @@ def _pillow_guard():
 
 # --- structure --------------------------------------------------------------------------------------------
 
+def _next_marker(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(the next JPEG marker at or after ``pos``, the offset just past it), or None when the data ends first.
+    Garbage between segments is skipped, as libjpeg skips it with a warning, and so are fill bytes (0xFF runs)."""
+    pos = data.find(b"\xff", pos)
+    if pos < 0:
+        return None
+    n = len(data)
+    while pos < n and data[pos] == 0xFF:
+        pos += 1
+    return (data[pos], pos + 1) if pos < n else None
+
+
 def _jpeg_end(data: bytes) -> int:
     """Offset just past the JPEG's end-of-image marker; ImageError("truncated") when the data stops first."""
     n, pos = len(data), 2
-    while pos < n:
-        if data[pos] != 0xFF:  # garbage between segments: libjpeg skips it with a warning; so do we
-            nxt = data.find(b"\xff", pos)
-            if nxt < 0:
-                break
-            pos = nxt
-            continue
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            break
-        marker = data[pos]
-        pos += 1
+    while (found := _next_marker(data, pos)) is not None:
+        marker, pos = found
         if marker == 0xD9:
             return pos
         if marker in _STANDALONE or marker == 0xD8:
@@ -153,19 +154,8 @@ def claimed_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] != JPEG_SOI:
         return None
     n, pos = len(data), 2
-    while pos < n:  # the marker walk of _jpeg_end, up to the frame header (which comes before any scan)
-        if data[pos] != 0xFF:
-            nxt = data.find(b"\xff", pos)
-            if nxt < 0:
-                return None
-            pos = nxt
-            continue
-        while pos < n and data[pos] == 0xFF:
-            pos += 1
-        if pos >= n:
-            return None
-        marker = data[pos]
-        pos += 1
+    while (found := _next_marker(data, pos)) is not None:  # up to the frame header, which comes before any scan
+        marker, pos = found
         if marker in _STANDALONE or marker == 0xD8:
             continue
         if marker in (0xD9, 0xDA) or pos + 2 > n:  # end of image, or a scan before any frame header
