@@ -14,14 +14,13 @@ Values are normalized so that sources read alike (:func:`normalize`): gender 남
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections import Counter
 from pathlib import Path
 
 from kfer.config import GroupsCfg
-from kfer.data.labels import nfc
+from kfer.data.labels import nfc, read_csv_table
 from kfer.errors import MissingInputError, UserError
 
 UNKNOWN = "unknown"
@@ -106,13 +105,7 @@ def load_table(cfg: GroupsCfg, base: Path, root: Path, file_set: set[Path], wher
     path = base / cfg.file
     if path not in file_set:
         raise MissingInputError(f"{where}.file {cfg.file!r}: {path} is not a file under {root}")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"groups table {path} cannot be read: {exc}") from exc
+    rows, columns = read_csv_table(path, "groups table")
     for what, column in [(f"{where}.key", cfg.key), *((f"{where}.columns.{f}", c) for f, c in cfg.columns.items())]:
         if column not in columns:
             raise UserError(f"groups table {path} has no column {column!r} ({what}; it has {columns[:12]})")

@@ -16,6 +16,7 @@ no usable box is counted by the reason of its boxes and its photo goes to the de
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import logging
 import math
@@ -53,6 +54,17 @@ def decode_label_text(raw: bytes) -> tuple[str, str]:
         except UnicodeDecodeError:
             continue
     raise LabelFileError("not UTF-8, UTF-8 with BOM, UTF-16 or CP949/EUC-KR text")
+
+
+def read_csv_table(path: Path, what: str) -> tuple[list[dict], list[str]]:
+    """The rows and the header of a UTF-8 CSV table (a byte-order mark allowed): a votes or groups table. A file
+    that cannot be read is one :class:`~kfer.errors.UserError` naming ``what`` and ``path``."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc}") from exc
 
 
 def check_box(obj: object) -> tuple[Box | None, str]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from kfer.catalog import Catalog
 from kfer.config import GroupCfg, GroupsCfg, Params, VotesCfg
 from kfer.data import groups as group_fields
-from kfer.data.labels import LabelIndex, LabelRecord, load_label_json, nfc
+from kfer.data.labels import LabelIndex, LabelRecord, load_label_json, nfc, read_csv_table
 from kfer.data.policy import NO_CLASS, Opinions, majority_of, no_class_top, opinions
 from kfer.errors import MissingInputError, UserError
 
@@ -420,7 +420,6 @@ def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], r
     ``votes_empty`` (every value 0), ``votes_row_no_file`` (the key names no image of this source) and
     ``votes_row_duplicate`` (a key seen before: the first row counts). A table whose vote columns name no class
     is one clear error."""
-    import csv
     import math
 
     cfg = src.votes
@@ -428,12 +427,8 @@ def _votes_table(params: Params, root: Path, src: Source, file_set: set[Path], r
     if path not in file_set:
         raise MissingInputError(f"data.votes.file {cfg.file!r}: {path} is not a file under {root}")
     shown = nfc(path.relative_to(root).as_posix())
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-            columns = list(rows[0].keys()) if rows else []
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"votes table {path} cannot be read: {exc}") from exc
+    rows, header = read_csv_table(path, "votes table")
+    columns = header if rows else []
     if cfg.key not in columns:
         raise UserError(f"votes table {path} has no column {cfg.key!r} (data.votes.key; has {columns[:8]})")
     mapped = {c: params.map_label(c[len(cfg.prefix):], src.label_map) for c in columns if c.startswith(cfg.prefix)}
