@@ -54,7 +54,8 @@ def test_report_counts_kept_answers_and_accuracy(tmp_path):
         paths.append(tmp_path / f"{i}.png")
         write_png(paths[-1], face)
     y_true = np.array([1, 0, 1, 1, 1])  # the 4th is labelled wrong: the model is right 4 of 5 times
-    report = behaviour.run_checks(left_brighter, paths, y_true, S, batch_size=2)  # batches of 2, 2 and 1
+    base = left_brighter(np.stack(faces)[..., None].astype(np.float32)).argmax(axis=1)  # the faces as they are
+    report = behaviour.run_checks(left_brighter, paths, y_true, base, S, batch_size=2)  # batches of 2, 2 and 1
     assert report["n"] == 5 and report["accuracy"] == pytest.approx(0.8)
     mirror = report["checks"]["mirror"]
     assert mirror == {"same_prediction": 0.0, "accuracy": pytest.approx(0.2), "accuracy_change": pytest.approx(-0.6)}
@@ -77,7 +78,7 @@ def test_report_counts_kept_answers_and_accuracy(tmp_path):
 def test_a_wrong_sized_face_is_a_clear_error(tmp_path):
     write_png(tmp_path / "big.png", np.zeros((S * 2, S * 2), np.uint8))
     with pytest.raises(ValueError, match="big.png is 64x64, expected 32x32"):
-        behaviour.run_checks(left_brighter, [tmp_path / "big.png"], np.array([0]), S, batch_size=4)
+        behaviour.run_checks(left_brighter, [tmp_path / "big.png"], np.array([0]), np.array([0]), S, batch_size=4)
 
 
 def test_sample_is_seeded_and_sorted():

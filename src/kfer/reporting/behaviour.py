@@ -82,9 +82,11 @@ def sample(n_faces: int, max_images: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_faces, size=max_images, replace=False))
 
 
-def run_checks(predict: Callable[[np.ndarray], np.ndarray], paths: list, y_true: np.ndarray, image_size: int,
-               batch_size: int, checks: dict[str, Check] | None = None) -> dict[str, Any]:
-    """Every check on the faces at ``paths`` (gray PNGs of side ``image_size``; ``y_true`` their class indices).
+def run_checks(predict: Callable[[np.ndarray], np.ndarray], paths: list, y_true: np.ndarray,
+               base: np.ndarray, image_size: int, batch_size: int,
+               checks: dict[str, Check] | None = None) -> dict[str, Any]:
+    """Every check on the faces at ``paths`` (gray PNGs of side ``image_size``; ``y_true`` their class indices,
+    ``base`` the classes the model predicted on them as they are, e.g. evaluate's: not predicted again).
 
     ``predict`` maps a float32 batch (B, S, S, 1) of 0..255 to probabilities (B, C). Returns ``{"n", "accuracy"
     (unchanged), "checks": {name: {"same_prediction", "accuracy", "accuracy_change"}}}``.
@@ -93,7 +95,9 @@ def run_checks(predict: Callable[[np.ndarray], np.ndarray], paths: list, y_true:
     n = len(paths)
     if n == 0:
         raise ValueError("no test faces to check")
-    base = np.empty(n, dtype=np.int64)
+    base = np.asarray(base, dtype=np.int64)
+    if len(base) != n:
+        raise ValueError(f"{len(base)} predictions for {n} faces")
     changed = {name: np.empty(n, dtype=np.int64) for name in checks}
     b = max(1, min(batch_size, n))
     x = np.zeros((b, image_size, image_size, 1), dtype=np.float32)  # one batch shape: one traced function
@@ -111,7 +115,6 @@ def run_checks(predict: Callable[[np.ndarray], np.ndarray], paths: list, y_true:
             if face.shape != (image_size, image_size):
                 raise ValueError(f"{p} is {face.shape[1]}x{face.shape[0]}, expected {image_size}x{image_size}")
             faces.append(face)
-        base[start:start + len(faces)] = argmax(faces)
         for name, check in checks.items():
             changed[name][start:start + len(faces)] = argmax([check(f) for f in faces])
     accuracy = float((base == y_true).mean())

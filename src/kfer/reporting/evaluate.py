@@ -86,7 +86,6 @@ from kfer.config import Params
 from kfer.data.policy import AgreementTally, strict_majority
 from kfer.files import atomic_dir, atomic_file, read_image_gray, write_json
 from kfer.reporting import behaviour, card
-from kfer.serving import calibration
 from kfer.reporting import groups as by_group
 from kfer.reporting.metrics import (
     NO_SOURCE,
@@ -95,6 +94,7 @@ from kfer.reporting.metrics import (
     per_source_metrics,
     row_sources,
 )
+from kfer.serving import calibration
 
 log = logging.getLogger(__name__)
 
@@ -417,12 +417,12 @@ def run_evaluate(params: Params) -> dict[str, Any]:
                  test_cal["ece_before"], test_cal["ece_after"])
     else:
         log.warning("no calibration in %s: the model's probabilities are reported uncalibrated (retrain)",
-                    params.rel(Catalog(params).train_metrics))
+                    params.rel(train_report))
 
     checked = behaviour.sample(len(test), params.evaluate.behaviour_max_images, params.seed)
     metrics["behaviour"] = behaviour.run_checks(
         model.predict_on_batch, [params.path(test["path"].iloc[i]) for i in checked], y_true[checked],
-        params.crop.image_size, params.train.batch_size)
+        y_pred[checked], params.crop.image_size, params.train.batch_size)
     log.info("evaluate: behaviour on %d test faces: %s", metrics["behaviour"]["n"],
              behaviour.describe(behaviour.flat(metrics["behaviour"])))
 
