@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kfer.errors import KferError
-from kfer.serving.runtime import OnnxClassifier
+from kfer.serving.runtime import OnnxClassifier, as_faces
 
 BATCH = 64
 
@@ -54,12 +54,6 @@ class Agreement:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def as_faces(faces) -> np.ndarray:
-    """uint8 or float faces ``(N, S, S)`` / ``(N, S, S, C)`` -> ``float32 (N, S, S, C)``, raw 0..255."""
-    x = np.asarray(faces, dtype=np.float32)
-    return x[..., None] if x.ndim == 3 else x
 
 
 def export_onnx(keras_model, path: str | os.PathLike) -> Path:

@@ -47,7 +47,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 
 from kfer.data.faces import FaceCropper, ImageError  # noqa: E402
 from kfer.serving.calibration import apply_temperature  # noqa: E402
-from kfer.serving.runtime import OnnxClassifier  # noqa: E402
+from kfer.serving.runtime import OnnxClassifier, as_faces  # noqa: E402
 
 KERAS_ARTIFACT = "keras_model"  # photo models logged before the ONNX export: the .keras file itself
 ONNX_ARTIFACT = "onnx_model"
@@ -162,9 +162,7 @@ class PhotoEmotionModel(mlflow.pyfunc.PythonModel):
     # --- plain Python API (kfer predict) ----------------------------------------------------------------
     def classify_faces(self, faces: np.ndarray) -> np.ndarray:
         """Face crops ``(N, S, S)`` or ``(N, S, S, C)`` uint8 -> probabilities ``(N, n_classes)``."""
-        x = np.asarray(faces, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[..., None]
+        x = as_faces(faces)
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float64)
         if self.runtime == "keras":

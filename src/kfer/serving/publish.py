@@ -190,6 +190,7 @@ def log_models(keras_model, params, check_faces=None, onnx_path: str | os.PathLi
     from mlflow import keras as mlflow_keras
 
     from kfer.serving import export
+    from kfer.serving.runtime import as_faces
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_models must be called inside an active MLflow run")
@@ -208,7 +209,7 @@ def log_models(keras_model, params, check_faces=None, onnx_path: str | os.PathLi
         else:
             shutil.copyfile(onnx_path, onnx_file)
         faces = example if check_faces is None or len(check_faces) == 0 else np.concatenate(
-            [example, export.as_faces(check_faces)])
+            [example, as_faces(check_faces)])
         agreement = export.verify(keras_model, onnx_file, faces, params.train.onnx_tolerance)
         mlflow.log_metrics(agreement.metrics())
 

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 
-ONNX_FILE = "model.onnx"
 #: overrides the intra-op thread count of every ONNX Runtime session kfer opens (default: the usable cores)
 THREADS_ENV = "KFER_RUNTIME_THREADS"
 
@@ -38,6 +37,13 @@ def runtime_threads() -> int:
             raise ValueError(f"{THREADS_ENV}={value!r}: give at least 1 thread")
         return threads
     return usable_cores()
+
+
+def as_faces(faces) -> np.ndarray:
+    """uint8 or float faces ``(N, S, S)`` / ``(N, S, S, C)`` -> ``float32 (N, S, S, C)``, raw 0..255: what the
+    classifier takes."""
+    x = np.asarray(faces, dtype=np.float32)
+    return x[..., None] if x.ndim == 3 else x
 
 
 class OnnxClassifier:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -99,11 +98,8 @@ def run_train(params: Params, run_name: str | None = None) -> dict:
         tmp_model = model_path.parent / f".{model_path.name}{files.TMP_MARK}{os.getpid()}.keras"
         clean.save(tmp_model)
         os.replace(tmp_model, model_path)
-        onnx_path = Catalog(params).onnx_model
-        onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_onnx = onnx_path.parent / f".{onnx_path.name}{files.TMP_MARK}{os.getpid()}.onnx"
-        shutil.copyfile(onnx_tmp, tmp_onnx)
-        os.replace(tmp_onnx, onnx_path)
+        with files.atomic_file(Catalog(params).onnx_model, "wb") as fh:
+            fh.write(onnx_tmp.read_bytes())
         with files.atomic_file(Catalog(params).history) as fh:
             history.to_csv(fh, index=False)
         report = {**metrics, "calibration": calibrated}
