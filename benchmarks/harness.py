@@ -173,12 +173,13 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = self.peak_procs = self.peak_cmd_pss = 0
         self.first = self.last = None
         self.stop = threading.Event()
-        self._watched: dict[int, bool] = {}
+        self._watched: set[int] = set()
 
     def _is_watched(self, p) -> bool:  # [python, .../bin/kfer, stage]: the command itself, not dvc or a worker
-        if p.pid not in self._watched:
-            self._watched[p.pid] = any(Path(a).name == self.watch for a in p.cmdline()[:2])
-        return self._watched[p.pid]
+        # only a match is remembered: a process first seen between fork and exec is looked at again
+        if p.pid not in self._watched and any(Path(a).name == self.watch for a in p.cmdline()[:2]):
+            self._watched.add(p.pid)
+        return p.pid in self._watched
 
     def run(self) -> None:
         import psutil
