@@ -195,7 +195,7 @@ def run_size(n: int, root: Path, pool: Path, chunks: list[dict], args, n_classes
     run_quiet(["dvc", "config", "cache.dir", str(link_cache)], root)
     run_quiet(["dvc", "config", "cache.type", "hardlink,symlink"], root)
     step("add_link", ["dvc", "add", "data/raw"], raw["photos"])
-    print(f"  cache for data/raw: copy {copy_mb}, hardlink,symlink {cache_mb(link_cache, raw_dir)} (0 new: linked); "
+    print(f"  cache for data/raw: copy {copy_mb}, hardlink,symlink {cache_mb(link_cache, raw_dir)}; "
           f"cache after the stages {cache_mb(cache, raw_dir)}", flush=True)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
