@@ -183,13 +183,15 @@ def fake_faces_project(root: Path, args, model_over: dict, n_images: int, size: 
 
 
 def _memory_dataset(tf, imgs: np.ndarray, labels: np.ndarray, batch: int, seed: int):
-    """The decoded images as make_dataset yields them (float32 (B, S, S, 1), one-hot) with the same shuffle (seeds
-    set as make_dataset sets them, a buffer of the whole table): every epoch the same permutation."""
-    x = imgs[..., None].astype(np.float32)
-    y = np.eye(N_CLASSES, dtype=np.float32)[labels]
-    tf.random.set_seed(seed)
-    ds = (tf.data.Dataset.from_tensor_slices((x, y)).cache()
-          .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch).prefetch(tf.data.AUTOTUNE))
+    """The decoded images as make_dataset yields them (float32 (B, S, S, 1), one-hot), one pass in make_dataset's
+    epoch-0 order (``stateless_shuffle`` of the row numbers seeded by (seed, 0)), gathered from tensors in memory;
+    Keras re-iterates it each epoch in that order."""
+    x = tf.constant(imgs[..., None].astype(np.float32))
+    y = tf.constant(np.eye(N_CLASSES, dtype=np.float32)[labels])
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(imgs), dtype=tf.int64),
+                                                     seed=tf.constant([seed, 0], tf.int64))
+    ds = (tf.data.Dataset.from_tensor_slices(order).batch(batch)
+          .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx))).prefetch(tf.data.AUTOTUNE))
     return no_autotune(tf, ds)
 
 
