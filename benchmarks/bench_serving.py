@@ -96,12 +96,6 @@ def prepare(args, work: Path) -> dict[str, Path]:
     return {"before": before, "after": after}
 
 
-def load_pyfuncs(dirs: dict[str, Path]) -> dict:
-    import mlflow.pyfunc
-
-    return {k: mlflow.pyfunc.load_model(str(d)) for k, d in dirs.items()}
-
-
 def photo_sets(args, work: Path) -> dict[str, list[bytes]]:
     """Real photos (TFEID 256×256, face_detection) and generated AI Hub-sized ones (``--aihub-size``)."""
     from kfer.config import load_params
@@ -121,6 +115,10 @@ def photo_sets(args, work: Path) -> dict[str, list[bytes]]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def request(data: bytes) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(data)]]}}).encode()
 
 
 # --- sections ---------------------------------------------------------------------------------------------------
@@ -183,22 +181,16 @@ def pyfunc_section(args, pyfuncs, photos) -> bool:
     return True
 
 
-def moving_faces(n_frames: int, w: int, h: int):
-    """Two synthetic faces crossing the frame on their own rows, visible on every frame."""
-    from kfer.demo.video import MovingFace
-
-    return [MovingFace(0, "joy", (0.2 * w, 0.45 * h), (0.3 * w, 0.45 * h), 0, n_frames, head_height=0.33 * h),
-            MovingFace(1, "anger", (0.8 * w, 0.55 * h), (0.7 * w, 0.55 * h), 0, n_frames, head_height=0.29 * h)]
-
-
 def video_section(args, pyfuncs, work: Path) -> bool:
-    from kfer.demo.video import write_demo_video
+    from kfer.demo.video import MovingFace, write_demo_video
     from kfer.serving.video import analyse_video, default_every
 
     (w, h), fps = args.size, args.fps
     n_frames, every = int(round(args.video_seconds * fps)), args.every or default_every(args.fps)
     video = work / "two_faces.mp4"
-    write_demo_video(video, moving_faces(n_frames, w, h), n_frames, fps, (w, h))
+    faces = [MovingFace(0, "joy", (0.2 * w, 0.45 * h), (0.3 * w, 0.45 * h), 0, n_frames, head_height=0.33 * h),
+             MovingFace(1, "anger", (0.8 * w, 0.55 * h), (0.7 * w, 0.55 * h), 0, n_frames, head_height=0.29 * h)]
+    write_demo_video(video, faces, n_frames, fps, (w, h))  # two faces crossing the frame, on every frame
     models = {k: m.unwrap_python_model() for k, m in pyfuncs.items()}
     rows = []
     for n in (1, every):
@@ -241,12 +233,10 @@ def startup_section(args, dirs, photo: Path) -> bool:
     col = {k: [median(r[i] for r in v) for i in range(4)] for k, v in res.items()}
     print(f"\ncold start: a fresh process, imports + mlflow.pyfunc.load_model(folder) + the first prediction "
           f"({photo.name}); median of {args.startup_rounds}")
-    table(["", "before", "after", "after/before"],
-          [["imports + load_model (s)", col["before"][0], col["after"][0], ratio(col["after"][0], col["before"][0])],
-           ["to the first prediction (s)", col["before"][1], col["after"][1],
-            ratio(col["after"][1], col["before"][1])],
-           ["peak RSS (MB)", col["before"][2], col["after"][2], ratio(col["after"][2], col["before"][2])],
-           ["tensorflow imported", str(bool(col["before"][3])), str(bool(col["after"][3])), ""]])
+    table(["", "before", "after", "after/before"], [
+        [what, col["before"][i], col["after"][i], ratio(col["after"][i], col["before"][i])] for i, what in
+        enumerate(("imports + load_model (s)", "to the first prediction (s)", "peak RSS (MB)"))]
+        + [["tensorflow imported", str(bool(col["before"][3])), str(bool(col["after"][3])), ""]])
     return True
 
 
@@ -317,9 +307,8 @@ def serve_and_load(args, folder: Path, requests: list[tuple[bytes, int]], log: P
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                urllib.request.urlopen(f"{base}/ping", timeout=2).close()
+                break
             except OSError:
                 time.sleep(0.5)
 
@@ -331,13 +320,13 @@ def serve_and_load(args, folder: Path, requests: list[tuple[bytes, int]], log: P
                 status = None  # lost: no answer
             return status, item[1], time.perf_counter() - t0
 
-        post(f"{base}/invocations", requests[0][0], args.request_timeout)  # warm-up
+        one(requests[0])  # warm-up
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             done = list(pool.map(one, requests))
         wall = time.perf_counter() - t0
         ms = sorted(1000 * d[2] for d in done)
-        alive = proc.poll() is None and post(f"{base}/invocations", requests[0][0], args.request_timeout) == 200
+        alive = proc.poll() is None and one(requests[0])[0] == 200
         return {"n": len(done), "rps": len(done) / wall, "p50": ms[len(ms) // 2],
                 "p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))], "200": sum(d[0] == 200 for d in done),
                 "400": sum(d[0] == 400 for d in done), "other": sum(d[0] not in (200, 400, None) for d in done),
@@ -353,10 +342,8 @@ def serve_and_load(args, folder: Path, requests: list[tuple[bytes, int]], log: P
 
 
 def load_section(args, dirs, photos, work: Path) -> bool:
-    real = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(d)]]}}).encode()
-            for k, v in photos.items() if not k.startswith("AI Hub") for d in v]
-    hostile = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(d)]]}}).encode()
-               for d in (bomb_png(), b"\xff\xd8\xff\xe0 not a JPEG at all" * 8)]
+    real = [request(d) for k, v in photos.items() if not k.startswith("AI Hub") for d in v]
+    hostile = [request(d) for d in (bomb_png(), b"\xff\xd8\xff\xe0 not a JPEG at all" * 8)]
     every = max(2, round(1 / args.hostile)) if args.hostile > 0 else 0
     requests = [(hostile[i // every % 2], 400) if every and i % every == every - 1 else (real[i % len(real)], 200)
                 for i in range(args.requests)]
@@ -449,7 +436,10 @@ def main(argv=None) -> int:
         first = min(shared_data("tfeid_chen2013").rglob("*.jpg"))
         print("photos: " + ", ".join(f"{k} {len(v)}" for k, v in photos.items()) + f"; sections {args.sections}")
         ok = True
-        pyfuncs = load_pyfuncs(dirs) if {"classifier", "pyfunc", "video"} & set(args.sections) else {}
+        import mlflow.pyfunc
+
+        pyfuncs = {k: mlflow.pyfunc.load_model(str(d)) for k, d in dirs.items()} if {
+            "classifier", "pyfunc", "video"} & set(args.sections) else {}
         for s in args.sections:
             t0 = time.perf_counter()
             print(f"\n## {s}", flush=True)
