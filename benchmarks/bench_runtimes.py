@@ -142,7 +142,8 @@ def classifier(model_path: Path, args) -> None:
         for kind, path in paths.items():
             runners[kind] = load(kind, path, threads)
             p = np.concatenate([runners[kind](x_all[i:i + 64]) for i in range(0, len(x_all), 64)])
-            mb = sum(f.stat().st_size for f in (Path(path), Path(path).with_suffix(".bin")) if f.is_file()) / 1e6
+            files = [Path(path)] + ([Path(path).with_suffix(".bin")] if path.endswith(".xml") else [])
+            mb = sum(f.stat().st_size for f in files) / 1e6
             print(f"{kind:<12} : {mb:5.1f} MB file(s), package {installed_mb(PACKAGES[kind]):5.0f} "
                   f"MB; {src}: argmax agrees {int((p.argmax(1) == p_keras.argmax(1)).sum())}/{len(p)}, "
                   f"max |dprob| {np.abs(p.astype(np.float64) - p_keras).max():.2g}")
