@@ -154,7 +154,7 @@ def classifier(model_path: Path, args) -> None:
                                       paths[k], str(threads), ",".join(map(str, shape))],
                                      capture_output=True, text=True, check=True).stdout.split()
                 times[k].append((float(out[0]), float(out[1])))
-        for k, rows in times.items():
+        for k, rows in ((k, v) for k, v in times.items() if v):
             print(f"start-up {k:<12}: import + load + 1 face {median(r[0] for r in rows):.2f} s, peak RSS "
                   f"{median(r[1] for r in rows):.0f} MB (median of {len(rows)} fresh processes)")
         for b in args.batches:
