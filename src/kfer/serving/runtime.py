@@ -58,6 +58,11 @@ class OnnxClassifier:
         options.inter_op_num_threads = 1  # one graph, run op after op: parallelism is within the ops
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle pool threads sleep instead of spinning: on the 48-px recipe ResNet20, 2 threads, beside a training
+        # run, 2.8x the faces/s of spinning at batch 1 and 64 at half the CPU per face; ENABLE_EXTENDED instead
+        # of ALL: 0.5x (docs/performance.md, "Choosing the runtime"; benchmarks/bench_runtimes.py --ort nospin)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only
         self.path = str(path)
         self.session = ort.InferenceSession(self.path, sess_options=options, providers=["CPUExecutionProvider"])
