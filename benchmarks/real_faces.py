@@ -276,9 +276,6 @@ def parse(argv):
     ap.add_argument("--no-peer", action="store_true", help="skip the fer column")
     ap.add_argument("--score-only", action="store_true",
                     help="with --keep-dir of a finished project: score it again, running no stage")
-    ap.add_argument("--resnet50-steps", type=int, default=0, metavar="N",
-                    help="also time N training steps of the full ResNet50 (imagenet stem, [3,4,6,3], width 64) on "
-                         "the recipe's batches, after 3 warm-up steps: seconds per epoch of the same recipe")
     args = ap.parse_args(argv)
     flags = {"train.epochs": args.epochs, "crop.image_size": args.image_size, "model.stem": args.stem,
              "model.base_width": args.width,
@@ -440,8 +437,6 @@ def run(args, root: Path) -> int:
     report = {**recipe_report(params, args), "times_s": times, "wall_s": wall, "table": table, "peer": origin,
               "speed": speed, "groups": groups, "aihub_style_tfeid_groups": aihub_groups}
 
-    if args.resnet50_steps:
-        report["resnet50"] = time_resnet50(root, args.resnet50_steps)
     if args.ablate:
         report["ablation"] = ablate(root, args, log)
     (root / "real_faces.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -516,39 +511,6 @@ def print_study(runs: dict, policies: list[str]) -> None:
         base = values(ref, key, "kfer_accuracy")
         print(f"| {key[0]} | {key[1]} | {TRUTHS[key[2]]} | "
               + " | ".join(paired(values(p, key, "kfer_accuracy"), base) for p in others) + " |")
-
-
-def time_resnet50(root: Path, steps: int) -> dict:
-    """Seconds per training step of the full ResNet50 on the project's own train batches (same input size,
-    batch, optimizer and loss as the recipe), and what an epoch of the recipe then costs."""
-    from kfer.config import load_params
-    from kfer.training.inputs import make_dataset, train_table
-    from kfer.training.model import build_resnet
-    from kfer.training.schedule import compile_model
-
-    params = load_params(root / "params.yaml")
-    table = train_table(params)
-    ds = make_dataset(params, table, training=True)
-    model = compile_model(build_resnet(params.crop.image_size, len(params.classes), params.model.kernel_initializer,
-                                       params.model.head_units, blocks=(3, 4, 6, 3), base_width=64,
-                                       seed=params.seed, stem="imagenet"), params)
-    batches = iter(ds.repeat())
-    for _ in range(3):
-        model.train_on_batch(*next(batches))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model.train_on_batch(*next(batches))
-    per_step = (time.perf_counter() - t0) / steps
-    n_steps = int(ds.cardinality())
-    out = {"params": model.count_params(), "s_per_step": per_step, "steps_per_epoch": n_steps,
-           "s_per_epoch": per_step * n_steps, "batch_size": params.train.batch_size,
-           "image_size": params.crop.image_size}
-    print(f"\nfull ResNet50 ({out['params']:,} parameters, {params.crop.image_size} px, batch "
-          f"{params.train.batch_size}): {per_step:.2f} s per step over {steps} steps = "
-          f"{out['s_per_epoch'] / 60:.1f} min "
-          f"per epoch of the recipe's {len(table)} train images ({params.train.epochs} epochs: "
-          f"{out['s_per_epoch'] * params.train.epochs / 3600:.1f} h on this machine)")
-    return out
 
 
 def ablate(root: Path, args, log: Path) -> dict:
