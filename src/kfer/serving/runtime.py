@@ -60,7 +60,8 @@ class OnnxClassifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # idle pool threads sleep instead of spinning: on the 48-px recipe ResNet20, 2 threads, beside a training
         # run, 2.8x the faces/s of spinning at batch 1 and 64 at half the CPU per face; ENABLE_EXTENDED instead
-        # of ALL: 0.5x (docs/performance.md, "Choosing the runtime"; benchmarks/bench_runtimes.py --ort nospin)
+        # of ALL: 0.5x (docs/performance.md, "Choosing the runtime";
+        # benchmarks/bench_serving.py --sections runtimes --ort spin,nospin)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only
