@@ -1,18 +1,15 @@
 #!/usr/bin/env python
 """Serving before (the classifier on Keras) and after (on ONNX Runtime), side by side in one run; the runtimes.
 
-"After" is the photo pyfunc as ``kfer train`` logs it (``--model``, default ``models:/<train.registered_model>
-@champion`` of ``--project``); "before" is the same pyfunc saved as kfer logged it before the ONNX export (the
-run's ``.keras`` as the ``keras_model`` artifact, served with Keras), in a temporary folder: the store is only read.
-Sections (``--sections``), contenders in alternating rounds, a markdown table each with the ratio after/before:
-``classifier`` (faces/s on the same crops: kfer ONNX, kfer Keras, the `fer` package's model), ``pyfunc``
-(photos/s, detector included: TFEID, face_detection, generated 3088×2208 phone photos), ``video`` (frames/s of a
-synthetic 640×480 two-face video, every frame and every N-th), ``startup`` (a fresh process: import, load_model,
-first prediction), ``env`` (a clean venv from the model's requirements.txt: install time, size; needs the network),
-``load`` (``mlflow models serve`` under concurrent clients, real and hostile photos). Not by default, as OpenVINO
-and LiteRT are installed outside the project (``PYTHONPATH=src:../cand``): ``runtimes`` (each ``--keras-model`` on
-ONNX Runtime, OpenVINO and LiteRT, ``--ort`` session variants, fer) and ``detector`` (can res10 leave OpenCV DNN?).
-Exit 1 when an answer is lost or wrong, or the export disagrees. See benchmarks/README.md.
+"After": the photo pyfunc as ``kfer train`` logs it (``--model``, default ``models:/<registered_model>@champion`` of
+``--project``); "before": the same saved as kfer logged it before the ONNX export (the run's ``.keras``, served with
+Keras), in a temporary folder. Sections (``--sections``), contenders in alternating rounds, tables with ratios:
+``classifier`` (faces/s: kfer ONNX, kfer Keras, `fer`), ``pyfunc`` (photos/s, detector included), ``video``
+(frames/s, every frame and every N-th), ``startup`` (a fresh process to its first prediction), ``env`` (a venv from
+the model's requirements.txt; needs the network), ``load`` (``mlflow models serve``, real and hostile photos); not by
+default, with OpenVINO and LiteRT from outside the project (``PYTHONPATH=src:../cand``): ``runtimes`` (a ``.keras``
+on ONNX Runtime, OpenVINO, LiteRT, ``--ort`` sessions, fer) and ``detector`` (res10 off OpenCV DNN?). Exit 1 when an
+answer is lost or wrong, or the export disagrees. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -246,16 +243,11 @@ def video_section(args, pyfuncs, work: Path) -> bool:
     return True
 
 
-STARTUP = r"""
-import sys, time
-t0 = time.perf_counter()
-import base64, pandas as pd, mlflow.pyfunc
-m = mlflow.pyfunc.load_model(sys.argv[1])
-t1 = time.perf_counter()
+STARTUP = r"""import sys, time; t0 = time.perf_counter(); import base64, pandas as pd, mlflow.pyfunc
+m = mlflow.pyfunc.load_model(sys.argv[1]); t1 = time.perf_counter()
 m.predict(pd.DataFrame({"image": [base64.b64encode(open(sys.argv[2], "rb").read()).decode()]}))
 hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
-print(t1 - t0, time.perf_counter() - t0, int(hwm.split()[1]) / 1024, int("tensorflow" in sys.modules))
-"""
+print(t1 - t0, time.perf_counter() - t0, int(hwm.split()[1]) / 1024, int("tensorflow" in sys.modules))"""
 
 
 def startup_section(args, dirs, photo: Path) -> bool:
@@ -515,15 +507,14 @@ def runtimes_section(args) -> bool:
             runners = {k: load_runtime(k, p, threads) for k, p in paths.items()}
             runners.update({f"ort:{v}": load_runtime(f"ort:{v}", paths["onnxruntime"], threads) for v in args.ort})
             inputs = dict.fromkeys(runners, x_all)
-            probs = {}
-            for k, fn in [("keras", model.predict_on_batch), *runners.items()]:
-                probs[k] = np.concatenate([fn(x_all[i:i + 64]) for i in range(0, len(x_all), 64)]).astype(np.float64)
-                if k == "keras":
-                    continue
+            probs = {k: np.concatenate([fn(x_all[i:i + 64]) for i in range(0, len(x_all), 64)]).astype(np.float64)
+                     for k, fn in [("keras", model.predict_on_batch), *runners.items()]}
+            for k in runners:
                 ref = "keras" if k in paths else "onnxruntime"
                 p, q = probs[k], probs[ref]
-                files = [Path(paths[k]), Path(paths[k]).with_suffix(".bin")] if k in paths else []
-                size = (f"{sum(f.stat().st_size for f in files if f.is_file()) / 1e6:5.1f} MB file(s), package "
+                files = [Path(paths[k]), *([Path(paths[k]).with_suffix(".bin")] if k == "openvino" else [])
+                         ] if k in paths else []
+                size = (f"{sum(f.stat().st_size for f in files) / 1e6:5.1f} MB file(s), package "
                         f"{installed_mb(PACKAGES[k]):5.0f} MB; ") if files else ""
                 print(f"{k:<12} : {size}argmax as {ref} {int((p.argmax(1) == q.argmax(1)).sum())}/{len(p)}, "
                       f"max |dprob| {np.abs(p - q).max():.2g}")
