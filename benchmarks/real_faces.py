@@ -49,7 +49,8 @@ import yaml
 from kfer.cli import parse_sets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO, alternating, in_project_dir, kfer, mean_sd, paired, shared_data, write_project  # noqa: E402
+from harness import (REPO, in_project_dir, kfer, mean_sd, paired, shared_data, timed_rounds,  # noqa: E402
+                     write_project)
 
 SHARED = shared_data()
 RECIPE = yaml.safe_load((REPO / "recipes" / "real-faces.yaml").read_text(encoding="utf-8"))  # the one home
@@ -132,7 +133,12 @@ def peer_faces(root: Path, rows):
         img = decode_image(read_bytes(root / r.raw))
         box = tuple(int(float(v)) for v in (r.x0, r.y0, r.x1, r.y1))
         out[i, :, :, 0] = crop_resize(img, box, PEER_SIZE, grayscale=True)
-    return (out / 255.0 - 0.5) * 2.0
+    return peer_scale(out)
+
+
+def peer_scale(faces):
+    """0..255 faces as the peer's model takes them: -1..1 (``fer``'s own preprocessing)."""
+    return (faces / 255.0 - 0.5) * 2.0
 
 
 # --- scoring ----------------------------------------------------------------------------------------------
@@ -140,23 +146,14 @@ def peer_faces(root: Path, rows):
 def faces_per_s(models: dict, rounds: int = 7, batch: int = 256) -> dict[str, float]:
     """Each classifier's prediction speed on its faces (``models``: name -> (model, faces)): ``predict_on_batch``
     over batches of ``batch`` (no per-call tf.data set-up, which made ``predict`` vary ±40% here), one warm-up
-    pass each, then ``rounds`` timed passes each, alternating which goes first; the median faces/s."""
-    import statistics
-
+    pass each, then ``rounds`` timed passes each, alternating which goes first (:func:`harness.timed_rounds`);
+    the median faces/s."""
     def one_pass(model, faces):
         for i in range(0, len(faces), batch):
             model.predict_on_batch(faces[i:i + batch])
 
-    for model, faces in models.values():
-        one_pass(model, faces)
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _, order in alternating(models, rounds):
-        for name in order:
-            model, faces = models[name]
-            t0 = time.perf_counter()
-            one_pass(model, faces)
-            seconds[name].append(time.perf_counter() - t0)
-    return {name: len(models[name][1]) / statistics.median(s) for name, s in seconds.items()}
+    res = timed_rounds({name: (lambda m=m, f=f: one_pass(m, f)) for name, (m, f) in models.items()}, rounds)
+    return {name: len(models[name][1]) / v["s"] for name, v in res.items()}
 
 
 #: the ground truths a face is scored against: its source's own label (FER2013: the one original label; CK+,
