@@ -268,17 +268,6 @@ def env_section(args, dirs, photo: Path) -> bool:
     return ok
 
 
-def bomb_png(side: int = 30000) -> bytes:
-    """A PNG whose header claims ``side``×``side`` gray pixels (a few bytes of data)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">II5B", side, side, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1) * 4, 9)) + chunk(b"IEND", b""))
-
-
 def post(url: str, body: bytes, timeout: float) -> int:
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
@@ -344,6 +333,8 @@ def serve_and_load(args, folder: Path, requests: list[tuple[bytes, int]], log: P
 
 def load_section(args, dirs, photos, work: Path) -> bool:
     real = [request(d) for k, v in photos.items() if not k.startswith("AI Hub") for d in v]
+    from kfer.demo.hostile import bomb_png
+
     hostile = [request(d) for d in (bomb_png(), b"\xff\xd8\xff\xe0 not a JPEG at all" * 8)]
     every = max(2, round(1 / args.hostile)) if args.hostile > 0 else 0
     requests = [(hostile[i // every % 2], 400) if every and i % every == every - 1 else (real[i % len(real)], 200)

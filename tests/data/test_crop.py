@@ -18,7 +18,8 @@ from PIL import Image
 
 from kfer.catalog import MANIFEST_NAME as MANIFEST
 from kfer.data.crop import run_crop
-from tests.helpers import bomb_jpeg, bomb_png, shared_dir, subprocess_env
+from kfer.demo.hostile import bomb_jpeg, bomb_png
+from tests.helpers import shared_dir, subprocess_env
 
 KO = {"joy": "기쁨", "anger": "분노", "sadness": "슬픔", "neutral": "중립"}
 

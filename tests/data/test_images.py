@@ -19,7 +19,8 @@ from kfer.data.images import (
     decode_image,
     read_header,
 )
-from tests.helpers import BOMB_SIDE, bmp_header, bomb_jpeg, bomb_png, face_cropper
+from kfer.demo.hostile import BOMB_SIDE, bmp_header, bomb_jpeg, bomb_png
+from tests.helpers import face_cropper
 
 
 def _photo(w=640, h=480, seed=0) -> np.ndarray:

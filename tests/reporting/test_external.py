@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from kfer.files import write_png
-from tests.helpers import INTENSITY_SIZE, bomb_jpeg, bomb_png, save_intensity_model, value_of
+from kfer.demo.hostile import bomb_jpeg, bomb_png
+from tests.helpers import INTENSITY_SIZE, save_intensity_model, value_of
 
 EXTERNAL_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv", "per_group.csv",
                   "groups.png")

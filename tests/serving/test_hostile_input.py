@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import BOMB_SIDE, bomb_jpeg, bomb_png, params_at, store_folder, tiny_model
+from kfer.demo.hostile import BOMB_SIDE, bomb_jpeg, bomb_png
+from tests.helpers import params_at, store_folder, tiny_model
 
 LIMIT = 0.05  # MP: 160×120 (0.019) is under it, 320×240 (0.077) over it
 BOMB_DETAIL = f"{BOMB_SIDE}x{BOMB_SIDE} = 900.0 MP > crop.max_megapixels {LIMIT:g}"

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import yaml
 
+from kfer.demo.hostile import bomb_png
 from tests.helpers import (
     MLFLOW_ENV,
     SHARED_DATA,
-    bomb_png,
     free_port,
     params_at,
     shared_dir,
